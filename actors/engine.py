@@ -1,0 +1,186 @@
+"""The generation engine: route a batch, group it, and generate with each row's adapter mixture."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers import GenerationConfig as HFGenerationConfig
+from transformers import PreTrainedTokenizerBase
+
+from actors.grouping import Group, group_rows, single_group
+from actors.mixture import GroupTerm, MixtureState, install_mixture_layers
+from actors.pool import AdapterPool
+from actors.router import Router, Routing, RoutingConfig
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How outputs are generated once a batch is routed."""
+
+    max_new_tokens: int = 64
+    """Most new tokens per row (greedy decoding)."""
+    stop_at_newline: bool = False
+    """Stop a row at its first newline and keep only its first line (the paper's evaluation)."""
+    stop_strings: tuple[str, ...] = ()
+    """Stop a row when its output contains one of these; the output is cut before it."""
+    grouping: bool = True
+    """Split each batch into groups of rows with overlapping selections (False: one group)."""
+    max_groups: int = 8
+    """Most groups per batch when grouping."""
+    group_overhead: float = 8.0
+    """Fixed cost of one more group, in row-adapter products (see actors.grouping)."""
+    time_groups: bool = False
+    """Measure seconds per group in the mixture layers (synchronises the GPU)."""
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
+        if not isinstance(self.max_groups, int) or self.max_groups < 1:
+            raise ValueError(f"max_groups={self.max_groups!r}: must be an integer >= 1")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ValueError(f"stop_strings={self.stop_strings!r}: each must be a non-empty string")
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return (("\n",) if self.stop_at_newline else ()) + tuple(self.stop_strings)
+
+
+@dataclass
+class BatchStats:
+    """What happened to one batch: its groups, their unions and timings."""
+
+    rows: int = 0
+    groups: list[tuple[int, ...]] = field(default_factory=list)  # row positions per group
+    union_sizes: list[int] = field(default_factory=list)
+    group_seconds: list[float] | None = None  # mixture time per group, when timed
+    probe_seconds: float = 0.0
+    generate_seconds: float = 0.0
+    new_tokens: int = 0
+
+
+class LoGoEngine:
+    """A base model with an adapter pool: routes prompts and generates with their mixtures."""
+
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, pool: AdapterPool,
+                 routing: RoutingConfig, generation: GenerationConfig, calibration=None):
+        self.model, self.tokenizer, self.pool = model, tokenizer, pool
+        self.routing, self.generation = routing, generation
+        self.router = Router(model, pool, routing, calibration)
+        self.state = MixtureState(timed=generation.time_groups)
+        install_mixture_layers(model, list(pool.modules), self.state)
+        self.device = next(model.parameters()).device
+        self.hf_config = HFGenerationConfig(
+            max_new_tokens=generation.max_new_tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            stop_strings=list(generation.stops) or None,
+        )
+
+    def pad(self, seqs: list[list[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+        """Token id lists -> (input_ids, attention_mask), each (B, L_max), padded on `side`."""
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+            ids[b, sl] = torch.tensor(s, dtype=torch.long)
+            mask[b, sl] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def route(self, seqs: list[list[int]]) -> list[Routing]:
+        """Route each tokenised prompt (adapters off, one partial forward pass for the batch)."""
+        return self.router.route(*self.pad(seqs))
+
+    def group(self, routings: list[Routing]) -> list[Group]:
+        selections = [r.indices for r in routings]
+        if not self.generation.grouping:
+            return single_group(selections)
+        return group_rows(selections, self.generation.max_groups, self.generation.group_overhead)
+
+    def plan(self, routings: list[Routing], groups: list[Group]) -> dict[str, list[GroupTerm]]:
+        """Per module, one term per group: its union's stacked factors and its rows' weights.
+
+        Column index tensors depend only on which ranks a module holds, so they are built once per
+        group and distinct layout, not once per module. Consecutive rows are addressed by a slice.
+        """
+        plan: dict[str, list[GroupTerm]] = {m: [] for m in self.pool.modules}
+        for group in groups:
+            first, n = group.rows[0], len(group.rows)
+            if group.rows == tuple(range(first, first + n)):
+                rows: slice | torch.Tensor = slice(first, first + n)
+            else:
+                rows = torch.tensor(group.rows, dtype=torch.long, device=self.device)
+            pos = {a: p for p, a in enumerate(group.union)}
+            W = torch.zeros(n, len(group.union), dtype=torch.float32)  # (rows, |U|)
+            for b, row in enumerate(group.rows):
+                for i, w in zip(routings[row].indices, routings[row].weights):
+                    W[b, pos[i]] = w
+            W = W.to(device=self.device, dtype=self.pool.dtype)
+            layouts: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+            for module, stacked in self.pool.modules.items():
+                if stacked.ranks not in layouts:
+                    layouts[stacked.ranks] = self.pool.columns(module, list(group.union))
+                cols, owner = layouts[stacked.ranks]
+                if cols.numel() == 0:
+                    continue
+                if cols.numel() == stacked.A.shape[0]:  # the whole stack, in order: no copy
+                    A_U, B_U = stacked.A, stacked.B
+                else:
+                    A_U, B_U = stacked.A.index_select(0, cols), stacked.B.index_select(1, cols)
+                plan[module].append(GroupTerm(rows=rows, A=A_U, B=B_U, W=W[:, owner]))  # W: (rows, C)
+        return plan
+
+    @contextmanager
+    def mixing(self, routings: list[Routing], groups: list[Group] | None = None) -> Iterator[list[Group]]:
+        """Within the block, every forward pass of the model applies row b's mixture `routings[b]`."""
+        groups = self.group(routings) if groups is None else groups
+        self.state.group_seconds = [0.0] * len(groups)
+        self.state.plan = self.plan(routings, groups)
+        try:
+            yield groups
+        finally:
+            self.state.plan = None
+
+    @torch.inference_mode()
+    def generate(self, seqs: list[list[int]], routings: list[Routing]) -> tuple[list[str], list[int], BatchStats]:
+        """Greedy generation with each row's mixture. Returns texts, new-token counts, stats."""
+        stats = BatchStats(rows=len(seqs))
+        # Lay rows out group after group (each group a slice), longest first inside a group.
+        by_selection = self.group(routings)
+        order = [row for g in by_selection for row in sorted(g.rows, key=lambda r: (-len(seqs[r]), r))]
+        ordered = [routings[r] for r in order]
+        groups, start = [], 0
+        for g in by_selection:
+            groups.append(Group(rows=tuple(range(start, start + len(g.rows))), union=g.union))
+            start += len(g.rows)
+        stats.groups = [tuple(order[p] for p in g.rows) for g in groups]
+        stats.union_sizes = [len(g.union) for g in groups]
+        input_ids, attention_mask = self.pad([seqs[r] for r in order])
+        t0 = time.perf_counter()
+        with self.mixing(ordered, groups):
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                      generation_config=self.hf_config, tokenizer=self.tokenizer)
+        stats.generate_seconds = time.perf_counter() - t0
+        stats.group_seconds = list(self.state.group_seconds) if self.state.timed else None
+        new = out[:, input_ids.shape[1]:].tolist()
+        texts, counts = [""] * len(seqs), [0] * len(seqs)
+        for tokens, row in zip(new, order):
+            texts[row], counts[row] = self.decode(tokens)
+        stats.new_tokens = sum(counts)
+        return texts, counts, stats
+
+    def decode(self, tokens: list[int]) -> tuple[str, int]:
+        """New tokens of one row -> (text cut at the first stop, number of tokens generated)."""
+        eos = self.tokenizer.eos_token_id
+        ends = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.pad_token_id}
+        n = next((i for i, t in enumerate(tokens) if t in ends), len(tokens))  # finished rows are padded
+        text = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
+        for stop in self.generation.stops:
+            cut = text.find(stop)
+            if cut >= 0:
+                text = text[:cut]
+        return text, n

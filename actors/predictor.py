@@ -1,0 +1,198 @@
+"""`LoGoPredictor`: the callable class that Ray Data instantiates once per actor (no Ray import).
+
+    predictor = LoGoPredictor(model="path/to/model", adapters="path/to/pool", k=3, max_new_tokens=16)
+    out = predictor({"prompt": np.array(["...", "..."], dtype=object)})
+    out["output"], out["adapters"], out["weights"], out["error"]
+
+A bad row (null, empty or non-string prompt; an over-long prompt with overlong="error") becomes an
+error on that row; the rest of the batch is processed. Bad options, a bad model or a bad adapter
+raise ValueError in the constructor, before any row is seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from actors.base import context_length, load_base, resolve_device, resolve_dtype
+from actors.engine import BatchStats, GenerationConfig, LoGoEngine
+from actors.pool import AdapterPool
+from actors.router import Routing, RoutingConfig
+
+log = logging.getLogger(__name__)
+
+OVERLONG = ("truncate", "error")
+OUTPUT_COLUMNS = ("output", "adapters", "weights", "error", "warning", "prompt_tokens", "output_tokens")
+FATAL = (torch.cuda.OutOfMemoryError, MemoryError)
+
+
+@dataclass
+class PredictorStats:
+    """Running totals over the batches one predictor has processed."""
+
+    batches: int = 0
+    rows: int = 0
+    errors: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    groups: int = 0
+    union_sizes: list[int] = field(default_factory=list)
+    adapter_use: dict[str, int] = field(default_factory=dict)
+
+
+def _is_fatal(exc: BaseException) -> bool:
+    return isinstance(exc, FATAL) or (isinstance(exc, RuntimeError) and "CUDA error" in str(exc))
+
+
+class LoGoPredictor:
+    """Routes each prompt of a batch to its adapter mixture and generates its output."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        adapters: str | Path | Mapping[str, str | Path],
+        *,
+        k: int = 20,
+        signal: str = "norm",
+        probe_layer: int = -1,
+        probe_module: str = "q_proj",
+        probe_input: str = "residual",
+        max_new_tokens: int = 64,
+        stop_at_newline: bool = False,
+        stop_strings: tuple[str, ...] | list[str] = (),
+        overlong: str = "truncate",
+        max_prompt_tokens: int | None = None,
+        grouping: bool = True,
+        max_groups: int = 8,
+        group_overhead: float = 8.0,
+        time_groups: bool = False,
+        dtype: str = "auto",
+        device: str = "auto",
+        prompt_column: str = "prompt",
+        **unknown: Any,
+    ):
+        if unknown:
+            known = sorted(k for k in LoGoPredictor.__init__.__kwdefaults__)
+            raise ValueError(f"unknown option(s) {sorted(unknown)}; known options: model, adapters, {', '.join(known)}")
+        if overlong not in OVERLONG:
+            raise ValueError(f"overlong={overlong!r} is not known; use one of {OVERLONG}")
+        if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
+            raise ValueError(f"max_prompt_tokens={max_prompt_tokens!r}: must be None or an integer >= 1")
+        routing = RoutingConfig(k=k, signal=signal, probe_layer=probe_layer, probe_module=probe_module,
+                                probe_input=probe_input)
+        generation = GenerationConfig(max_new_tokens=max_new_tokens, stop_at_newline=stop_at_newline,
+                                      stop_strings=tuple(stop_strings), grouping=grouping, max_groups=max_groups,
+                                      group_overhead=group_overhead, time_groups=time_groups)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.overlong, self.prompt_column = overlong, prompt_column
+        base, self.tokenizer = load_base(model, self.dtype, self.device)
+        limit = context_length(base) - max_new_tokens
+        if limit < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                             f"context of {context_length(base)} tokens")
+        self.max_prompt_tokens = min(limit, max_prompt_tokens or limit)
+        pool = AdapterPool.load(adapters, base, dtype=self.dtype, device=self.device)
+        self.engine = LoGoEngine(base, self.tokenizer, pool, routing, generation)
+        self.stats = PredictorStats()
+        self.last_stats: BatchStats | None = None
+        log.info("LoGo predictor ready: %s", pool.describe())
+
+    @property
+    def pool(self) -> AdapterPool:
+        return self.engine.pool
+
+    def encode(self, prompt: Any) -> tuple[list[int] | None, str | None, str | None]:
+        """One prompt -> (token ids, error, warning). Never raises for a bad prompt."""
+        if prompt is None or (isinstance(prompt, float) and np.isnan(prompt)):
+            return None, f"prompt is null; every row needs a non-empty string in column {self.prompt_column!r}", None
+        if not isinstance(prompt, str):
+            return None, (f"prompt is a {type(prompt).__name__}, not a string; store column "
+                          f"{self.prompt_column!r} as strings"), None
+        if not prompt.strip():
+            return None, "prompt is empty", None
+        ids = self.tokenizer(prompt)["input_ids"]
+        limit = self.max_prompt_tokens
+        if len(ids) <= limit:
+            return ids, None, None
+        if self.overlong == "error":
+            return None, (f"prompt has {len(ids)} tokens, more than the {limit} allowed (context minus "
+                          "max_new_tokens); shorten it or run with overlong='truncate'"), None
+        return ids[-limit:], None, f"prompt truncated from the left: {len(ids)} -> {limit} tokens"
+
+    def process(self, seqs: list[list[int]]) -> tuple[list[Routing], list[str], list[int], BatchStats]:
+        """Route and generate for tokenised prompts (one probe pass, one generate call)."""
+        t0 = time.perf_counter()
+        routings = self.engine.route(seqs)
+        probe_seconds = time.perf_counter() - t0
+        texts, counts, stats = self.engine.generate(seqs, routings)
+        stats.probe_seconds = probe_seconds
+        return routings, texts, counts, stats
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.prompt_column not in batch:
+            raise KeyError(f"the batch has no column {self.prompt_column!r}; columns: {sorted(batch)}")
+        t0 = time.perf_counter()
+        prompts = batch[self.prompt_column]
+        n = len(prompts)
+        cols: dict[str, list] = {c: [None] * n for c in OUTPUT_COLUMNS}
+        cols["adapters"], cols["weights"] = [[] for _ in range(n)], [[] for _ in range(n)]
+        cols["prompt_tokens"], cols["output_tokens"] = [0] * n, [0] * n
+        seqs: dict[int, list[int]] = {}
+        for row, prompt in enumerate(prompts):
+            ids, cols["error"][row], cols["warning"][row] = self.encode(prompt)
+            if ids is not None:
+                seqs[row] = ids
+                cols["prompt_tokens"][row] = len(ids)
+        rows = list(seqs)
+        results: dict[int, tuple[Routing, str, int]] = {}
+        if rows:
+            try:
+                routings, texts, counts, self.last_stats = self.process([seqs[r] for r in rows])
+                results = {r: res for r, res in zip(rows, zip(routings, texts, counts))}
+                self._count_batch(self.last_stats)
+            except Exception as exc:  # isolate the failing row(s); device failures stay fatal
+                if _is_fatal(exc):
+                    raise
+                log.warning("batch failed (%s); retrying its %d rows one by one", exc, len(rows))
+                for r in rows:
+                    try:
+                        (routing,), (text,), (count,), stats = self.process([seqs[r]])
+                        results[r] = (routing, text, count)
+                        self._count_batch(stats)
+                    except Exception as row_exc:
+                        if _is_fatal(row_exc):
+                            raise
+                        cols["error"][r] = f"generation failed: {type(row_exc).__name__}: {row_exc}"
+        for r, (routing, text, count) in results.items():
+            cols["output"][r], cols["output_tokens"][r] = text, count
+            cols["adapters"][r], cols["weights"][r] = list(routing.adapters), list(routing.weights)
+            if routing.uniform_fallback:
+                note = "every selected adapter scored 0: uniform weights"
+                cols["warning"][r] = f"{cols['warning'][r]}; {note}" if cols["warning"][r] else note
+            for name in routing.adapters:
+                self.stats.adapter_use[name] = self.stats.adapter_use.get(name, 0) + 1
+        errors = sum(e is not None for e in cols["error"])
+        self.stats.batches += 1
+        self.stats.rows += n
+        self.stats.errors += errors
+        self.stats.seconds += time.perf_counter() - t0
+        out = dict(batch)
+        for c in OUTPUT_COLUMNS:
+            arr = np.empty(n, dtype=object)
+            arr[:] = [None] * n
+            for i, v in enumerate(cols[c]):
+                arr[i] = v
+            out[c] = arr.astype(np.int64) if c in ("prompt_tokens", "output_tokens") else arr
+        return out
+
+    def _count_batch(self, stats: BatchStats) -> None:
+        self.stats.groups += len(stats.groups)
+        self.stats.union_sizes.extend(stats.union_sizes)
+        self.stats.new_tokens += stats.new_tokens
