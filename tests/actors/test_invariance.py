@@ -1,0 +1,52 @@
+"""Routing is a pure function of the row: alone, in a batch, in any order, with any padding side."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from actors import LoGoPredictor
+from tests.actors.conftest import PROMPTS
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_dir, pool_dir):
+    return LoGoPredictor(model=tiny_dir, adapters=pool_dir, k=3, max_new_tokens=12, device="cpu")
+
+
+def test_routing_independent_of_batch_order_and_padding(predictor):
+    engine = predictor.engine
+    seqs = [predictor.encode(p)[0] for p in PROMPTS]
+    assert len(seqs) == 16 and len(set(map(len, seqs))) > 8
+    alone = [engine.route([s])[0] for s in seqs]
+    for side in ("left", "right"):
+        batch = engine.router.route(*engine.pad(seqs, side))
+        reverse = engine.router.route(*engine.pad(seqs[::-1], side))[::-1]
+        for a, b, c in zip(alone, batch, reverse):
+            assert a.adapters == b.adapters == c.adapters
+            assert b.weights == pytest.approx(a.weights, abs=1e-6)
+            assert c.weights == pytest.approx(a.weights, abs=1e-6)
+    assert len({r.adapters for r in alone}) > 2, "the prompts should not all route alike"
+
+
+def test_output_independent_of_batch(predictor):
+    prompts = np.array(PROMPTS, dtype=object)
+    batch = predictor({"prompt": prompts})
+    assert len(predictor.last_stats.groups) > 1, "a mixed batch should be split into several groups"
+    reverse = predictor({"prompt": prompts[::-1].copy()})
+    for i, prompt in enumerate(PROMPTS):
+        alone = predictor({"prompt": np.array([prompt], dtype=object)})
+        for out, j in ((batch, i), (reverse, len(PROMPTS) - 1 - i)):
+            assert out["output"][j] == alone["output"][0], f"row {prompt!r}"
+            assert out["adapters"][j] == alone["adapters"][0]
+            assert out["weights"][j] == pytest.approx(alone["weights"][0], abs=1e-6)
+            assert out["error"][j] is None
+
+
+def test_grouping_does_not_change_outputs(tiny_dir, pool_dir, predictor):
+    ungrouped = LoGoPredictor(model=tiny_dir, adapters=pool_dir, k=3, max_new_tokens=12, device="cpu",
+                              grouping=False)
+    prompts = np.array(PROMPTS, dtype=object)
+    a, b = predictor({"prompt": prompts}), ungrouped({"prompt": prompts})
+    assert len(ungrouped.last_stats.groups) == 1
+    assert list(a["output"]) == list(b["output"])
