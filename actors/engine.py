@@ -80,6 +80,10 @@ class LoGoEngine:
             stop_strings=list(generation.stops) or None,
         )
 
+    def set_routing(self, routing: RoutingConfig, calibration=None) -> None:
+        """Route with new options (e.g. calibrated scores once statistics exist)."""
+        self.routing, self.router = routing, Router(self.model, self.pool, routing, calibration)
+
     def pad(self, seqs: list[list[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
         """Token id lists -> (input_ids, attention_mask), each (B, L_max), padded on `side`."""
         width = max(len(s) for s in seqs)

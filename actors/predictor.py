@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from actors.base import context_length, load_base, resolve_device, resolve_dtype
+from actors.calibration import CalibrationStats, compute_stats, reference_prompts
 from actors.engine import BatchStats, GenerationConfig, LoGoEngine
 from actors.pool import AdapterPool
 from actors.router import Routing, RoutingConfig
@@ -63,6 +64,9 @@ class LoGoPredictor:
         probe_layer: int = -1,
         probe_module: str = "q_proj",
         probe_input: str = "residual",
+        calibration: str | Path | Mapping | CalibrationStats | None = None,
+        calibration_prompts: list[str] | str | None = None,
+        calibration_score: str = "raw",
         max_new_tokens: int = 64,
         stop_at_newline: bool = False,
         stop_strings: tuple[str, ...] | list[str] = (),
@@ -85,7 +89,9 @@ class LoGoPredictor:
         if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
             raise ValueError(f"max_prompt_tokens={max_prompt_tokens!r}: must be None or an integer >= 1")
         routing = RoutingConfig(k=k, signal=signal, probe_layer=probe_layer, probe_module=probe_module,
-                                probe_input=probe_input)
+                                probe_input=probe_input, calibration_score=calibration_score)
+        if calibration is not None and calibration_prompts is not None:
+            raise ValueError("pass either calibration (statistics) or calibration_prompts, not both")
         generation = GenerationConfig(max_new_tokens=max_new_tokens, stop_at_newline=stop_at_newline,
                                       stop_strings=tuple(stop_strings), grouping=grouping, max_groups=max_groups,
                                       group_overhead=group_overhead, time_groups=time_groups)
@@ -99,10 +105,33 @@ class LoGoPredictor:
                              f"context of {context_length(base)} tokens")
         self.max_prompt_tokens = min(limit, max_prompt_tokens or limit)
         pool = AdapterPool.load(adapters, base, dtype=self.dtype, device=self.device)
-        self.engine = LoGoEngine(base, self.tokenizer, pool, routing, generation)
+        self.engine = LoGoEngine(base, self.tokenizer, pool, replace(routing, calibration_score="raw"), generation)
+        self.calibration = self._calibration(calibration, calibration_prompts)
+        if self.calibration is not None or calibration_score != "raw":
+            self.engine.set_routing(routing, self.calibration)
         self.stats = PredictorStats()
         self.last_stats: BatchStats | None = None
         log.info("LoGo predictor ready: %s", pool.describe())
+
+    def _calibration(self, calibration, prompts) -> CalibrationStats | None:
+        """Statistics given (object, dict or JSON file) or computed now from prompts."""
+        if isinstance(calibration, CalibrationStats):
+            return calibration
+        if isinstance(calibration, Mapping):
+            return CalibrationStats.from_dict(dict(calibration))
+        if calibration is not None:
+            return CalibrationStats.load(calibration)
+        if prompts is None:
+            return None
+        source = "given prompts"
+        if isinstance(prompts, str):
+            if prompts != "reference":
+                raise ValueError(f"calibration_prompts={prompts!r}: pass a list of prompts or 'reference'")
+            prompts, source = reference_prompts(), "reference"
+        seqs = [ids for ids, error, _ in map(self.encode, prompts) if error is None]
+        if not seqs:
+            raise ValueError("calibration_prompts holds no usable prompt (all null, empty or not strings)")
+        return compute_stats(self.engine.router, seqs, source)
 
     @property
     def pool(self) -> AdapterPool:
