@@ -1,0 +1,52 @@
+"""`logo-batch calibrate`: per-adapter routing-score statistics from unlabeled prompts.
+
+    logo-batch calibrate --model M --adapters A --prompts URI --sample 256 --out stats.json
+
+`--prompts` is a Parquet file, directory or s3:// prefix (a seeded sample of `--sample` rows is
+used), or `reference` for the shipped task-neutral set. Use the routing options of the job that
+will read the statistics (`routing.calibration: stats.json`, `routing.calibration_score: ratio`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline.calibration import calibrate, sample_prompts
+from pipeline.config import InputConfig, StorageConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model directory or s3:// prefix")
+    parser.add_argument("--adapters", required=True, help="adapter pool directory or s3:// prefix")
+    parser.add_argument("--prompts", required=True, help="Parquet file/directory/s3:// prefix, or 'reference'")
+    parser.add_argument("--prompt-column", default="prompt")
+    parser.add_argument("--sample", type=int, default=256, help="prompts sampled from --prompts (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--out", required=True, help="statistics file to write (JSON)")
+    parser.add_argument("--signal", default="norm")
+    parser.add_argument("--probe-layer", type=int, default=-1)
+    parser.add_argument("--probe-module", nargs="+", default=["q_proj"], help="one or more module names")
+    parser.add_argument("--probe-input", default="residual")
+    parser.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
+    parser.add_argument("--device", default="auto")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.sample < 1:
+        raise SystemExit("--sample must be >= 1")
+    storage_cfg = StorageConfig(endpoint=args.endpoint)
+    if args.prompts == "reference":
+        prompts, source, seed = "reference", "reference", None
+    else:
+        prompts = sample_prompts(InputConfig(uri=args.prompts, prompt_column=args.prompt_column), storage_cfg,
+                                 args.sample, args.seed)
+        source, seed = f"sample of {args.prompts}", args.seed
+    module = args.probe_module[0] if len(args.probe_module) == 1 else tuple(args.probe_module)
+    stats = calibrate(args.model, args.adapters, prompts, storage_cfg, source, seed, signal=args.signal,
+                      probe_layer=args.probe_layer, probe_module=module, probe_input=args.probe_input,
+                      device=args.device)
+    stats.save(args.out)
+    print(json.dumps({"out": args.out, "prompts": stats.count, "adapters": len(stats.adapters),
+                      "source": stats.source, "seed": stats.seed}))
+    return 0
