@@ -8,13 +8,14 @@ data, so all actors route with the same numbers, and are recorded in the run's m
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 
 from actors import LoGoPredictor
 from actors.calibration import CalibrationStats
 from pipeline import inputs
-from pipeline.config import InputConfig, StorageConfig
+from pipeline.config import InputConfig, JobConfig, StorageConfig
 from pipeline.fetch import local_copy
 
 SOURCES = ("input", "reference")
@@ -41,3 +42,22 @@ def calibrate(model: str, adapters: str, prompts: list[str] | str, storage_cfg: 
     predictor = LoGoPredictor(model=local_copy(model, storage_cfg), adapters=local_copy(adapters, storage_cfg),
                               calibration_prompts=prompts, max_new_tokens=1, **routing)
     return replace(predictor.calibration, source=source, seed=seed)
+
+
+def job_statistics(config: JobConfig) -> dict:
+    """The statistics for `config.routing.calibration`, as a plain dict (what every actor receives)."""
+    r = config.routing
+    if r.calibration in SOURCES:
+        if r.calibration == "input":
+            prompts: list[str] | str = sample_prompts(config.input, config.storage, r.calibration_sample,
+                                                      r.calibration_seed)
+            source, seed = f"input sample of {config.input.uri}", r.calibration_seed
+        else:
+            prompts, source, seed = "reference", "reference", None
+        options = config.predictor_options()
+        routing = {key: options[key] for key in ("k", "signal", "probe_layer", "probe_module", "probe_input",
+                                                   "dtype", "device")}
+        stats = calibrate(config.model.path, config.adapters.path, prompts, config.storage, source, seed, **routing)
+    else:
+        stats = CalibrationStats.load(local_copy(r.calibration, config.storage))
+    return json.loads(stats.to_json())

@@ -1,0 +1,258 @@
+"""Job configuration: frozen dataclasses, one per section, each field documented.
+
+A job is described by one `JobConfig`. It is built from a mapping (a YAML file, usually) by
+`pipeline.config_io.load_config`, which refuses unknown keys and badly typed values naming the
+key; the value checks below (`__post_init__`) name the key too. Credentials never appear here:
+they come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, or
+the node's role).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+# Columns every output row carries, in this order (see README, "Output schema").
+OUTPUT_COLUMNS = ("id", "output", "adapters", "weights", "error", "warning", "prompt_tokens", "output_tokens")
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, missing or has a bad value; the message names the key."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
+    _check(value in allowed, key, f"must be one of {', '.join(allowed)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    section: ClassVar[str] = "model"
+
+    path: str
+    """Base model: a local Hugging Face model directory (config, safetensors, tokenizer) or an
+    `s3://` prefix holding one (downloaded once per node into `storage.cache_dir`)."""
+    dtype: str = "auto"
+    """Weight dtype: auto (bfloat16 on a GPU, float32 on CPU), float32, bfloat16 or float16."""
+    device: str = "auto"
+    """Device inside each actor: auto (cuda when the actor has a GPU, else cpu), cpu or cuda."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "model.path", "is empty; give a model directory or s3:// prefix")
+        _one_of(self.dtype, ("auto", "float32", "bfloat16", "float16"), "model.dtype")
+        _one_of(self.device, ("auto", "cpu", "cuda"), "model.device")
+
+
+@dataclass(frozen=True)
+class AdaptersConfig:
+    section: ClassVar[str] = "adapters"
+
+    path: str
+    """Adapter pool: a local directory or `s3://` prefix with one sub-directory per adapter, each in
+    PEFT format (adapter_config.json + adapter_model.safetensors); the sub-directory name is the
+    adapter name reported in the output."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "adapters.path", "is empty; give an adapter directory or s3:// prefix")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    section: ClassVar[str] = "routing"
+
+    k: int = 20
+    """Number of adapters mixed per prompt (clamped to the pool size)."""
+    signal: str = "norm"
+    """Routing score: norm (||c B A h||) or entropy (1 / entropy of softmax(c B A h))."""
+    probe_layer: int = -1
+    """Decoder block whose input is probed; negative counts from the end (-1 = last block)."""
+    probe_module: str | tuple[str, ...] = "q_proj"
+    """Adapted linear module of the probe block whose LoRA output is scored, or a list of modules
+    whose scores are summed."""
+    probe_input: str = "residual"
+    """residual: the residual stream entering the block; module_input: what the module receives."""
+    grouping: bool = True
+    """Group rows of a batch whose adapter selections overlap before generating."""
+    max_groups: int = 8
+    """Upper bound on groups per batch when grouping."""
+    calibration: str | None = None
+    """Per-adapter score statistics for `calibration_score`: `input` (computed from a seeded sample
+    of this job's prompts), `reference` (the shipped task-neutral prompt set), or a statistics file
+    from `logo-batch calibrate` (local path or s3:// URI). Default: none."""
+    calibration_score: str = "raw"
+    """raw (the paper's scores), ratio (score / the adapter's mean) or zscore ((score - mean) / std)."""
+    calibration_sample: int = 256
+    """Prompts sampled from the input when `calibration` is `input`."""
+    calibration_seed: int = 0
+    """Seed of that sample."""
+
+    def __post_init__(self) -> None:
+        _check(self.k >= 1, "routing.k", f"must be >= 1; got {self.k}")
+        _one_of(self.signal, ("norm", "entropy"), "routing.signal")
+        _one_of(self.probe_input, ("residual", "module_input"), "routing.probe_input")
+        _check(bool(self.probe_module), "routing.probe_module", "is empty; e.g. q_proj")
+        _one_of(self.calibration_score, ("raw", "ratio", "zscore"), "routing.calibration_score")
+        _check(self.calibration_score == "raw" or self.calibration is not None, "routing.calibration_score",
+               f"{self.calibration_score!r} needs routing.calibration (input, reference or a statistics file)")
+        _check(self.calibration_sample >= 1, "routing.calibration_sample",
+               f"must be >= 1; got {self.calibration_sample}")
+        _check(self.max_groups >= 1, "routing.max_groups", f"must be >= 1; got {self.max_groups}")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    section: ClassVar[str] = "generation"
+
+    max_new_tokens: int = 64
+    """Greedy decoding stops after this many new tokens (or at end of sequence)."""
+    stop_at_newline: bool = False
+    """Cut each output at its first newline (as the LoGo paper's evaluation does)."""
+    stop_strings: tuple[str, ...] = ()
+    """Cut each output at the first occurrence of any of these strings."""
+    overlong: str = "truncate"
+    """A prompt longer than `max_prompt_tokens`: truncate (kept, with a warning) or error (error row)."""
+    max_prompt_tokens: int | None = None
+    """Longest prompt in tokens; default: the model's context length minus `max_new_tokens`."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, "generation.max_new_tokens", f"must be >= 1; got {self.max_new_tokens}")
+        _one_of(self.overlong, ("truncate", "error"), "generation.overlong")
+        if self.max_prompt_tokens is not None:
+            _check(self.max_prompt_tokens >= 1, "generation.max_prompt_tokens",
+                   f"must be >= 1 or null; got {self.max_prompt_tokens}")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    section: ClassVar[str] = "input"
+
+    uri: str
+    """Prompts: a Parquet file, a local directory or an s3:// prefix of Parquet files (searched
+    recursively; names starting with '_' or '.' are skipped)."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt text."""
+    id_column: str | None = None
+    """Column holding a unique row id (converted to string). Default: ids derived from the file
+    and row position, `<file relative to uri>:<row>`."""
+    passthrough: tuple[str, ...] = ()
+    """Input columns copied unchanged into the output (the prompt column may be one of them)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.uri), "input.uri", "is empty; give a Parquet file, directory or s3:// prefix")
+        _check(bool(self.prompt_column), "input.prompt_column", "is empty")
+        reserved = set(OUTPUT_COLUMNS) - {"id"}
+        _check(self.prompt_column not in reserved, "input.prompt_column",
+               f"{self.prompt_column!r} clashes with an output column; rename the input column")
+        for name in self.passthrough:
+            _check(name not in OUTPUT_COLUMNS, "input.passthrough",
+                   f"{name!r} clashes with the output column of that name; drop it or rename the input column")
+        _check(len(set(self.passthrough)) == len(self.passthrough), "input.passthrough",
+               f"lists a column twice: {list(self.passthrough)}")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    section: ClassVar[str] = "output"
+
+    uri: str
+    """Run prefix (local directory or s3:// prefix): data files go under `data/`, then
+    `_manifest.json`, then `_SUCCESS` when the run is complete."""
+    overwrite: bool = False
+    """Delete an earlier run's files at `uri` first instead of resuming it."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.uri), "output.uri", "is empty; give a directory or s3:// prefix")
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    section: ClassVar[str] = "resources"
+
+    actors: int = 1
+    """Number of LoGo actors (each holds one model and the adapter pool)."""
+    batch_size: int = 16
+    """Rows per actor call."""
+    gpus_per_actor: float | None = None
+    """GPUs reserved per actor. Default: 1 when the Ray cluster has GPUs, else 0."""
+    cpus_per_actor: float | None = None
+    """CPUs reserved per actor. Default: 1 with GPUs; without GPUs an equal share of the cluster's
+    CPUs less one kept for reading and writing (fractional below 1; two 1-CPU actors on a
+    2-CPU machine would leave the read tasks no CPU)."""
+    rows_per_block: int | None = None
+    """Rows per read block (and roughly per output file). Default: about four blocks per actor,
+    at least `batch_size` rows and at most 4096."""
+    ray_address: str | None = None
+    """Ray cluster to join (e.g. auto or ray://host:10001); default: RAY_ADDRESS, else a local Ray."""
+
+    def __post_init__(self) -> None:
+        _check(self.actors >= 1, "resources.actors", f"must be >= 1; got {self.actors}")
+        _check(self.batch_size >= 1, "resources.batch_size", f"must be >= 1; got {self.batch_size}")
+        if self.gpus_per_actor is not None:
+            _check(self.gpus_per_actor >= 0, "resources.gpus_per_actor", f"must be >= 0; got {self.gpus_per_actor}")
+        if self.cpus_per_actor is not None:
+            cpus = self.cpus_per_actor
+            _check(cpus > 0, "resources.cpus_per_actor", f"must be > 0; got {cpus}")
+            _check(cpus <= 1 or float(cpus).is_integer(), "resources.cpus_per_actor",
+                   f"above 1 must be a whole number (a Ray rule); got {cpus}")
+        if self.rows_per_block is not None:
+            _check(self.rows_per_block >= 1, "resources.rows_per_block", f"must be >= 1; got {self.rows_per_block}")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    section: ClassVar[str] = "storage"
+
+    endpoint: str | None = None
+    """S3 endpoint URL (e.g. http://127.0.0.1:8333 for SeaweedFS or MinIO); default: the
+    AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL environment variable, else AWS itself."""
+    region: str | None = None
+    """S3 region; default: AWS_REGION or AWS_DEFAULT_REGION, else us-east-1."""
+    cache_dir: str | None = None
+    """Local directory where s3:// models and adapters are cached on each node; default:
+    LOGO_BATCH_CACHE, else ~/.cache/logo-batch."""
+
+    def __post_init__(self) -> None:
+        if self.endpoint is not None:
+            _check(self.endpoint.startswith(("http://", "https://")), "storage.endpoint",
+                   f"must start with http:// or https://; got {self.endpoint!r}")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    model: ModelConfig
+    """The base model."""
+    adapters: AdaptersConfig
+    """The LoRA adapter pool."""
+    input: InputConfig
+    """Where the prompts are and how to read them."""
+    output: OutputConfig
+    """Where the results go."""
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    """LoGo routing options."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Generation options."""
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    """Actors, batch size and per-actor resources."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Object-storage endpoint, region and local cache."""
+
+    def predictor_options(self) -> dict:
+        """Keyword arguments for `actors.LoGoPredictor`, less `model`, `adapters` and the calibration
+        source (see `stages.predictor_from_config`)."""
+        r, g = self.routing, self.generation
+        return dict(
+            k=r.k, signal=r.signal, probe_layer=r.probe_layer, probe_module=r.probe_module,
+            probe_input=r.probe_input, grouping=r.grouping, max_groups=r.max_groups,
+            calibration_score=r.calibration_score,
+            max_new_tokens=g.max_new_tokens, stop_at_newline=g.stop_at_newline,
+            stop_strings=tuple(g.stop_strings), overlong=g.overlong, max_prompt_tokens=g.max_prompt_tokens,
+            dtype=self.model.dtype, device=self.model.device, prompt_column=self.input.prompt_column,
+        )
+
+
+SECTIONS = (ModelConfig, AdaptersConfig, RoutingConfig, GenerationConfig, InputConfig, OutputConfig,
+            ResourcesConfig, StorageConfig)

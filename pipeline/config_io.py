@@ -1,0 +1,159 @@
+"""Reading, overriding, printing and hashing job configurations.
+
+`load_config(path, overrides)` reads a YAML file (optional), applies dotted overrides such as
+`{"routing.k": 5}` (the command line's flags and `--set KEY=VALUE`), and builds a `JobConfig`,
+refusing unknown keys and badly typed values with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import SECTIONS, ConfigError, JobConfig
+
+# Sections that decide what a row's result is; the job hash covers only these, so changing the
+# number of actors or the batch size between a failed run and its rerun still resumes it.
+HASHED_SECTIONS = ("model", "adapters", "routing", "generation", "input")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it in the field's own type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        inner = [t for t in options if t is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key)
+        for option in inner:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        names = " or ".join("a list of strings" if typing.get_origin(t) is tuple else _type_name(t) for t in inner)
+        raise ConfigError(f"{key}: expected {names}; got {value!r}")
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of strings; got {value!r}")
+        for item in value:
+            if not isinstance(item, str):
+                raise ConfigError(f"{key}: expected a list of strings; item {item!r} is not a string")
+        return tuple(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false; got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer; got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number; got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string; got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported annotation {_type_name(tp)}")  # internal: a new field type
+
+
+def _build_section(cls: type, data: Any, key: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{key}: expected a mapping of keys to values; got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in data.items():
+        if name not in known:
+            raise ConfigError(f"{key}.{name}: unknown key; known keys: {', '.join(known)}")
+        kwargs[name] = _coerce(value, hints[name], f"{key}.{name}")
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{key}.{missing[0]}: required key is missing")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: Any) -> JobConfig:
+    """Build a `JobConfig` from a nested mapping, refusing unknown keys and bad values."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"configuration: expected a mapping of sections; got {type(data).__name__}")
+    by_name = {cls.section: cls for cls in SECTIONS}
+    for name in data:
+        if name not in by_name:
+            raise ConfigError(f"{name}: unknown section; known sections: {', '.join(by_name)}")
+    for name in ("model", "adapters", "input", "output"):
+        if name not in data:
+            raise ConfigError(f"{name}: required section is missing (at least {name}.{_first_field(by_name[name])})")
+    sections = {name: _build_section(by_name[name], value if value is not None else {}, name)
+                for name, value in data.items()}
+    return JobConfig(**sections)
+
+
+def _first_field(cls: type) -> str:
+    return dataclasses.fields(cls)[0].name
+
+
+def apply_overrides(data: Mapping, overrides: Mapping[str, Any]) -> dict:
+    """Return a copy of `data` with each dotted key (`section.key`) set to its value."""
+    result = {name: dict(section or {}) for name, section in data.items()}
+    for dotted, value in overrides.items():
+        section, sep, key = dotted.partition(".")
+        if not sep or not key or "." in key:
+            raise ConfigError(f"{dotted}: overrides are written section.key (e.g. routing.k=5)")
+        result.setdefault(section, {})[key] = value
+    return result
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Parse `KEY=VALUE` strings (values in YAML syntax: 5, true, null, [a, b]) into overrides."""
+    result = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. routing.k=5")
+        result[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return result
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> JobConfig:
+    """Read a YAML job file (optional), apply dotted overrides, and build a checked `JobConfig`."""
+    data: Any = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: configuration file not found") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return config_from_dict(apply_overrides(data, overrides or {}))
+
+
+def config_to_dict(config: JobConfig) -> dict:
+    """The configuration as plain JSON-compatible data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_hash(config: JobConfig) -> str:
+    """SHA-256 over the sections that decide the results (not resources, storage or output)."""
+    data = config_to_dict(config)
+    hashed = {name: data[name] for name in HASHED_SECTIONS}
+    return hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()

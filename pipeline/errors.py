@@ -1,0 +1,9 @@
+"""Failures of a running dataflow (kept apart from `dataflow` so callers need not import Ray)."""
+
+
+class StageError(RuntimeError):
+    """A LoGo actor refused its configuration (a bad model, adapter or option); nothing more runs."""
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the testing hook `fail_after_files`: the run stops as if the driver had died."""

@@ -1,0 +1,107 @@
+"""Download an `s3://` model or adapter prefix once per node into a local cache, verified.
+
+Actors on one node share the cache: a file lock makes the first one download while the others
+wait, and a listing stored next to the files (key, size, ETag of every object) tells later
+callers whether the cached copy still matches the bucket. Every downloaded file is checked
+against its listed size, and against its MD5 where the ETag is one (single-part uploads; a
+multipart ETag, with a '-', is checked by size only). A download goes to a temporary directory
+that is renamed into place only when complete, so a crash never leaves a half copy in use.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from pipeline import storage
+from pipeline.config import StorageConfig
+
+LISTING = ".logo-batch-listing.json"
+
+
+class FetchError(RuntimeError):
+    """A remote model or adapter prefix could not be downloaded intact."""
+
+
+def cache_root(config: StorageConfig) -> Path:
+    root = config.cache_dir or os.environ.get("LOGO_BATCH_CACHE") or "~/.cache/logo-batch"
+    return Path(root).expanduser()
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def local_copy(uri: str, config: StorageConfig) -> str:
+    """A local path holding the content of `uri`: `uri` itself if local, else a verified cache copy.
+
+    `uri` may name one object (a calibration file) or a prefix (a model or adapter directory).
+    """
+    if not storage.is_s3(uri):
+        return uri
+    tag = hashlib.sha256(f"{storage.endpoint_url(config)}|{uri}".encode()).hexdigest()[:16]
+    single = storage.object_info(uri, config)
+    if single is not None:  # one object: cache its parent listing entry only
+        uri, objects = uri.rsplit("/", 1)[0], [single]
+    else:
+        objects = storage.list_objects(uri, config)
+        if not objects:
+            raise FetchError(f"{uri}: no objects there; check the URI and the storage endpoint")
+    listing = [{"key": o.key, "size": o.size, "etag": o.etag} for o in objects]
+    root = cache_root(config)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / tag
+    with open(root / f"{tag}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not _cached(target, listing):
+                _download(uri, listing, target, config)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return str(target / objects[0].key) if single is not None else str(target)
+
+
+def _cached(target: Path, listing: list[dict]) -> bool:
+    marker = target / LISTING
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()) == listing
+    except ValueError:
+        return False
+
+
+def _download(uri: str, listing: list[dict], target: Path, config: StorageConfig) -> None:
+    bucket, prefix = storage.split_s3(uri)
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    client = storage.s3_client(config)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for item in listing:
+            dest = tmp / item["key"]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, prefix + item["key"], str(dest))
+            _verify(dest, item, uri)
+        (tmp / LISTING).write_text(json.dumps(listing))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _verify(path: Path, item: dict, uri: str) -> None:
+    size = path.stat().st_size
+    if size != item["size"]:
+        raise FetchError(f"{uri}/{item['key']}: downloaded {size} bytes, the bucket lists {item['size']}; retry")
+    etag = item["etag"] or ""
+    if etag and "-" not in etag and _md5(path) != etag:
+        raise FetchError(f"{uri}/{item['key']}: MD5 of the download differs from the object's ETag {etag}; retry")

@@ -1,0 +1,131 @@
+"""The end-of-run report (printed, returned by `run_job`) and the manifest that stores it."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import metadata
+
+from pipeline.config import JobConfig
+from pipeline.config_io import config_hash, config_to_dict
+from pipeline.inputs import InputFile
+from pipeline.outputs import DATA_DIR, PartFile
+
+TOP = 20
+"""How many adapters and error kinds a report lists."""
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("logo-batch")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a plain checkout
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class RunReport:
+    status: str
+    """committed: this call completed the run; already_committed: it was complete before."""
+    output_uri: str
+    """The run's output prefix."""
+    rows: int
+    """Rows in the run (equal to the input rows)."""
+    rows_computed: int
+    """Rows computed and written by this call (0 when already committed)."""
+    rows_resumed: int
+    """Rows of the run written by earlier, interrupted attempts."""
+    errors: int
+    """Rows with an error."""
+    warnings: int
+    """Rows with a warning (e.g. prompt truncated)."""
+    seconds: float
+    """Wall time of this call."""
+    rows_per_second: float
+    """rows_computed / seconds."""
+    attempt: str
+    """This call's attempt id (it names the data files it wrote)."""
+    config_hash: str
+    """Hash of the result-deciding configuration."""
+    adapter_usage: dict[str, int] = field(default_factory=dict)
+    """Adapter -> rows that selected it (most used first, top 20)."""
+    error_reasons: dict[str, int] = field(default_factory=dict)
+    """Error kind (numbers blanked) -> rows (top 20)."""
+
+    def format(self) -> str:
+        lines = [
+            f"logo-batch run {self.status}: {self.output_uri} (config {self.config_hash[:12]})",
+            f"  rows {self.rows}: computed now {self.rows_computed}, resumed {self.rows_resumed}; "
+            f"errors {self.errors}, warnings {self.warnings}",
+            f"  {self.seconds:.1f} s, {self.rows_per_second:.2f} rows/s",
+        ]
+        if self.adapter_usage:
+            usage = ", ".join(f"{name} {count}" for name, count in self.adapter_usage.items())
+            lines.append(f"  adapter usage (rows): {usage}")
+        for reason, count in self.error_reasons.items():
+            lines.append(f"  error x{count}: {reason}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def build_report(config: JobConfig, parts: list[PartFile], attempt: str, started: float, computed: int,
+                 status: str = "committed") -> RunReport:
+    """`computed`: rows this call's dataflow wrote (counted as they were written, not from files)."""
+    seconds = time.time() - started
+    total = sum(p.rows for p in parts)
+    usage: Counter = Counter()
+    reasons: Counter = Counter()
+    for part in parts:
+        usage.update(part.adapter_use)
+        reasons.update(part.error_reasons)
+    return RunReport(
+        status=status, output_uri=config.output.uri, rows=total, rows_computed=computed,
+        rows_resumed=sum(p.rows for p in parts if p.attempt != attempt), errors=sum(p.errors for p in parts),
+        warnings=sum(p.warnings for p in parts), seconds=round(seconds, 3),
+        rows_per_second=round(computed / seconds, 3) if seconds > 0 else 0.0, attempt=attempt,
+        config_hash=config_hash(config), adapter_usage=dict(usage.most_common(TOP)),
+        error_reasons=dict(reasons.most_common(TOP)),
+    )
+
+
+def report_from_manifest(manifest: dict, started: float, attempt: str) -> RunReport:
+    """The report of a call that found the run already committed (nothing computed)."""
+    old = manifest.get("report", {})
+    return dataclasses.replace(
+        RunReport(**old), status="already_committed", rows_computed=0, rows_resumed=old.get("rows", 0),
+        seconds=round(time.time() - started, 3), rows_per_second=0.0, attempt=attempt)
+
+
+def build_manifest(config: JobConfig, files: list[InputFile], parts: list[PartFile], report: RunReport,
+                   started: float) -> dict:
+    attempts: dict[str, dict] = {}
+    for part in parts:
+        entry = attempts.setdefault(part.attempt, {"attempt": part.attempt, "files": 0, "rows": 0})
+        entry["files"] += 1
+        entry["rows"] += part.rows
+    return {
+        "format": "logo-batch-run/1",
+        "package_version": package_version(),
+        "config_hash": report.config_hash,
+        "config": config_to_dict(config),
+        "input": {"uri": config.input.uri, "rows": sum(f.rows for f in files),
+                  "files": [{"uri": f.uri, "rows": f.rows} for f in files]},
+        "output": {"uri": config.output.uri, "rows": report.rows,
+                   "files": [{"path": f"{DATA_DIR}/{p.name}", "rows": p.rows, "errors": p.errors,
+                              "attempt": p.attempt} for p in parts]},
+        "errors": {"rows": report.errors, "by_reason": report.error_reasons},
+        "warnings": report.warnings,
+        "output_tokens": sum(p.output_tokens for p in parts),
+        "adapter_usage": report.adapter_usage,
+        "attempts": sorted(attempts.values(), key=lambda a: a["attempt"]),
+        "timings": {"started": _iso(started), "finished": _iso(time.time()), "seconds": report.seconds,
+                    "rows_computed": report.rows_computed, "rows_per_second": report.rows_per_second},
+        "report": report.to_dict(),
+    }
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))

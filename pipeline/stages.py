@@ -1,0 +1,78 @@
+"""The LoGo stage: the callable class Ray Data runs in each actor (no Ray import needed here).
+
+Input schema (from `inputs.read_slice`): `id`, the prompt column, pass-through columns, and
+`inputs.INPUT_ERROR`. Output schema: `outputs.OUTPUT_FIELDS` then the pass-through columns.
+
+On start an actor makes the model and the adapter pool local (an s3://
+URI is downloaded once per node into the cache and verified, see `fetch`), then builds one
+`actors.LoGoPredictor`; a bad option, model or adapter raises there, before any row is seen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import fetch
+from pipeline.config import JobConfig
+from pipeline.inputs import INPUT_ERROR
+from pipeline.outputs import OUTPUT_FIELDS
+
+
+def predictor_from_config(config: JobConfig, calibration: dict | None = None):
+    """An `actors.LoGoPredictor` for this job, with remote model and adapters made local first.
+
+    `calibration` is the run's statistics (computed once, before any actor starts; see
+    `runner.run_statistics`), so every actor routes with the same numbers.
+    """
+    from actors import LoGoPredictor
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    options = config.predictor_options()
+    if calibration is not None:
+        options["calibration"] = calibration
+    return LoGoPredictor(
+        model=fetch.local_copy(config.model.path, config.storage),
+        adapters=fetch.local_copy(config.adapters.path, config.storage),
+        **options,
+    )
+
+
+def _objects(column: pa.ChunkedArray) -> np.ndarray:
+    values = column.to_pylist()
+    out = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        out[i] = value
+    return out
+
+
+class LoGoStage:
+    """Routes and generates for a batch of input rows; returns them in the output schema."""
+
+    def __init__(self, config: JobConfig, calibration: dict | None = None):
+        self.config = config
+        self.predictor = predictor_from_config(config, calibration)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        prompt_column = self.config.input.prompt_column
+        result = self.predictor({prompt_column: _objects(table.column(prompt_column))})
+        errors = list(result["error"])
+        for row, message in enumerate(table.column(INPUT_ERROR).to_pylist()):
+            if message is not None:  # the file's prompt column is not text: say that, not "null"
+                errors[row] = message
+        fields = {f.name: f.type for f in OUTPUT_FIELDS}
+        columns = {
+            "id": table.column("id"),
+            "output": pa.array(list(result["output"]), fields["output"]),
+            "adapters": pa.array([[str(a) for a in names] for names in result["adapters"]], fields["adapters"]),
+            "weights": pa.array([[float(w) for w in ws] for ws in result["weights"]], fields["weights"]),
+            "error": pa.array(errors, fields["error"]),
+            "warning": pa.array(list(result["warning"]), fields["warning"]),
+            "prompt_tokens": pa.array([int(v) for v in result["prompt_tokens"]], fields["prompt_tokens"]),
+            "output_tokens": pa.array([int(v) for v in result["output_tokens"]], fields["output_tokens"]),
+        }
+        for name in self.config.input.passthrough:
+            columns[name] = table.column(name)
+        return pa.table(columns)

@@ -1,0 +1,197 @@
+"""Object-storage access: URIs, pyarrow file systems, and the few boto3 operations we need.
+
+A location is a local path or an `s3://bucket/key` URI. pyarrow file systems read and write the
+Parquet data (local or S3); boto3 does what pyarrow does not do well: writing a small object only
+if it is absent (the commit marker and the job record), and listing objects with their ETags.
+Endpoint and region come from `StorageConfig` or the usual AWS environment variables;
+credentials only from the environment (or the node's role).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from pipeline.config import StorageConfig
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """`s3://bucket/a/b` -> (`bucket`, `a/b`)."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"{uri!r}: not an s3://bucket/key URI")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or an s3:// URI with single slashes."""
+    out = uri.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def endpoint_url(storage: StorageConfig) -> str | None:
+    return storage.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def region(storage: StorageConfig) -> str:
+    return storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def filesystem(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow file system for `uri` and the path to use with it."""
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
+    bucket, key = split_s3(uri)
+    kwargs: dict = {"region": region(storage)}
+    endpoint = endpoint_url(storage)
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
+
+
+def s3_client(storage: StorageConfig):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint_url(storage), region_name=region(storage))
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    """Path relative to the listed prefix, with '/' separators."""
+    size: int
+    """Size in bytes."""
+    etag: str | None
+    """The S3 ETag without quotes (None for local files)."""
+
+
+def list_objects(uri: str, storage: StorageConfig) -> list[ObjectInfo]:
+    """Every object (file) below a prefix or directory, recursively, sorted by key."""
+    if not is_s3(uri):
+        root = Path(uri).expanduser()
+        if not root.is_dir():
+            return []
+        return sorted((ObjectInfo(p.relative_to(root).as_posix(), p.stat().st_size, None)
+                       for p in root.rglob("*") if p.is_file()), key=lambda o: o.key)
+    bucket, prefix = split_s3(uri)
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    out = []
+    pages = s3_client(storage).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    for page in pages:
+        for item in page.get("Contents", []):
+            out.append(ObjectInfo(item["Key"][len(prefix):], int(item["Size"]), item["ETag"].strip('"')))
+    return sorted(out, key=lambda o: o.key)
+
+
+def object_info(uri: str, storage: StorageConfig) -> ObjectInfo | None:
+    """Size and ETag of one S3 object (its key is the base name), or None if there is none."""
+    import botocore.exceptions
+
+    bucket, key = split_s3(uri)
+    if not key or key.endswith("/"):
+        return None
+    try:
+        head = s3_client(storage).head_object(Bucket=bucket, Key=key)
+    except botocore.exceptions.ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+    return ObjectInfo(key.rsplit("/", 1)[-1], int(head["ContentLength"]), head["ETag"].strip('"'))
+
+
+def read_bytes(uri: str, storage: StorageConfig) -> bytes | None:
+    """The content of a small object, or None if it does not exist."""
+    if not is_s3(uri):
+        path = Path(uri).expanduser()
+        return path.read_bytes() if path.is_file() else None
+    bucket, key = split_s3(uri)
+    client = s3_client(storage)
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except client.exceptions.NoSuchKey:
+        return None
+
+
+def write_bytes(uri: str, data: bytes, storage: StorageConfig) -> None:
+    """Create or replace a small object (locally: atomically, through a temporary file)."""
+    if not is_s3(uri):
+        path = Path(uri).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
+    bucket, key = split_s3(uri)
+    s3_client(storage).put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def write_if_absent(uri: str, data: bytes, storage: StorageConfig) -> bool:
+    """Create the object with `data` unless it exists; True if this call created it."""
+    if not is_s3(uri):
+        path = Path(uri).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, path)  # atomic create-if-absent with complete content
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
+    import botocore.exceptions
+
+    bucket, key = split_s3(uri)
+    try:
+        s3_client(storage).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        return True
+    except botocore.exceptions.ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return False
+        raise
+
+
+def delete(uri: str, storage: StorageConfig) -> None:
+    """Delete one object or file if it exists."""
+    if not is_s3(uri):
+        Path(uri).expanduser().unlink(missing_ok=True)
+        return
+    bucket, key = split_s3(uri)
+    s3_client(storage).delete_object(Bucket=bucket, Key=key)
+
+
+def delete_prefix(uri: str, storage: StorageConfig) -> int:
+    """Delete every object below a prefix or directory; returns how many were deleted."""
+    objects = list_objects(uri, storage)
+    if not is_s3(uri):
+        import shutil
+
+        shutil.rmtree(Path(uri).expanduser(), ignore_errors=True)
+        return len(objects)
+    bucket, prefix = split_s3(uri)
+    client = s3_client(storage)
+    keys = [f"{prefix.rstrip('/')}/{o.key}" for o in objects]
+    for start in range(0, len(keys), 1000):
+        chunk = keys[start:start + 1000]
+        client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True})
+    return len(keys)
+
+
+def exists(uri: str, storage: StorageConfig) -> bool:
+    """True if a file or directory exists at `uri` (local), or any object at or below it (S3)."""
+    if not is_s3(uri):
+        return Path(uri).expanduser().exists()
+    bucket, key = split_s3(uri)
+    reply = s3_client(storage).list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+    return bool(reply.get("Contents"))

@@ -1,0 +1,46 @@
+"""Downloading s3:// models and adapters into the node cache, verified and reused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline import StorageConfig
+from pipeline.fetch import FetchError, _verify, local_copy
+
+
+def test_prefix_is_downloaded_once_verified_and_refreshed_when_it_changes(s3_server, tmp_path):
+    cfg = StorageConfig(endpoint=s3_server.endpoint, cache_dir=str(tmp_path / "cache"))
+    client = s3_server.client()
+    for key, body in {"pool/a/adapter_config.json": b"{}", "pool/a/w.bin": b"x" * 1000, "pool/b/w.bin": b"y"}.items():
+        client.put_object(Bucket=s3_server.bucket, Key=key, Body=body)
+    uri = f"s3://{s3_server.bucket}/pool"
+    local = local_copy(uri, cfg)
+    root = Path(local)
+    assert (tmp_path / "cache") in root.parents
+    assert (root / "a" / "w.bin").read_bytes() == b"x" * 1000 and (root / "b" / "w.bin").read_bytes() == b"y"
+    stamp = (root / "a" / "w.bin").stat().st_mtime_ns
+    assert local_copy(uri, cfg) == local and (root / "a" / "w.bin").stat().st_mtime_ns == stamp  # cache hit
+
+    client.put_object(Bucket=s3_server.bucket, Key="pool/b/w.bin", Body=b"changed")
+    assert local_copy(uri, cfg) == local
+    assert (root / "b" / "w.bin").read_bytes() == b"changed"
+
+    single = local_copy(f"s3://{s3_server.bucket}/pool/a/adapter_config.json", cfg)
+    assert Path(single).read_bytes() == b"{}"
+    assert (root / "b" / "w.bin").read_bytes() == b"changed"  # the prefix's copy is left alone
+    with pytest.raises(FetchError, match="no objects there"):
+        local_copy(f"s3://{s3_server.bucket}/nothing-here", cfg)
+    assert local_copy(str(tmp_path), cfg) == str(tmp_path)  # local paths are used in place
+
+
+def test_verification_catches_size_and_md5_mismatches(tmp_path):
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"abc")
+    _verify(path, {"key": "w.bin", "size": 3, "etag": "900150983cd24fb0d6963f7d28e17f72"}, "s3://b/p")
+    _verify(path, {"key": "w.bin", "size": 3, "etag": "ffff-2"}, "s3://b/p")  # multipart: size only
+    with pytest.raises(FetchError, match=r"downloaded 3 bytes, the bucket lists 4"):
+        _verify(path, {"key": "w.bin", "size": 4, "etag": None}, "s3://b/p")
+    with pytest.raises(FetchError, match="MD5 of the download differs"):
+        _verify(path, {"key": "w.bin", "size": 3, "etag": "00000000000000000000000000000000"}, "s3://b/p")
