@@ -12,7 +12,7 @@ from torch import nn
 from transformers import GenerationConfig as HFGenerationConfig
 from transformers import PreTrainedTokenizerBase
 
-from actors.grouping import Group, group_rows, single_group
+from actors.grouping import Group, group_rows, length_buckets, single_group
 from actors.mixture import GroupTerm, MixtureState, install_mixture_layers
 from actors.pool import AdapterPool
 from actors.router import Router, Routing, RoutingConfig
@@ -34,6 +34,14 @@ class GenerationConfig:
     """Most groups per batch when grouping."""
     group_overhead: float = 8.0
     """Fixed cost of one more group, in row-adapter products (see actors.grouping)."""
+    decode_union_cost: float = 8.0
+    """Cost of reading one adapter's factors in a decode step, in row-adapter products: decode steps
+    use groups formed with it (rows with overlapping selections share one read), and the prompt's
+    prefill splits those groups further, by products alone (see actors.grouping)."""
+    probe_bucket_overhead: float = 64.0
+    """Fixed cost of one more probe pass, in token slots: the probe runs the batch in buckets of
+    similar prompt length, padded per bucket, chosen to minimise padded slots plus this per pass
+    (raise it where small passes are inefficient, e.g. on GPUs; `inf`: one pass)."""
     time_groups: bool = False
     """Measure seconds per group in the mixture layers (synchronises the GPU)."""
 
@@ -42,6 +50,10 @@ class GenerationConfig:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
         if not isinstance(self.max_groups, int) or self.max_groups < 1:
             raise ValueError(f"max_groups={self.max_groups!r}: must be an integer >= 1")
+        if not self.probe_bucket_overhead >= 0:
+            raise ValueError(f"probe_bucket_overhead={self.probe_bucket_overhead!r}: must be a number >= 0")
+        if not self.decode_union_cost >= 0:
+            raise ValueError(f"decode_union_cost={self.decode_union_cost!r}: must be a number >= 0")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ValueError(f"stop_strings={self.stop_strings!r}: each must be a non-empty string")
 
@@ -55,8 +67,10 @@ class BatchStats:
     """What happened to one batch: its groups, their unions and timings."""
 
     rows: int = 0
-    groups: list[tuple[int, ...]] = field(default_factory=list)  # row positions per group
+    groups: list[tuple[int, ...]] = field(default_factory=list)  # row positions per group (prefill)
     union_sizes: list[int] = field(default_factory=list)
+    decode_groups: list[tuple[int, ...]] = field(default_factory=list)  # row positions per decode group
+    decode_union_sizes: list[int] = field(default_factory=list)
     group_seconds: list[float] | None = None  # mixture time per group, when timed
     probe_seconds: float = 0.0
     generate_seconds: float = 0.0
@@ -96,14 +110,38 @@ class LoGoEngine:
         return ids.to(self.device), mask.to(self.device)
 
     def route(self, seqs: list[list[int]]) -> list[Routing]:
-        """Route each tokenised prompt (adapters off, one partial forward pass for the batch)."""
-        return self.router.route(*self.pad(seqs))
+        """Route each tokenised prompt (adapters off; one partial forward pass per length bucket).
+
+        A row's routing does not depend on the rows padded with it, so buckets change only the cost.
+        """
+        if len(seqs) < 2 or self.generation.probe_bucket_overhead == float("inf"):
+            return self.router.route(*self.pad(seqs))
+        routings: list[Routing | None] = [None] * len(seqs)
+        for bucket in length_buckets([len(s) for s in seqs], self.generation.probe_bucket_overhead):
+            for row, routing in zip(bucket, self.router.route(*self.pad([seqs[r] for r in bucket]))):
+                routings[row] = routing
+        return routings  # type: ignore[return-value]
 
     def group(self, routings: list[Routing]) -> list[Group]:
+        """Groups by products alone (what a prefill of many tokens per row wants)."""
         selections = [r.indices for r in routings]
         if not self.generation.grouping:
             return single_group(selections)
         return group_rows(selections, self.generation.max_groups, self.generation.group_overhead)
+
+    def phase_groups(self, routings: list[Routing]) -> list[tuple[Group, list[Group]]]:
+        """Decode groups (reads of the factors shared by overlapping selections), each with the
+        prefill groups it splits into (products alone). Row indices are positions in `routings`."""
+        selections = [r.indices for r in routings]
+        gen = self.generation
+        if not gen.grouping:
+            (whole,) = single_group(selections)
+            return [(whole, [whole])]
+        out = []
+        for coarse in group_rows(selections, gen.max_groups, gen.group_overhead, gen.decode_union_cost):
+            fine = group_rows([selections[r] for r in coarse.rows], gen.max_groups, gen.group_overhead)
+            out.append((coarse, [Group(rows=tuple(coarse.rows[i] for i in f.rows), union=f.union) for f in fine]))
+        return out
 
     def plan(self, routings: list[Routing], groups: list[Group]) -> dict[str, list[GroupTerm]]:
         """Per module, one term per group: its union's stacked factors and its rows' weights.
@@ -139,33 +177,44 @@ class LoGoEngine:
         return plan
 
     @contextmanager
-    def mixing(self, routings: list[Routing], groups: list[Group] | None = None) -> Iterator[list[Group]]:
-        """Within the block, every forward pass of the model applies row b's mixture `routings[b]`."""
+    def mixing(self, routings: list[Routing], groups: list[Group] | None = None,
+               decode_groups: list[Group] | None = None) -> Iterator[list[Group]]:
+        """Within the block, every forward pass of the model applies row b's mixture `routings[b]`:
+        with `groups` (default: `group(routings)`), and in passes of one token per row with
+        `decode_groups` when given. Timed group slots are per position in whichever plan ran."""
         groups = self.group(routings) if groups is None else groups
-        self.state.group_seconds = [0.0] * len(groups)
+        self.state.group_seconds = [0.0] * max(len(groups), len(decode_groups or ()))
         self.state.plan = self.plan(routings, groups)
+        if decode_groups is not None and decode_groups != groups:
+            self.state.decode_plan = self.plan(routings, decode_groups)
         try:
             yield groups
         finally:
-            self.state.plan = None
+            self.state.plan = self.state.decode_plan = None
 
     @torch.inference_mode()
     def generate(self, seqs: list[list[int]], routings: list[Routing]) -> tuple[list[str], list[int], BatchStats]:
         """Greedy generation with each row's mixture. Returns texts, new-token counts, stats."""
         stats = BatchStats(rows=len(seqs))
-        # Lay rows out group after group (each group a slice), longest first inside a group.
-        by_selection = self.group(routings)
-        order = [row for g in by_selection for row in sorted(g.rows, key=lambda r: (-len(seqs[r]), r))]
+        # Lay rows out decode group after decode group, prefill group after prefill group inside
+        # it, longest first inside that: every group of both phases is a slice of the batch.
+        order: list[int] = []
+        groups, decode_groups = [], []
+        for coarse, fine in self.phase_groups(routings):
+            first = len(order)
+            for g in fine:
+                start = len(order)
+                order.extend(sorted(g.rows, key=lambda r: (-len(seqs[r]), r)))
+                groups.append(Group(rows=tuple(range(start, len(order))), union=g.union))
+            decode_groups.append(Group(rows=tuple(range(first, len(order))), union=coarse.union))
         ordered = [routings[r] for r in order]
-        groups, start = [], 0
-        for g in by_selection:
-            groups.append(Group(rows=tuple(range(start, start + len(g.rows))), union=g.union))
-            start += len(g.rows)
         stats.groups = [tuple(order[p] for p in g.rows) for g in groups]
         stats.union_sizes = [len(g.union) for g in groups]
+        stats.decode_groups = [tuple(order[p] for p in g.rows) for g in decode_groups]
+        stats.decode_union_sizes = [len(g.union) for g in decode_groups]
         input_ids, attention_mask = self.pad([seqs[r] for r in order])
         t0 = time.perf_counter()
-        with self.mixing(ordered, groups):
+        with self.mixing(ordered, groups, decode_groups):
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                       generation_config=self.hf_config, tokenizer=self.tokenizer)
         stats.generate_seconds = time.perf_counter() - t0

@@ -54,6 +54,17 @@ def mixture_fast(x: torch.Tensor, A_U: torch.Tensor, B_U: torch.Tensor, W: torch
     return h @ B_U.T  # (B, T, d_out)
 
 
+def mixture_add_(y: torch.Tensor, x: torch.Tensor, A_U: torch.Tensor, B_U: torch.Tensor, W: torch.Tensor) -> None:
+    """`y += mixture_fast(x, A_U, B_U, W)` in place, with one temporary and three kernels.
+
+    y: (B, T, d_out), contiguous, same dtype as the factors; other shapes as in `mixture_fast`.
+    """
+    rows, d_out = x.shape[0], y.shape[-1]
+    h = x.reshape(-1, x.shape[-1]) @ A_U.T  # (B*T, C)
+    h.view(rows, -1, h.shape[-1]).mul_(W.unsqueeze(1))  # (B, T, C)
+    y.view(-1, d_out).addmm_(h, B_U.T)  # (B*T, d_out)
+
+
 @dataclass(frozen=True)
 class GroupTerm:
     """One group's share of the mixture at one module: rows [start, stop) of the batch."""
@@ -69,6 +80,9 @@ class MixtureState:
     """What the mixture layers of one model apply: module path -> group terms, or None (adapters off)."""
 
     plan: dict[str, list[GroupTerm]] | None = None
+    """Terms of every forward pass (the prompt's prefill; also decode steps when `decode_plan` is None)."""
+    decode_plan: dict[str, list[GroupTerm]] | None = None
+    """Terms of passes with one token per row (decode steps), when they are grouped differently."""
     timed: bool = False
     """Accumulate per-group seconds in `group_seconds` (synchronises the device: slower on GPU)."""
     group_seconds: list[float] = field(default_factory=list)
@@ -88,13 +102,21 @@ class MixtureLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         plan = self.state.plan
-        terms = plan.get(self.key) if plan is not None else None
+        if plan is None:
+            return y
+        if self.state.decode_plan is not None and x.dim() == 3 and x.shape[1] == 1:
+            plan = self.state.decode_plan
+        terms = plan.get(self.key)
         if not terms:
             return y
+        in_place = y.is_contiguous() and y.dtype == x.dtype
         for g, term in enumerate(terms):
             start = time.perf_counter() if self.state.timed else 0.0
             xs = x[term.rows]  # (rows, T, d_in)
-            y[term.rows] += mixture_fast(xs, term.A, term.B, term.W).to(y.dtype)
+            if in_place and isinstance(term.rows, slice) and term.A.dtype == y.dtype:
+                mixture_add_(y[term.rows], xs, term.A, term.B, term.W)  # a slice of y is a view
+            else:
+                y[term.rows] += mixture_fast(xs, term.A, term.B, term.W).to(y.dtype)
             if self.state.timed:
                 if y.is_cuda:
                     torch.cuda.synchronize(y.device)

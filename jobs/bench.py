@@ -1,0 +1,90 @@
+"""`logo-batch bench`: throughput of LoGo against single-adapter and peer baselines, in one run.
+
+    logo-batch bench [--full] [--out runs/bench] [--threads 1] [--device auto]
+
+Measures prompts/s, generated tokens/s and memory of the base model, PEFT with one adapter, PEFT
+mixed batches, the released code's batch-of-one procedure, PEFT Arrow and our engine (k in 1, 4, 20,
+with and without grouping) on the same prompts, pool and batch size, then sweeps the pool size.
+Writes a table to stdout, `bench.json` and `sweep.png` to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                      help="the default: minutes on two CPU cores")
+    size.add_argument("--full", dest="preset", action="store_const", const="full",
+                      help="more prompts, larger batches, SmolLM2 in both regimes, more rounds")
+    size.add_argument("--smoke", dest="preset", action="store_const", const="smoke",
+                      help="a tiny model and workload (seconds; for tests)")
+    parser.set_defaults(preset="quick")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for bench.json and sweep.png")
+    parser.add_argument("--repeats", type=int, help="timed rounds per method (median counts)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default 1: steadier on a shared machine)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), help="default auto")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the pool-size sweep")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}"
+
+
+def main(args: argparse.Namespace) -> int:
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from jobs.benchmarks.config import preset
+    from jobs.benchmarks.report import plot_sweep, table, write_json
+    from jobs.benchmarks.suite import run
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    logging.getLogger("peft").setLevel(logging.ERROR)
+    cfg = preset(args.preset)
+    changes = {name: getattr(args, name) for name in ("repeats", "threads", "device", "dtype")
+               if getattr(args, name, None) is not None}
+    if args.no_sweep:
+        changes["sweep_pools"] = ()
+    if changes.get("repeats", 1) < 1 or changes.get("threads", 1) < 1:
+        print("logo-batch bench: --repeats and --threads must be >= 1", file=sys.stderr)
+        return 2
+    cfg = dataclasses.replace(cfg, **changes)
+    started = datetime.datetime.now(datetime.timezone.utc)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    report = run(cfg, log)
+    report["date"] = started.strftime("%Y-%m-%d %H:%M UTC")
+    report["machine"] = machine()
+    report["preset"] = args.preset
+    report["wall_seconds"] = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
+    write_json(report, args.out / "bench.json")
+    plotted = plot_sweep(report, args.out / "sweep.png")
+    print(table(report))
+    print(f"wrote {args.out / 'bench.json'}" + (f" and {args.out / 'sweep.png'}" if plotted else "")
+          + f" in {report['wall_seconds']:.0f} s")
+    return 0

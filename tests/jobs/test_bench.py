@@ -1,0 +1,181 @@
+"""The throughput benchmark: its baselines compute what our engine computes, and the command's outputs.
+
+No timing is asserted: the benchmark reports ratios, the tests hold the methods it times to the
+same outputs (greedy, token for token) on a tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors import read_adapter
+from actors.router import Routing
+from jobs.benchmarks import methods as M
+from jobs.benchmarks.config import LLAMA_8B, RATIO_8B, ShapeRun, preset
+from jobs.benchmarks.measure import PeakMemory
+from jobs.benchmarks.models import prompts
+from jobs.benchmarks.suite import BASELINE, build, engine
+
+SMOKE = preset("smoke")
+PART: ShapeRun = SMOKE.shapes[0]
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.set_num_threads(1)
+    return build(PART, SMOKE, tmp_path_factory.mktemp("bench-pool"), torch.device("cpu"), torch.float32,
+                 lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def seqs():
+    return prompts(PART.regimes[0], 6, PART.shape.vocab, seed=11)
+
+
+def decoded(e, token_lists):
+    return [e.decode(tokens)[0] for tokens in token_lists]
+
+
+def test_synthetic_adapters_read_back_as_written(setup):
+    """The PEFT-format files the baselines load hold the factors our pool stacks."""
+    adapter = read_adapter(setup.dirs[3].name, setup.dirs[3])
+    module = next(iter(adapter.factors))
+    stacked = setup.pool.modules[module]
+    i = setup.pool.index(adapter.name)
+    start, r = stacked.starts[i], stacked.ranks[i]
+    torch.testing.assert_close(stacked.A[start:start + r], adapter.factors[module].A)
+    torch.testing.assert_close(stacked.B[:, start:start + r], adapter.factors[module].B * adapter.factors[module].scale)
+
+
+def test_peft_single_and_mixed_equal_engine_at_k1(setup, seqs):
+    e = engine(setup, 1, True, NEW)
+    gen = M.fixed_length(setup.tokenizer, NEW)
+    texts, extra = M.ours_run(e, seqs, batch_size=4)
+    M.activate(e)
+    chosen = [r.adapters[0] for r in e.route(seqs[:4]) + e.route(seqs[4:])]
+    assert len(set(chosen)) > 1, "the test needs rows routed to different adapters"
+    mixed = M.hf_generate(setup.peft, seqs, 4, gen, setup.device, adapter_names=chosen)
+    assert decoded(e, mixed) == texts
+    assert all(len(t) == NEW for t in mixed)
+
+    # (2): one adapter for every row, and our engine given that same routing for every row
+    name = setup.dirs[2].name
+    setup.peft.base_model.set_adapter(name)
+    single = M.hf_generate(setup.peft, seqs, 4, gen, setup.device)
+    same = [Routing(indices=(setup.pool.index(name),), adapters=(name,), weights=(1.0,))] * len(seqs)
+    ours_single, _ = M.ours_run(e, seqs, 4, routings=same)
+    assert decoded(e, single) == ours_single
+    base = M.hf_generate(setup.base, seqs, 4, gen, setup.device)
+    assert base != single, "the adapters must change the outputs for the comparison to mean anything"
+
+
+def test_released_procedure_equals_engine_at_general_k(setup, seqs):
+    e = engine(setup, 4, True, NEW)
+    gen = M.fixed_length(setup.tokenizer, NEW)
+    M.activate(e)
+    for seq in seqs[:3]:
+        (routing,) = e.route([seq])
+        assert len(routing.adapters) == 4 and len(set(routing.weights)) > 1
+        (text,), _, _ = e.generate([seq], [routing])
+        theirs = M.released_generate(setup.peft, seq, routing, gen, setup.device)
+        assert e.decode(theirs)[0] == text
+    setup.peft.base_model.set_adapter(setup.dirs[0].name)
+
+
+def test_given_clustered_selections_share_groups(setup, seqs):
+    rts = M.synthetic_routings(len(seqs), len(setup.pool), 4, 3, seed=1, names=setup.pool.names)
+    assert len({r.indices for r in rts}) == 2
+    e = engine(setup, 4, True, NEW)
+    _, extra = M.ours_run(e, seqs, len(seqs), routings=rts)
+    assert extra["groups"] <= 2 and extra["max_union"] <= 8
+
+
+def test_decode_groups_differ_from_prefill_groups_and_give_the_same_outputs(setup, seqs):
+    """Scattered selections: the prefill keeps rows apart, decode steps share one read of the union;
+    outputs equal one group for everything, and the mixture reference (through the release procedure)."""
+    from actors import GenerationConfig, LoGoEngine, RoutingConfig
+
+    rts = M.synthetic_routings(len(seqs), len(setup.pool), 4, 1, seed=3, names=setup.pool.names)
+    split = LoGoEngine(setup.ours, setup.tokenizer, setup.pool, RoutingConfig(k=4),
+                       GenerationConfig(max_new_tokens=NEW, group_overhead=0.0, decode_union_cost=8.0))
+    split.hf_config = M.fixed_length(setup.tokenizer, NEW)
+    texts, _, stats = split.generate(seqs, rts)
+    assert len(stats.groups) > len(stats.decode_groups) == 1
+    one = engine(setup, 4, False, NEW)
+    assert M.ours_run(one, seqs, len(seqs), routings=rts)[0] == texts
+    gen = M.fixed_length(setup.tokenizer, NEW)
+    for seq, routing, text in list(zip(seqs, rts, texts))[:2]:
+        assert split.decode(M.released_generate(setup.peft, seq, routing, gen, setup.device))[0] == text
+    setup.peft.base_model.set_adapter(setup.dirs[0].name)
+
+
+def test_length_buckets_partition_rows_and_save_padding():
+    from actors.grouping import length_buckets
+
+    lengths = [114, 123, 121, 192, 143, 288, 271, 178]
+    buckets = length_buckets(lengths, overhead=64)
+    assert sorted(r for b in buckets for r in b) == list(range(len(lengths)))
+    assert [max(lengths[r] for r in b) for b in buckets] == sorted(max(lengths[r] for r in b) for b in buckets)
+    padded = sum(len(b) * max(lengths[r] for r in b) + 64 for b in buckets)
+    assert 1 < len(buckets) < len(lengths) and padded < len(lengths) * max(lengths) + 64
+    assert length_buckets(lengths, overhead=float("inf")) == [sorted(range(8), key=lambda r: lengths[r])]
+    assert length_buckets(lengths, overhead=0) == [[r] for r in sorted(range(8), key=lambda r: lengths[r])]
+
+
+def test_probe_in_length_buckets_routes_like_one_pass(setup):
+    import dataclasses
+
+    seqs = prompts(PART.regimes[1], 6, PART.shape.vocab, seed=5)
+    e = engine(setup, 4, True, NEW)
+    M.activate(e)
+    e.generation = dataclasses.replace(e.generation, probe_bucket_overhead=0.0)  # one pass per row
+    bucketed = e.route(seqs)
+    e.generation = dataclasses.replace(e.generation, probe_bucket_overhead=float("inf"))
+    whole = e.route(seqs)
+    assert [r.adapters for r in bucketed] == [r.adapters for r in whole]
+    for a, b in zip(bucketed, whole):
+        assert a.weights == pytest.approx(b.weights, abs=1e-5)
+
+
+def test_peak_memory_sees_an_allocation():
+    with PeakMemory(torch.device("cpu")) as mem:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    if mem.extra is None:
+        pytest.skip("no /proc/self/clear_refs here")
+    assert mem.extra >= 48 * 2**20
+
+
+def test_lora_work_ratio_of_the_documented_shapes():
+    assert LLAMA_8B.lora_work_ratio() == pytest.approx(0.0056, abs=0.0002)
+    assert RATIO_8B.lora_work_ratio() == pytest.approx(0.0072, abs=0.0002)
+
+
+def test_smoke_run_writes_every_method(tmp_path: Path, capsys):
+    from jobs.cli import main
+
+    assert main(["bench", "--smoke", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    cfg = SMOKE
+    top = max(cfg.ks)
+    expected = {"base", BASELINE, "peft-mixed", f"released-k{cfg.released_k}", "arrow", "probe"}
+    expected |= {f"ours-k{k}-{g}" for k in cfg.ks for g in ("grouped", "one-group")}
+    expected |= {f"given-{c}-k{top}-{g}" for c in ("clustered", "scattered") for g in ("grouped", "one-group")}
+    (entry,) = report["shapes"]
+    assert [r["regime"]["name"] for r in entry["regimes"]] == ["generation", "labelling"]
+    for reg in entry["regimes"]:
+        by = {m["name"]: m for m in reg["methods"]}
+        assert set(by) == expected
+        assert by[BASELINE]["x_baseline"] == pytest.approx(1.0)
+        assert all(m["prompts_per_s"] > 0 for m in by.values())
+        assert by["base"]["new_tokens"] == cfg.prompts * reg["regime"]["new_tokens"]
+        assert {"floor_prompts_per_s", f"ours_k{top}_x_floor", "grouped_x_one_group"} <= set(reg["summary"])
+    rows = report["sweep"]["rows"]
+    assert sorted({(r["pool"], r["k"]) for r in rows}) == sorted((n, k) for n in cfg.sweep_pools for k in cfg.ks)
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+    assert "| peft-single |" in capsys.readouterr().out
