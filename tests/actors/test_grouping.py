@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from actors.grouping import group_rows, single_group
+from actors.grouping import group_rows, length_buckets, single_group
 
 
 def cost(groups, overhead):
@@ -46,3 +46,14 @@ def test_large_overhead_means_one_group():
 def test_bad_bound():
     with pytest.raises(ValueError, match="max_groups"):
         group_rows([(0,)], max_groups=0)
+
+
+def test_length_buckets_partition_rows_and_save_padding():
+    lengths = [114, 123, 121, 192, 143, 288, 271, 178]
+    buckets = length_buckets(lengths, overhead=64)
+    assert sorted(r for b in buckets for r in b) == list(range(len(lengths)))
+    assert [max(lengths[r] for r in b) for b in buckets] == sorted(max(lengths[r] for r in b) for b in buckets)
+    padded = sum(len(b) * max(lengths[r] for r in b) + 64 for b in buckets)
+    assert 1 < len(buckets) < len(lengths) and padded < len(lengths) * max(lengths) + 64
+    assert length_buckets(lengths, overhead=float("inf")) == [sorted(range(8), key=lambda r: lengths[r])]
+    assert length_buckets(lengths, overhead=0) == [[r] for r in sorted(range(8), key=lambda r: lengths[r])]

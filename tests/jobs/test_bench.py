@@ -114,19 +114,6 @@ def test_decode_groups_differ_from_prefill_groups_and_give_the_same_outputs(setu
     setup.peft.base_model.set_adapter(setup.dirs[0].name)
 
 
-def test_length_buckets_partition_rows_and_save_padding():
-    from actors.grouping import length_buckets
-
-    lengths = [114, 123, 121, 192, 143, 288, 271, 178]
-    buckets = length_buckets(lengths, overhead=64)
-    assert sorted(r for b in buckets for r in b) == list(range(len(lengths)))
-    assert [max(lengths[r] for r in b) for b in buckets] == sorted(max(lengths[r] for r in b) for b in buckets)
-    padded = sum(len(b) * max(lengths[r] for r in b) + 64 for b in buckets)
-    assert 1 < len(buckets) < len(lengths) and padded < len(lengths) * max(lengths) + 64
-    assert length_buckets(lengths, overhead=float("inf")) == [sorted(range(8), key=lambda r: lengths[r])]
-    assert length_buckets(lengths, overhead=0) == [[r] for r in sorted(range(8), key=lambda r: lengths[r])]
-
-
 def test_probe_in_length_buckets_routes_like_one_pass(setup):
     import dataclasses
 
