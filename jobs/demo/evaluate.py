@@ -20,7 +20,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from torch import nn
 
 from actors import AdapterPool, GenerationConfig, LoGoEngine, Routing, RoutingConfig
 from jobs.demo.arrow import arrow_generate, arrow_model
+from jobs.demo.calibration_study import StudyConfig, run_study, skewed_rows
 from jobs.demo.data import SplitConfig, check_row, suite_split
 from jobs.demo.methods import ProbeSetting, fixed_routing, probe_scores, random_routings, select
 from jobs.demo.report import markdown_report, plot_heatmap
@@ -61,6 +62,8 @@ class EvalConfig:
     """Prompts per generate call."""
     seed: int = 0
     """Seed of the prompt order and of the random baseline."""
+    calibration: StudyConfig | None = field(default_factory=StudyConfig)
+    """Calibrated routing (raw vs ratio vs zscore; balanced and skewed mixes); None skips it."""
 
 
 @dataclass
@@ -122,15 +125,28 @@ def run_benchmark(model: nn.Module, tokenizer, cfg: EvalConfig = EvalConfig(),
     n = len(pool)
     results: dict[str, MethodResult] = {}
 
+    def answers(mix_rows: list[dict], mix_seqs: list[list[int]], routings: list[Routing]) -> list[bool]:
+        texts: list[str] = []
+        for start in range(0, len(mix_seqs), cfg.batch_size):
+            batch = slice(start, start + cfg.batch_size)
+            texts.extend(engine.generate(mix_seqs[batch], routings[batch])[0])
+        return [check_row(r, extract_answer(t)) for r, t in zip(mix_rows, texts)]
+
     def generate(name: str, group: str, routings: list[Routing]) -> None:
         t0 = time.perf_counter()
-        texts: list[str] = []
-        for start in range(0, len(seqs), cfg.batch_size):
-            out, _, _ = engine.generate(seqs[start : start + cfg.batch_size], routings[start : start + cfg.batch_size])
-            texts.extend(out)
-        correct = [check_row(r, extract_answer(t)) for r, t in zip(rows, texts)]
+        correct = answers(rows, seqs, routings)
         results[name] = MethodResult(group, correct, routings, time.perf_counter() - t0)
         log(f"{name:<40} exact match {sum(correct) / len(correct):.3f} ({time.perf_counter() - t0:.0f}s)")
+
+    def generate_calibrated(name: str, mix_rows: list[dict], mix_seqs: list[list[int]],
+                            routings: list[Routing]) -> float:
+        if mix_rows is rows:  # the balanced mix: a row of the main table too
+            generate(f"calibrated {name.split(': ', 1)[1]}", "calibrated", routings)
+            return sum(results[f"calibrated {name.split(': ', 1)[1]}"].correct) / len(rows)
+        t0 = time.perf_counter()
+        correct = answers(mix_rows, mix_seqs, routings)
+        log(f"{name:<40} exact match {sum(correct) / len(correct):.3f} ({time.perf_counter() - t0:.0f}s)")
+        return sum(correct) / len(correct)
 
     generate("base", "reference", [fixed_routing(engine, []) for _ in rows])
     generate("oracle (own adapter)", "reference", [fixed_routing(engine, [t]) for t in tasks])
@@ -167,6 +183,12 @@ def run_benchmark(model: nn.Module, tokenizer, cfg: EvalConfig = EvalConfig(),
         routings = select(engine, last_norm_scores, LAST, "norm", k or n, exclude=own)
         generate(f"leave-one-out: logo norm [last] k={_k_label(k)}", "leave-one-out", routings)
 
+    calibration = None
+    if cfg.calibration is not None:
+        skewed = skewed_rows(cfg.calibration, cfg.tasks)
+        mixes = {"balanced": (rows, seqs), "skewed": (skewed, [tokenizer(r["prompt"])["input_ids"] for r in skewed])}
+        calibration = run_study(engine, mixes, generate_calibrated, tokenizer, cfg.calibration, log)
+
     t0 = time.perf_counter()
     peer = arrow_model(copy.deepcopy(model), list(pool.paths), top_k=cfg.arrow_top_k)
     answers = arrow_generate(peer, tokenizer, [r["prompt"] for r in rows], cfg.max_new_tokens, cfg.batch_size)
@@ -182,6 +204,7 @@ def run_benchmark(model: nn.Module, tokenizer, cfg: EvalConfig = EvalConfig(),
         "config": asdict(cfg), "adapters": list(pool.names), "n_prompts": len(rows),
         "methods": {name: _summarise(res, tasks, own) for name, res in results.items()},
         "routing_accuracy": routing_accuracy, "heatmaps": heatmaps, "heatmap_tasks": list(cfg.tasks),
+        "calibration": calibration,
     }
 
 

@@ -25,8 +25,8 @@ class ProbeSetting:
     """Short name used in method names, e.g. `last` or `mid`."""
     probe_layer: int = -1
     """Block whose input is probed (negative counts from the end)."""
-    probe_module: str = "q_proj"
-    """Module of that block whose LoRA outputs are scored."""
+    probe_module: str | tuple[str, ...] = "q_proj"
+    """Module(s) of that block whose LoRA outputs are scored (several: scores summed)."""
     probe_input: str = "residual"
     """`residual` (before the block's input norm) or `module_input` (after it)."""
 

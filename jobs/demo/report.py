@@ -39,7 +39,27 @@ def markdown_report(results: dict) -> str:
         top = ", ".join(f"{_short(a)} {c}" for a, c in counts)
         lines.append(f"| {label} | {_pct(r['overall'])} | "
                      + " | ".join(_pct(r["per_task"].get(t)) for t in tasks) + f" | {top} |")
+    if results.get("calibration"):
+        lines += ["", *calibration_table(results["calibration"])]
     return "\n".join(lines) + "\n"
+
+
+def calibration_table(study: dict) -> list[str]:
+    """Routing accuracy (and exact match where measured) per mix, probe and score variant."""
+    cfg = study["config"]
+    lines = [f"Calibrated routing: routing accuracy (%) and exact match (%) where measured. `input`: statistics "
+             f"from a seeded sample of {cfg['input_sample']} of the evaluated prompts; `reference`: the "
+             f"{cfg['reference_prompts']} shipped task-neutral prompts. Skewed mix: {cfg['skew_rows']} prompts, "
+             f"{100 * cfg['skew_share']:.0f}% {cfg['skew_task']} (routing on majority / minority prompts).", "",
+             "| mix | probe | scores | routing | majority / minority | EM k=1 | EM k=3 |", "|---|---|---|---|---|---|---|"]
+    for mix, probes in study["results"].items():
+        for probe, variants in probes.items():
+            for variant, e in variants.items():
+                split = (f"{_pct(e['routing_accuracy_majority'])} / {_pct(e['routing_accuracy_minority'])}"
+                         if "routing_accuracy_majority" in e else "")
+                lines.append(f"| {mix} | {probe} | {variant} | {_pct(e['routing_accuracy'])} | {split} | "
+                             f"{_pct(e.get('exact_match_k1'))} | {_pct(e.get('exact_match_k3'))} |")
+    return lines
 
 
 def plot_heatmap(results: dict, path: Path) -> None:

@@ -6,7 +6,9 @@ import json
 
 import pytest
 
+from jobs.demo.calibration_study import VARIANTS, StudyConfig
 from jobs.demo.evaluate import EvalConfig, run_benchmark
+from jobs.demo.methods import ProbeSetting
 from jobs.demo.report import markdown_report, plot_heatmap
 from jobs.demo.tasks import TASK_NAMES
 
@@ -16,19 +18,24 @@ TASKS = ("word_order_reversal", "list_max", "number_parity")
 @pytest.fixture(scope="module")
 def smoke_results(demo_model):
     model, tokenizer = demo_model
-    cfg = EvalConfig(per_task=1, tasks=TASKS, ks=(1, 0), alt_ks=(1,), random_ks=(2,), batch_size=8)
+    study = StudyConfig(probes=(ProbeSetting("q_proj"), ProbeSetting("q+v", probe_module=("q_proj", "v_proj"))),
+                        input_sample=2, skew_task="list_max", skew_rows=4, reference_prompts=6,
+                        em=(("q_proj", "ratio/reference", 1), ("q+v", "zscore/input", 1)))
+    cfg = EvalConfig(per_task=1, tasks=TASKS, ks=(1, 0), alt_ks=(1,), random_ks=(2,), batch_size=8,
+                     calibration=study)
     return run_benchmark(model, tokenizer, cfg, log=lambda _: None)
 
 
 def test_every_method_runs(smoke_results):
     methods = smoke_results["methods"]
     groups = {m["group"] for m in methods.values()}
-    assert groups == {"reference", "baseline", "logo", "leave-one-out", "peer"}
+    assert groups == {"reference", "baseline", "logo", "leave-one-out", "peer", "calibrated"}
     expected = {"base", "oracle (own adapter)", f"uniform (all {len(TASK_NAMES)})", "random k=2",
                 "logo norm [last] k=1", "logo norm [last] k=all", "logo entropy [last] k=1",
                 "logo entropy [last] k=all", "logo norm [mid] k=1", "logo norm [module_input] k=1",
                 "logo norm [v_proj] k=1", "leave-one-out: logo norm [last] k=1",
-                "leave-one-out: logo norm [last] k=all", "PEFT Arrow top-3 (peer)"}
+                "leave-one-out: logo norm [last] k=all", "PEFT Arrow top-3 (peer)",
+                "calibrated ratio/reference [q_proj] k=1", "calibrated zscore/input [q+v] k=1"}
     assert set(methods) == expected
     for m in methods.values():
         assert 0.0 <= m["exact_match"] <= 1.0
@@ -61,3 +68,24 @@ def test_report_renders(smoke_results, tmp_path):
     plot_heatmap(smoke_results, tmp_path / "heatmap.png")
     assert (tmp_path / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps(smoke_results)  # serialisable as written by `logo-batch eval`
+
+
+def test_calibration_study_covers_mixes_probes_and_scores(smoke_results):
+    study = smoke_results["calibration"]
+    assert study["config"]["reference_prompts"] == 6
+    assert set(study["results"]) == {"balanced", "skewed"}
+    variants = {score if source is None else f"{score}/{source}" for score, source in VARIANTS}
+    for mix, probes in study["results"].items():
+        assert set(probes) == {"q_proj", "q+v"}
+        for probe, entries in probes.items():
+            assert set(entries) == variants
+            assert all(0.0 <= e["routing_accuracy"] <= 1.0 for e in entries.values())
+            assert all(sum(e["top1_counts"].values()) == (3 if mix == "balanced" else 4) for e in entries.values())
+        assert "exact_match_k1" in probes["q_proj"]["ratio/reference"]
+        assert "exact_match_k1" in probes["q+v"]["zscore/input"]
+        assert "exact_match_k1" not in probes["q_proj"]["raw"]
+    skewed = study["results"]["skewed"]["q_proj"]["raw"]
+    assert "routing_accuracy_majority" in skewed and "routing_accuracy_minority" in skewed
+    balanced_em = study["results"]["balanced"]["q_proj"]["ratio/reference"]["exact_match_k1"]
+    assert balanced_em == smoke_results["methods"]["calibrated ratio/reference [q_proj] k=1"]["exact_match"]
+    assert "Calibrated routing" in markdown_report(smoke_results)
