@@ -138,7 +138,7 @@ def regime_methods(s: Setup, cfg: BenchConfig, regime: Regime, seqs: list[list[i
 
 
 def summarise(results: list[dict], regime: Regime, cfg: BenchConfig) -> dict:
-    """Ratios to the baseline and the issue's aims, from one regime's results."""
+    """Ratios to the baseline and the throughput aims, from one regime's results."""
     by = {r["name"]: r for r in results}
     base = by[BASELINE]["prompts_per_s"]
     for r in results:

@@ -130,9 +130,13 @@ def test_probe_in_length_buckets_routes_like_one_pass(setup):
 
 
 def test_peak_memory_sees_an_allocation():
+    import mmap
+
     with PeakMemory(torch.device("cpu")) as mem:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        del block
+        # A fresh anonymous mapping (not memory the allocator already holds), every page touched.
+        block = mmap.mmap(-1, 64 * 2**20)
+        block.write(b"\x01" * len(block))
+        block.close()
     if mem.extra is None:
         pytest.skip("no /proc/self/clear_refs here")
     assert mem.extra >= 48 * 2**20
