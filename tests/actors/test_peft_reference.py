@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
-from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
 from actors import LoGoPredictor, Routing
+from jobs.benchmarks.methods import released_generate
 from tests.actors.conftest import POOL, PROMPTS
 
 
@@ -83,21 +83,7 @@ def test_general_k_equals_rescaled_peft_batch_of_one(tiny_dir, pool_dir, peft_mo
         assert len(routing.adapters) == k and len(set(routing.weights)) > 1
         (text,), (count,), _ = engine.generate([seq], [routing])
         assert count >= 20
-        # The released code's procedure: selected adapters active together, scaling times weight.
-        layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
-        saved = [dict(m.scaling) for m in layers]
-        try:
-            peft_model.base_model.set_adapter(list(routing.adapters))
-            for m in layers:
-                for name, w in zip(routing.adapters, routing.weights):
-                    if name in m.scaling:
-                        m.scaling[name] = m.scaling[name] * w
-            ids = torch.tensor([seq])
-            with torch.inference_mode():
-                gen = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                          generation_config=engine.hf_config)
-        finally:
-            for m, s in zip(layers, saved):
-                m.scaling.update(s)
-        tokens = gen[0, len(seq):].tolist()
+        # The released code's procedure (the benchmark's method (4)): selected adapters active
+        # together, each scaling times its weight, batch size 1.
+        tokens = released_generate(peft_model, seq, routing, engine.hf_config, torch.device("cpu"))
         assert len(tokens) >= 20 and text == engine.decode(tokens)[0], f"prompt {prompt!r} differs"
