@@ -40,7 +40,7 @@ OUTPUT_FIELDS = [
     pa.field("id", pa.string()),
     pa.field("output", pa.string()),
     pa.field("adapters", pa.list_(pa.string())),
-    pa.field("weights", pa.list_(pa.float64())),
+    pa.field("weights", pa.list_(pa.float32())),
     pa.field("error", pa.string()),
     pa.field("warning", pa.string()),
     pa.field("prompt_tokens", pa.int64()),

@@ -29,7 +29,7 @@ def test_local_end_to_end_matches_in_process_predictor(ray_runtime, tiny_assets,
     assert table.schema.names == ["id", "output", "adapters", "weights", "error", "warning", "prompt_tokens",
                                   "output_tokens", "task"]
     assert table.schema.field("adapters").type.value_type == pa.string()
-    assert table.schema.field("weights").type.value_type == pa.float64()
+    assert table.schema.field("weights").type.value_type == pa.float32()
     assert_matches_reference(table, reference(model, pool, prompts), expected)
     tasks = dict(zip(table.column("id").to_pylist(), table.column("task").to_pylist()))
     assert tasks["part-1.parquet:3"] == f"t{(80 + 3) % 3}"
