@@ -19,9 +19,8 @@ from pipeline import storage
 from pipeline.config import JobConfig
 from pipeline.config_io import config_hash
 from pipeline.inputs import InputFile
-from pipeline.outputs import CALIBRATION, DATA_DIR, JOB_RECORD, MANIFEST, SUCCESS, PartFile, read_json
+from pipeline.outputs import CALIBRATION, DATA_DIR, FORMAT, JOB_RECORD, MANIFEST, SUCCESS, PartFile, read_json
 
-FORMAT = "logo-batch-run/1"
 
 
 class OutputError(RuntimeError):

@@ -34,6 +34,8 @@ DATA_DIR = "data"
 JOB_RECORD = "_job.json"
 MANIFEST = "_manifest.json"
 CALIBRATION = "_calibration.json"
+FORMAT = "logo-batch-run/1"
+"""Version of the run layout, recorded in `_job.json` and `_manifest.json`."""
 SUCCESS = "_SUCCESS"
 
 OUTPUT_FIELDS = [

@@ -11,7 +11,7 @@ from importlib import metadata
 from pipeline.config import JobConfig
 from pipeline.config_io import config_hash, config_to_dict
 from pipeline.inputs import InputFile
-from pipeline.outputs import DATA_DIR, PartFile
+from pipeline.outputs import DATA_DIR, FORMAT, PartFile
 
 TOP = 20
 """How many adapters and error kinds a report lists."""
@@ -107,7 +107,7 @@ def build_manifest(config: JobConfig, files: list[InputFile], parts: list[PartFi
         entry["files"] += 1
         entry["rows"] += part.rows
     return {
-        "format": "logo-batch-run/1",
+        "format": FORMAT,
         "package_version": package_version(),
         "config_hash": report.config_hash,
         "config": config_to_dict(config),

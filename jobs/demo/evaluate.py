@@ -141,8 +141,9 @@ def run_benchmark(model: nn.Module, tokenizer, cfg: EvalConfig = EvalConfig(),
     def generate_calibrated(name: str, mix_rows: list[dict], mix_seqs: list[list[int]],
                             routings: list[Routing]) -> float:
         if mix_rows is rows:  # the balanced mix: a row of the main table too
-            generate(f"calibrated {name.split(': ', 1)[1]}", "calibrated", routings)
-            return sum(results[f"calibrated {name.split(': ', 1)[1]}"].correct) / len(rows)
+            label = f"calibrated {name.split(': ', 1)[1]}"
+            generate(label, "calibrated", routings)
+            return sum(results[label].correct) / len(rows)
         t0 = time.perf_counter()
         correct = answers(mix_rows, mix_seqs, routings)
         log(f"{name:<40} exact match {sum(correct) / len(correct):.3f} ({time.perf_counter() - t0:.0f}s)")
