@@ -2,10 +2,10 @@
 
 The raw LoGo score of an adapter mixes how well it fits the prompt with how large its outputs are
 overall; an adapter with a large gain wins almost every prompt. Statistics of each adapter's score
-over a calibration set of unlabeled prompts remove that gain:
+over a calibration set of unlabeled prompts remove that gain, per scored (block, module) pair p:
 
-    ratio:   s'_i = s_i / mean_i
-    zscore:  s'_i = (s_i - mean_i) / std_i
+    ratio:   s'_{i,p} = s_{i,p} / mean_{i,p}
+    zscore:  s'_{i,p} = (s_{i,p} - mean_{i,p}) / std_{i,p}
 
 Statistics are computed with the same probe as routing, one prompt at a time, and summed with
 `math.fsum` (exactly rounded, so independent of order): the same prompts give the same statistics
@@ -28,12 +28,12 @@ REFERENCE_PROMPTS = Path(__file__).with_name("reference_prompts.json")
 
 @dataclass(frozen=True)
 class CalibrationStats:
-    """Score statistics per (probe module, adapter), and where they came from."""
+    """Score statistics per (scored pair, adapter), and where they came from."""
 
     adapters: tuple[str, ...]
-    probe: dict  # Router.describe(): signal, probe_layer, probe_modules, probe_input
-    mean: tuple[tuple[float, ...], ...]  # (M, N)
-    std: tuple[tuple[float, ...], ...]  # (M, N)
+    probe: dict  # Router.describe(): signal, probe_input, pairs (module paths, block-major)
+    mean: tuple[tuple[float, ...], ...]  # (P, N)
+    std: tuple[tuple[float, ...], ...]  # (P, N)
     count: int  # prompts used
     source: str  # e.g. "input sample", "reference", a file path
     seed: int | None = None
@@ -46,13 +46,25 @@ class CalibrationStats:
             raise ValueError(f"calibration statistics are for another adapter pool (missing {missing}, extra "
                              f"{extra}); recompute them with `logo-batch calibrate` on this pool")
         if self.probe != probe:
-            raise ValueError(f"calibration statistics were computed with probe {self.probe}, but routing uses "
-                             f"{probe}; recompute them with the routing options of this job")
+            mine, theirs = self.probe.get("pairs"), probe.get("pairs")
+            pairs = (f" ({len(mine)} pairs, from {mine[0]} to {mine[-1]}, against {len(theirs)} from {theirs[0]} "
+                     f"to {theirs[-1]})" if mine and theirs and mine != theirs else "")
+            raise ValueError(f"calibration statistics were computed with probe {self.describe_probe()}, but routing "
+                             f"uses {_brief(probe)}{pairs}; recompute them with the routing options of this job "
+                             "(probe_layers, probe_module, probe_input, signal)")
+
+    def describe_probe(self) -> str:
+        return _brief(self.probe)
+
+    def valid(self, mode: str) -> torch.Tensor:
+        """(P, N) bool: where the statistics can calibrate a score (mean > 0 for ratio, std > 0 for zscore)."""
+        values = self.mean if mode == "ratio" else self.std
+        return torch.tensor(values, dtype=torch.float64) > 0
 
     def apply(self, scores: torch.Tensor, mode: str) -> torch.Tensor:
-        """scores (B, M, N) -> calibrated scores (B, M, N). Adapters with a zero mean/std score 0."""
-        mean = torch.tensor(self.mean, dtype=scores.dtype, device=scores.device)  # (M, N)
-        std = torch.tensor(self.std, dtype=scores.dtype, device=scores.device)  # (M, N)
+        """scores (B, P, N) -> calibrated scores (B, P, N); 0 where the statistics are degenerate."""
+        mean = torch.tensor(self.mean, dtype=scores.dtype, device=scores.device)  # (P, N)
+        std = torch.tensor(self.std, dtype=scores.dtype, device=scores.device)  # (P, N)
         if mode == "ratio":
             out = scores / mean.clamp(min=1e-30)
             return torch.where(mean > 0, out, torch.zeros_like(out))
@@ -89,6 +101,14 @@ class CalibrationStats:
             raise ValueError(f"calibration file {path} is not JSON ({exc})") from exc
 
 
+def _brief(probe: dict) -> str:
+    """A probe description short enough for a message (pairs counted, not listed)."""
+    brief = {k: v for k, v in probe.items() if k != "pairs"}
+    if "pairs" in probe:
+        brief["pairs"] = len(probe["pairs"])
+    return str(brief)
+
+
 def reference_prompts() -> list[str]:
     """The shipped, task-neutral calibration prompts."""
     return json.loads(REFERENCE_PROMPTS.read_text())
@@ -100,13 +120,14 @@ def compute_stats(router: Router, seqs: list[list[int]], source: str, seed: int 
         raise ValueError("calibration needs at least one prompt")
     rows = []
     for seq in seqs:  # one at a time: no padding, so each row's score does not depend on the batch
-        ids = torch.tensor([seq], device=router.present.device)
-        rows.append(router.raw_scores(router.probe(ids, torch.ones_like(ids)))[0].double().cpu())  # (M, N)
-    stacked = torch.stack(rows)  # (P, M, N)
-    n_modules, n_adapters = stacked.shape[1:]
-    mean = [[math.fsum(stacked[:, m, i].tolist()) / len(seqs) for i in range(n_adapters)] for m in range(n_modules)]
-    std = [[math.sqrt(math.fsum((v - mean[m][i]) ** 2 for v in stacked[:, m, i].tolist()) / len(seqs))
-            for i in range(n_adapters)] for m in range(n_modules)]
+        ids = torch.tensor([seq], device=router.informative.device)
+        rows.append(router.raw_scores(router.probe(ids, torch.ones_like(ids)))[0].double().cpu())  # (P, N)
+    columns = torch.stack(rows).flatten(1).T.tolist()  # (P * N) lists of one value per prompt
+    means = [math.fsum(c) / len(seqs) for c in columns]
+    stds = [math.sqrt(math.fsum((v - m) ** 2 for v in c) / len(seqs)) for c, m in zip(columns, means)]
+    n_adapters = len(router.pool)
+    mean = [means[j:j + n_adapters] for j in range(0, len(means), n_adapters)]  # (P, N)
+    std = [stds[j:j + n_adapters] for j in range(0, len(stds), n_adapters)]
     return CalibrationStats(adapters=router.pool.names, probe=router.describe(),
                             mean=tuple(map(tuple, mean)), std=tuple(map(tuple, std)),
                             count=len(seqs), source=source, seed=seed)

@@ -21,6 +21,9 @@ import torch
 from torch import nn
 
 from actors.adapters import Adapter, AdapterError, read_adapter, resolve_sources, validate_adapter
+from actors.index import RoutingIndex
+
+INDEX_MODULES = ("q_proj", "v_proj")  # modules the routing index holds by default (the default probe)
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,8 @@ class StackedModule:
 class AdapterPool:
     """A validated pool of LoRA adapters for one base model, stacked per module on one device."""
 
-    def __init__(self, adapters: list[Adapter], model: nn.Module, dtype: torch.dtype, device: torch.device):
+    def __init__(self, adapters: list[Adapter], model: nn.Module, dtype: torch.dtype, device: torch.device,
+                 index_modules: tuple[str, ...] = INDEX_MODULES, index_with_B: bool = False):
         if not adapters:
             raise AdapterError("the adapter pool is empty; LoGo needs at least one adapter")
         for adapter in adapters:
@@ -59,6 +63,8 @@ class AdapterPool:
                 ranks=ranks,
                 starts=starts,
             )
+        # Routing reads float32 factors as read from the files, not the stack's (possibly bf16) copy.
+        self.routing_index = RoutingIndex(adapters, tuple(index_modules), index_with_B, device)
 
     @classmethod
     def load(
@@ -68,10 +74,16 @@ class AdapterPool:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        index_modules: tuple[str, ...] = INDEX_MODULES,
+        index_with_B: bool = False,
     ) -> "AdapterPool":
-        """Read, validate and stack a pool: a directory of adapter directories, or name -> path."""
+        """Read, validate and stack a pool: a directory of adapter directories, or name -> path.
+
+        `index_modules`: module names (last path component) whose float32 probe factors the routing
+        index keeps, at every block; `index_with_B`: keep B too (the entropy signal needs it)."""
         sources = resolve_sources(adapters)
-        return cls([read_adapter(name, path) for name, path in sources.items()], model, dtype, torch.device(device))
+        return cls([read_adapter(name, path) for name, path in sources.items()], model, dtype, torch.device(device),
+                   index_modules, index_with_B)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -87,7 +99,8 @@ class AdapterPool:
     def describe(self) -> str:
         ranks = sorted({r for s in self.modules.values() for r in s.ranks if r})
         return (f"{len(self)} adapters over {len(self.modules)} modules, ranks {ranks}, "
-                f"{self.nbytes / 2**20:.1f} MiB on {self.device} ({self.dtype})")
+                f"{self.nbytes / 2**20:.1f} MiB on {self.device} ({self.dtype}); routing index "
+                f"{self.routing_index.nbytes / 2**20:.1f} MiB (float32, {', '.join(self.routing_index.modules)})")
 
     def columns(self, module: str, union: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Columns of `module`'s stacked factors that belong to the adapters in `union`.
@@ -102,20 +115,3 @@ class AdapterPool:
             owner.extend([pos] * s.ranks[i])
         return (torch.tensor(cols, dtype=torch.long, device=self.device),
                 torch.tensor(owner, dtype=torch.long, device=self.device))
-
-    def padded(self, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-adapter factors at `module`, zero-padded to the largest rank (for probe scoring).
-
-        Returns A_pad (N, r_max, d_in), B_pad (N, d_out, r_max) with the scale folded in, and a bool
-        mask (N,) of the adapters that adapt `module`.
-        """
-        s = self.modules[module]
-        r_max = max(s.ranks)
-        n, d_in, d_out = len(self), s.A.shape[1], s.B.shape[0]
-        A_pad = s.A.new_zeros(n, r_max, d_in)  # (N, r_max, d_in)
-        B_pad = s.B.new_zeros(n, d_out, r_max)  # (N, d_out, r_max)
-        for i, (start, r) in enumerate(zip(s.starts, s.ranks)):
-            A_pad[i, :r] = s.A[start:start + r]
-            B_pad[i, :, :r] = s.B[:, start:start + r]
-        present = torch.tensor([r > 0 for r in s.ranks], device=self.device)
-        return A_pad, B_pad, present

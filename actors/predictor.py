@@ -26,6 +26,8 @@ from actors.engine import BatchStats, GenerationConfig, LoGoEngine
 from actors.pool import AdapterPool
 from actors.router import Routing, RoutingConfig
 
+DEFAULT_ROUTING = RoutingConfig()
+
 log = logging.getLogger(__name__)
 
 OVERLONG = ("truncate", "error")
@@ -59,14 +61,15 @@ class LoGoPredictor:
         model: str | Path,
         adapters: str | Path | Mapping[str, str | Path],
         *,
-        k: int = 20,
-        signal: str = "norm",
-        probe_layer: int = -1,
-        probe_module: str = "q_proj",
-        probe_input: str = "residual",
+        k: int = DEFAULT_ROUTING.k,
+        signal: str = DEFAULT_ROUTING.signal,
+        probe_layers: int | list[int] | str = DEFAULT_ROUTING.probe_layers,
+        probe_layer: int | None = None,
+        probe_module: str | list[str] | tuple[str, ...] = DEFAULT_ROUTING.probe_module,
+        probe_input: str = DEFAULT_ROUTING.probe_input,
         calibration: str | Path | Mapping | CalibrationStats | None = None,
         calibration_prompts: list[str] | str | None = None,
-        calibration_score: str = "raw",
+        calibration_score: str = DEFAULT_ROUTING.calibration_score,
         max_new_tokens: int = 64,
         stop_at_newline: bool = False,
         stop_strings: tuple[str, ...] | list[str] = (),
@@ -88,10 +91,16 @@ class LoGoPredictor:
             raise ValueError(f"overlong={overlong!r} is not known; use one of {OVERLONG}")
         if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
             raise ValueError(f"max_prompt_tokens={max_prompt_tokens!r}: must be None or an integer >= 1")
-        routing = RoutingConfig(k=k, signal=signal, probe_layer=probe_layer, probe_module=probe_module,
+        if probe_layer is not None:  # the single-block form of earlier versions
+            if probe_layers != DEFAULT_ROUTING.probe_layers:
+                raise ValueError("pass probe_layers (one block, a list or 'all'), not also probe_layer")
+            probe_layers = probe_layer
+        routing = RoutingConfig(k=k, signal=signal, probe_layers=probe_layers, probe_module=probe_module,
                                 probe_input=probe_input, calibration_score=calibration_score)
         if calibration is not None and calibration_prompts is not None:
             raise ValueError("pass either calibration (statistics) or calibration_prompts, not both")
+        if calibration_score != "raw" and calibration is None and calibration_prompts is None:
+            calibration_prompts = "reference"  # calibrated by default: the shipped set, computed once here
         generation = GenerationConfig(max_new_tokens=max_new_tokens, stop_at_newline=stop_at_newline,
                                       stop_strings=tuple(stop_strings), grouping=grouping, max_groups=max_groups,
                                       group_overhead=group_overhead, time_groups=time_groups)
@@ -104,7 +113,8 @@ class LoGoPredictor:
             raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
                              f"context of {context_length(base)} tokens")
         self.max_prompt_tokens = min(limit, max_prompt_tokens or limit)
-        pool = AdapterPool.load(adapters, base, dtype=self.dtype, device=self.device)
+        pool = AdapterPool.load(adapters, base, dtype=self.dtype, device=self.device,
+                                index_modules=routing.probe_modules, index_with_B=signal == "entropy")
         self.engine = LoGoEngine(base, self.tokenizer, pool, replace(routing, calibration_score="raw"), generation)
         self.calibration = self._calibration(calibration, calibration_prompts)
         if self.calibration is not None or calibration_score != "raw":
@@ -203,7 +213,7 @@ class LoGoPredictor:
             cols["output"][r], cols["output_tokens"][r] = text, count
             cols["adapters"][r], cols["weights"][r] = list(routing.adapters), list(routing.weights)
             if routing.uniform_fallback:
-                note = "every selected adapter scored 0: uniform weights"
+                note = "every selected adapter scored 0 or below: uniform weights"
                 cols["warning"][r] = f"{cols['warning'][r]}; {note}" if cols["warning"][r] else note
             for name in routing.adapters:
                 self.stats.adapter_use[name] = self.stats.adapter_use.get(name, 0) + 1

@@ -1,53 +1,75 @@
-"""LoGo routing (LOGO_SPEC section 1): one probe pass with adapters off, per-adapter scores, top-k.
+"""LoGo routing (LOGO_SPEC sections 1 and 5): one probe pass with adapters off, per-pair scores, top-k.
 
 Routing is a pure function of (prompt, model, pool, config): the probe runs with every adapter
-disabled, reads the hidden state of the last real prompt token (whatever the padding side), stops
-at block T (no later block, no LM head), and ties are broken by adapter name.
+disabled, reads the hidden state of the last real prompt token (whatever the padding side) at every
+probed block, stops at the deepest one (no later block, no LM head), and ties are broken by name.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from actors.base import decoder_blocks
+from actors.index import pair_scores
 from actors.pool import AdapterPool
 
 SIGNALS = ("norm", "entropy")
 PROBE_INPUTS = ("residual", "module_input")
 CALIBRATION_SCORES = ("raw", "ratio", "zscore")
+ALL_BLOCKS = "all"
+
+# The paper's method (LOGO_SPEC section 1): raw norm score at q_proj of the last block, k = 20.
+PAPER_ROUTING = dict(k=20, signal="norm", probe_layers=-1, probe_module="q_proj", probe_input="residual",
+                     calibration_score="raw")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    """How each prompt is routed."""
+    """How each prompt is routed. The defaults are the measured best (README, "Calibrated routing");
+    `PAPER_ROUTING` is the paper's method."""
 
-    k: int = 20
+    k: int = 1
     """Number of adapters mixed per prompt; clamped to the pool size."""
     signal: str = "norm"
     """`norm`: s_i = ||o_i||_2. `entropy`: s_i = 1 / (H(softmax(o_i)) + 1e-6)."""
-    probe_layer: int = -1
-    """Block T whose input is probed; negative counts from the end (-1 is the last block)."""
-    probe_module: str | tuple[str, ...] = "q_proj"
-    """Module of block T whose LoRA outputs are scored (last path component). Several names: the
-    scores of each module are summed (after calibration, when calibrated)."""
+    probe_layers: int | tuple[int, ...] | str = ALL_BLOCKS
+    """Blocks whose input is probed: one block (an int, negative counts from the end), a list, or
+    `all`. The probe runs no block deeper than the deepest one asked."""
+    probe_module: str | tuple[str, ...] = ("q_proj", "v_proj")
+    """Module(s) of each probed block whose LoRA outputs are scored (last path component). With
+    `probe_layers`, they define the (block, module) pairs whose scores are summed (after
+    calibration, when calibrated); a pair that no adapter adapts is left out."""
     probe_input: str = "residual"
-    """`residual`: the residual stream entering block T; `module_input`: what the module receives."""
-    calibration_score: str = "raw"
+    """`residual`: the residual stream entering the block; `module_input`: what the module receives."""
+    calibration_score: str = "zscore"
     """`raw` (the paper), `ratio` (score / the adapter's mean score) or `zscore` ((score - mean) / std),
-    with per-adapter statistics from unlabeled prompts (actors.calibration)."""
+    per pair, with per-adapter statistics from unlabeled prompts (actors.calibration)."""
 
     def __post_init__(self):
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+        if not _is_int(self.k) or self.k < 1:
             raise ValueError(f"k={self.k!r}: k must be an integer >= 1 (the number of adapters to mix)")
         if self.signal not in SIGNALS:
             raise ValueError(f"signal={self.signal!r} is not known; use one of {SIGNALS}")
         if self.probe_input not in PROBE_INPUTS:
             raise ValueError(f"probe_input={self.probe_input!r} is not known; use one of {PROBE_INPUTS}")
-        if not isinstance(self.probe_layer, int) or isinstance(self.probe_layer, bool):
-            raise ValueError(f"probe_layer={self.probe_layer!r} must be an integer block index")
+        layers = self.probe_layers
+        if isinstance(layers, list):
+            object.__setattr__(self, "probe_layers", layers := tuple(layers))
+        ok = layers == ALL_BLOCKS or _is_int(layers) or (
+            isinstance(layers, tuple) and layers and all(_is_int(b) for b in layers))
+        if not ok:
+            raise ValueError(f"probe_layers={self.probe_layers!r}: give a block index (negative counts from the "
+                             "end), a list of block indices, or 'all'")
+        if isinstance(self.probe_module, list):
+            object.__setattr__(self, "probe_module", tuple(self.probe_module))
         if not self.probe_modules or not all(isinstance(m, str) and m for m in self.probe_modules):
             raise ValueError(f"probe_module={self.probe_module!r}: give a module name such as 'q_proj' "
                              "or a list of names")
@@ -58,6 +80,17 @@ class RoutingConfig:
     @property
     def probe_modules(self) -> tuple[str, ...]:
         return (self.probe_module,) if isinstance(self.probe_module, str) else tuple(self.probe_module)
+
+    def blocks(self, n_blocks: int) -> tuple[int, ...]:
+        """The probed block indices (0..n_blocks-1), ascending; refuses indices out of range."""
+        if self.probe_layers == ALL_BLOCKS:
+            return tuple(range(n_blocks))
+        asked = (self.probe_layers,) if _is_int(self.probe_layers) else self.probe_layers
+        bad = [b for b in asked if not -n_blocks <= b < n_blocks]
+        if bad:
+            raise ValueError(f"probe_layers={self.probe_layers!r}: block {bad[0]} is out of range for a model with "
+                             f"{n_blocks} blocks; use -{n_blocks}..{n_blocks - 1} or 'all'")
+        return tuple(sorted({b % n_blocks for b in asked}))
 
 
 @dataclass(frozen=True)
@@ -81,129 +114,131 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class Router:
-    """Scores every adapter of `pool` for each prompt from one partial, adapter-free forward pass."""
+    """Scores every adapter of `pool` for each prompt from one partial, adapter-free forward pass.
+
+    The scored pairs P are (block, module) for every probed block and probe module that some adapter
+    adapts; scores are summed over P (LOGO_SPEC section 5), calibrated per pair when configured.
+    """
 
     def __init__(self, model: nn.Module, pool: AdapterPool, config: RoutingConfig, calibration=None):
         self.model, self.pool, self.config = model, pool, config
         blocks_path, blocks = decoder_blocks(model)
-        n_blocks = len(blocks)
-        if not -n_blocks <= config.probe_layer < n_blocks:
-            raise ValueError(f"probe_layer={config.probe_layer} is out of range for a model with {n_blocks} "
-                             f"blocks; use -{n_blocks}..{n_blocks - 1}")
-        self.block_index = config.probe_layer % n_blocks
-        self.block = blocks[self.block_index]
-        prefix = f"{blocks_path}.{self.block_index}."
-        candidates = sorted({n.rsplit(".", 1)[-1] for n, mod in self.block.named_modules()
-                             if isinstance(mod, nn.Linear)})
-        self.module_paths: list[str] = []
+        self.blocks = blocks
+        block_ids = config.blocks(len(blocks))
+        self.pairs: list[tuple[int, str]] = []  # (block, module path), block-major
+        for b in block_ids:
+            prefix = f"{blocks_path}.{b}."
+            for name in config.probe_modules:
+                self.pairs.extend((b, m) for m in pool.modules if m.startswith(prefix) and m.rsplit(".", 1)[-1] == name)
         for name in config.probe_modules:
-            matches = [m for m in pool.modules if m.startswith(prefix) and m.rsplit(".", 1)[-1] == name]
-            if not matches:
+            if any(p.rsplit(".", 1)[-1] == name for _, p in self.pairs):
+                continue
+            linear = sorted({n.rsplit(".", 1)[-1] for n, mod in blocks[block_ids[-1]].named_modules()
+                             if isinstance(mod, nn.Linear)})
+            if name not in linear or len(config.probe_modules) == 1:
+                where = f"block {block_ids[0]}" if len(block_ids) == 1 else f"blocks {block_ids[0]}..{block_ids[-1]}"
                 raise ValueError(
-                    f"probe_module={name!r}: no adapter in the pool adapts it in block {self.block_index}; the "
-                    f"block's linear modules are {candidates} (pick one the adapters target, or a probe_layer "
-                    "they adapt)")
-            self.module_paths.append(matches[0])
-        self.modules = [model.get_submodule(p) for p in self.module_paths]
-        hidden = self.block_input_size()
-        for path, module in zip(self.module_paths, self.modules):
-            width = getattr(module, "base_layer", module).in_features
+                    f"probe_module={name!r}: no adapter in the pool adapts it in {where}; the block's linear "
+                    f"modules are {linear} (pick one the adapters target, or probe_layers they adapt)")
+        hidden = int(model.config.hidden_size)
+        for _, path in self.pairs:
+            width = getattr(model.get_submodule(path), "base_layer", model.get_submodule(path)).in_features
             if config.probe_input == "residual" and width != hidden:
                 raise ValueError(f"probe_module {path!r} takes {width} inputs, not the residual width {hidden}; "
                                  "use probe_input='module_input' for it")
-        # Probe-module factors, padded to one rank, in float32 for stable scores.
-        self.factors = []  # per probe module: A_pad (N, r, d_in), B_pad (N, d_out, r), present (N,)
-        for path in self.module_paths:
-            A_pad, B_pad, present = pool.padded(path)
-            self.factors.append((A_pad.float(), B_pad.float(), present))
-        self.present = torch.stack([f[2] for f in self.factors])  # (M, N)
+        if config.signal == "entropy" and not pool.routing_index.with_B:
+            raise ValueError("signal='entropy' needs the whole LoRA output: load the pool with index_with_B=True")
+        self.factors = [pool.routing_index.get(path) for _, path in self.pairs]
+        present = torch.stack([f.present for f in self.factors])  # (P, N)
         self.calibration = calibration
         if config.calibration_score != "raw":
             if calibration is None:
                 raise ValueError(f"calibration_score={config.calibration_score!r} needs calibration statistics: "
                                  "pass calibration=PATH (from `logo-batch calibrate`) or calibration_prompts")
             calibration.check(pool.names, self.describe())
+            present = present & calibration.valid(config.calibration_score).to(present.device)
+        # An adapter scores at a pair only where it adapts the module (and, calibrated, where its
+        # statistics are not degenerate); elsewhere it gets the pair's floor and never outranks one that does.
+        self.informative = present  # (P, N)
+        self.rankable = present.any(dim=0)  # (N,): informative at some pair
         self.k = min(config.k, len(pool))
-
-    def block_input_size(self) -> int:
-        return int(self.model.config.hidden_size)
 
     def describe(self) -> dict:
         """The probe settings that calibration statistics must have been computed with."""
-        return {"signal": self.config.signal, "probe_layer": self.block_index,
-                "probe_modules": list(self.module_paths), "probe_input": self.config.probe_input}
+        return {"signal": self.config.signal, "probe_input": self.config.probe_input,
+                "pairs": [path for _, path in self.pairs]}
 
     @torch.inference_mode()
     def probe(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
-        """Hidden state h of each row's last real token at the input of block T (or of each module).
+        """Hidden state h of each row's last real token at every pair (block input or module input).
 
         input_ids, attention_mask: (B, L), padded on either side. Returns one (B, d_in) float32
-        tensor per probe module. Position ids come from the mask, so padding does not shift a row.
+        tensor per pair. Position ids come from the mask, so padding does not shift a row. Only the
+        last real token's state is kept, and the pass stops on entering the deepest probed block
+        (residual) or once every probed module has its input (module_input).
         """
-        captured: dict[int, torch.Tensor] = {}
         residual = self.config.probe_input == "residual"
-        targets = [self.block] if residual else self.modules
+        keys = sorted({b for b, _ in self.pairs}) if residual else [p for _, p in self.pairs]
+        targets = [self.blocks[b] for b in keys] if residual else [self.model.get_submodule(p) for p in keys]
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        last = last_token_index(attention_mask)  # (B,)
+        captured: dict = {}
 
-        def hook(slot):
+        def hook(key):
             def record(_module, args, kwargs):
-                captured[slot] = args[0] if args else kwargs["hidden_states"]
+                states = args[0] if args else kwargs["hidden_states"]  # (B, L, d)
+                captured[key] = states[rows, last].float()  # (B, d)
                 if len(captured) == len(targets):
                     raise _ProbeDone()
             return record
 
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
-        handles = [t.register_forward_pre_hook(hook(i), with_kwargs=True) for i, t in enumerate(targets)]
+        handles = [t.register_forward_pre_hook(hook(key), with_kwargs=True) for key, t in zip(keys, targets)]
         try:
             self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids, use_cache=False)
         except _ProbeDone:
             pass
         else:
-            raise RuntimeError("the probe hooks did not fire; block T was never reached")
+            raise RuntimeError("the probe hooks did not fire; the probed blocks were never reached")
         finally:
             for handle in handles:
                 handle.remove()
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        last = last_token_index(attention_mask)
-        hs = [captured[i][rows, last].float() for i in range(len(targets))]  # each (B, d_in)
-        return hs * len(self.modules) if residual else hs
+        return [captured[b if residual else p] for b, p in self.pairs]
 
     def raw_scores(self, hs: list[torch.Tensor]) -> torch.Tensor:
-        """LOGO_SPEC 1.3-1.4 per probe module: (B, M, N); 0 for adapters lacking the module.
-
-        Semantics:
-            for b, m, i:  o = c_i * B_i^m @ (A_i^m @ h_m[b])
-                          s[b, m, i] = ||o||_2                      (norm)
-                          s[b, m, i] = 1 / (H(softmax(o)) + 1e-6)    (entropy)
-        """
-        out = []
-        for h, (A_pad, B_pad, present) in zip(hs, self.factors):
-            u = torch.einsum("bd,nrd->bnr", h, A_pad)  # (B, N, r)
-            o = torch.einsum("bnr,nor->bno", u, B_pad)  # (B, N, d_out)
-            if self.config.signal == "norm":
-                s = o.norm(dim=-1)  # (B, N)
-            else:
-                p = o.softmax(dim=-1)  # (B, N, d_out)
-                entropy = -(p * torch.log(p + 1e-8)).sum(dim=-1)  # (B, N)
-                s = 1.0 / (entropy + 1e-6)
-            out.append(torch.where(present, s, torch.zeros_like(s)))
-        return torch.stack(out, dim=1)  # (B, M, N)
+        """LOGO_SPEC 1.3-1.4 per pair: (B, P, N); 0 for adapters lacking the pair's module."""
+        return torch.stack([pair_scores(h, f, self.config.signal) for h, f in zip(hs, self.factors)], dim=1)
 
     def scores(self, hs: list[torch.Tensor]) -> torch.Tensor:
-        """Routing scores (B, N): per-module scores, calibrated when configured, summed over modules."""
-        s = self.raw_scores(hs).double()  # (B, M, N)
+        """Routing scores (B, N) from the probed states: `combine(raw_scores(hs))`."""
+        return self.combine(self.raw_scores(hs))
+
+    def combine(self, raw: torch.Tensor) -> torch.Tensor:
+        """Routing scores (B, N) from raw per-pair scores (B, P, N): calibrated when configured, summed.
+
+        Semantics:
+            s[b, p, i] = raw score, or calibrated: raw / mean[p, i] (ratio), (raw - mean) / std (zscore)
+            where adapter i is not informative at p: s[b, p, i] = min(0, min_j informative s[b, p, j])
+            S[b, i] = sum_p s[b, p, i]
+        """
+        s = raw.double()  # (B, P, N)
         if self.config.calibration_score != "raw":
             s = self.calibration.apply(s, self.config.calibration_score)
-        return s.sum(dim=1)  # (B, N)
+        informative = self.informative.unsqueeze(0)  # (1, P, N)
+        floor = torch.where(informative, s, torch.full_like(s, math.inf)).amin(dim=2, keepdim=True).clamp(max=0.0)
+        return torch.where(informative, s, floor).sum(dim=1)  # (B, N)
 
     def select(self, scores: torch.Tensor) -> list[Routing]:
         """LOGO_SPEC 1.5-1.6: top k by score (ties to the earlier name), weights s_i / sum_S s_j.
 
-        Negative (z-)scores count as 0 in the weights; if every selected score is 0, weights are uniform.
+        Adapters informative at no pair rank after all others. Negative (z-)scores count as 0 in the
+        weights; if every selected score is <= 0, weights are uniform.
         """
         # Pool index order is name order and the sort is stable, so equal scores keep name order.
         scores = scores.double()
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, : self.k]  # (B, k)
+        key = torch.where(self.rankable.to(scores.device), scores, torch.full_like(scores, -math.inf))
+        order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, : self.k]  # (B, k)
         top = torch.gather(scores, 1, order).clamp(min=0.0)  # (B, k); z-scores below the mean weigh 0
         routings = []
         for idx, s in zip(order.tolist(), top.tolist()):

@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), help="default auto")
     parser.add_argument("--no-sweep", action="store_true", help="skip the pool-size sweep")
+    parser.add_argument("--probe", action="store_true",
+                        help="only the routing probe's cost per prompt, paper vs default, at N = 8, 256, 1000")
 
 
 def machine() -> str:
@@ -63,6 +65,16 @@ def main(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     logging.getLogger("peft").setLevel(logging.ERROR)
+    if args.probe:
+        import torch
+
+        from jobs.benchmarks import probe
+
+        torch.set_num_threads(args.threads or 1)
+        rows = probe.run(log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        print(f"routing probe per prompt ({machine()}, {torch.get_num_threads()} thread(s), CPU time)")
+        print(probe.table(rows))
+        return 0
     cfg = preset(args.preset)
     changes = {name: getattr(args, name) for name in ("repeats", "threads", "device", "dtype")
                if getattr(args, name, None) is not None}

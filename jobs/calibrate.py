@@ -3,8 +3,9 @@
     logo-batch calibrate --model M --adapters A --prompts URI --sample 256 --out stats.json
 
 `--prompts` is a Parquet file, directory or s3:// prefix (a seeded sample of `--sample` rows is
-used), or `reference` for the shipped task-neutral set. Use the routing options of the job that
-will read the statistics (`routing.calibration: stats.json`, `routing.calibration_score: ratio`).
+used), or `reference` for the shipped task-neutral set. Statistics are per (block, module) pair of
+`--probe-layers` x `--probe-module` (default: every block, q_proj and v_proj, as the default
+routing); use the probe options of the job that will read them (`--calibration stats.json`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--out", required=True, help="statistics file to write (JSON)")
     parser.add_argument("--signal", default="norm")
-    parser.add_argument("--probe-layer", type=int, default=-1)
-    parser.add_argument("--probe-module", nargs="+", default=["q_proj"], help="one or more module names")
+    parser.add_argument("--probe-layers", "--probe-layer", dest="probe_layers", nargs="+", default=["all"],
+                        help="probed blocks: 'all' or block indices, negative from the end (default: all)")
+    parser.add_argument("--probe-module", nargs="+", default=["q_proj", "v_proj"],
+                        help="one or more module names (default: q_proj v_proj)")
     parser.add_argument("--probe-input", default="residual")
     parser.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
     parser.add_argument("--device", default="auto")
@@ -43,8 +46,16 @@ def main(args: argparse.Namespace) -> int:
                                  args.sample, args.seed)
         source, seed = f"sample of {args.prompts}", args.seed
     module = args.probe_module[0] if len(args.probe_module) == 1 else tuple(args.probe_module)
+    if args.probe_layers == ["all"]:
+        layers: str | int | tuple[int, ...] = "all"
+    else:
+        try:
+            blocks = tuple(int(b) for b in args.probe_layers)
+        except ValueError:
+            raise SystemExit(f"--probe-layers {' '.join(args.probe_layers)}: give 'all' or block indices") from None
+        layers = blocks[0] if len(blocks) == 1 else blocks
     stats = calibrate(args.model, args.adapters, prompts, storage_cfg, source, seed, signal=args.signal,
-                      probe_layer=args.probe_layer, probe_module=module, probe_input=args.probe_input,
+                      probe_layers=layers, probe_module=module, probe_input=args.probe_input,
                       device=args.device)
     stats.save(args.out)
     print(json.dumps({"out": args.out, "prompts": stats.count, "adapters": len(stats.adapters),

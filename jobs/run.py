@@ -2,6 +2,7 @@
 
     logo-batch run --config job.yaml [--set routing.k=5 ...]
     logo-batch run --model M --adapters A --input I --output O [--k K] [--signal S]
+                   [--calibration input|reference|FILE|none] [--paper]
                    [--max-new-tokens N] [--actors N] [--batch-size B] [--overwrite]
 
 Flags override the file's values. Exit status: 0 when the output is committed (now or before),
@@ -24,6 +25,9 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "id_column": ("input.id_column", str, "column holding unique row ids"),
     "k": ("routing.k", int, "adapters mixed per prompt"),
     "signal": ("routing.signal", str, "routing score: norm or entropy"),
+    "calibration": ("routing.calibration", str, "calibration statistics: input (a sample of this job's prompts), "
+                    "reference (the shipped set), a statistics file, or none"),
+    "calibration_score": ("routing.calibration_score", str, "zscore, ratio, or raw (the paper's score)"),
     "max_new_tokens": ("generation.max_new_tokens", int, "new tokens per prompt"),
     "actors": ("resources.actors", int, "number of LoGo actors"),
     "batch_size": ("resources.batch_size", int, "rows per actor call"),
@@ -36,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="job configuration file (YAML); see README, 'Running jobs'")
     for flag, (key, kind, help_text) in FLAGS.items():
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, help=f"{help_text} ({key})")
+    parser.add_argument("--paper", action="store_true",
+                        help="route exactly as the LoGo paper: raw norm score at q_proj of the last block, k=20, "
+                             "no calibration (flags and --set given with it still apply)")
     parser.add_argument("--overwrite", action="store_true", help="delete an earlier run at the output first")
     parser.add_argument("--set", dest="set_items", action="append", default=[], metavar="KEY=VALUE",
                         help="set any configuration key, e.g. --set generation.stop_at_newline=true")
@@ -45,12 +52,16 @@ def main(args: argparse.Namespace) -> int:
     import logging
 
     from pipeline import ConfigError, InputError, OutputError, StageError, load_config, run_job
+    from pipeline.config import PAPER_ROUTING
     from pipeline.config_io import parse_set
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        overrides = {key: getattr(args, flag) for flag, (key, _, _) in FLAGS.items()
-                     if getattr(args, flag, None) is not None}
+        overrides = {f"routing.{key}": value for key, value in PAPER_ROUTING.items()} if args.paper else {}
+        overrides.update({key: getattr(args, flag) for flag, (key, _, _) in FLAGS.items()
+                          if getattr(args, flag, None) is not None})
+        if str(overrides.get("routing.calibration", "")).lower() in ("none", "null"):
+            overrides["routing.calibration"] = None
         overrides.update(parse_set(args.set_items))
         if args.overwrite:
             overrides["output.overwrite"] = True

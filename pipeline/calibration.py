@@ -1,8 +1,9 @@
 """Calibration statistics for a job, computed once on the driver before any actor starts.
 
-Sources (`routing.calibration`): `input` (a seeded random sample of the job's own prompts),
-`reference` (the task-neutral prompt set shipped in `actors/`), or the path / s3:// URI of a
-statistics file written by `logo-batch calibrate`. The statistics are handed to every actor as
+Sources (`routing.calibration`): `input` (a seeded random sample of the job's own prompts; the
+reference set instead when the input has fewer than `routing.calibration_min_rows` usable prompts,
+and the statistics' `source` says so), `reference` (the task-neutral prompt set shipped in
+`actors/`), or the path / s3:// URI of a statistics file written by `logo-batch calibrate`. The statistics are handed to every actor as
 data, so all actors route with the same numbers, and are recorded in the run's manifest.
 """
 
@@ -15,10 +16,10 @@ from dataclasses import replace
 from actors import LoGoPredictor
 from actors.calibration import CalibrationStats
 from pipeline import inputs
-from pipeline.config import InputConfig, JobConfig, StorageConfig
+from pipeline.config import CALIBRATION_SOURCES, InputConfig, JobConfig, StorageConfig
 from pipeline.fetch import local_copy
 
-SOURCES = ("input", "reference")
+ROUTING_OPTIONS = ("k", "signal", "probe_layers", "probe_module", "probe_input", "dtype", "device")
 
 
 def sample_prompts(cfg: InputConfig, storage_cfg: StorageConfig, size: int, seed: int) -> list[str]:
@@ -40,24 +41,27 @@ def calibrate(model: str, adapters: str, prompts: list[str] | str, storage_cfg: 
               source: str, seed: int | None = None, **routing) -> CalibrationStats:
     """Statistics of every adapter's routing score over `prompts` (or 'reference'), with `routing` options."""
     predictor = LoGoPredictor(model=local_copy(model, storage_cfg), adapters=local_copy(adapters, storage_cfg),
-                              calibration_prompts=prompts, max_new_tokens=1, **routing)
+                              calibration_prompts=prompts, max_new_tokens=1, calibration_score="raw", **routing)
     return replace(predictor.calibration, source=source, seed=seed)
 
 
 def job_statistics(config: JobConfig) -> dict:
     """The statistics for `config.routing.calibration`, as a plain dict (what every actor receives)."""
     r = config.routing
-    if r.calibration in SOURCES:
+    if r.calibration in CALIBRATION_SOURCES:
+        prompts: list[str] | str = "reference"
+        source, seed = "reference", None
         if r.calibration == "input":
-            prompts: list[str] | str = sample_prompts(config.input, config.storage, r.calibration_sample,
-                                                      r.calibration_seed)
-            source, seed = f"input sample of {config.input.uri}", r.calibration_seed
-        else:
-            prompts, source, seed = "reference", "reference", None
+            sample = sample_prompts(config.input, config.storage, r.calibration_sample, r.calibration_seed)
+            if len(sample) >= r.calibration_min_rows:
+                prompts, source, seed = sample, f"input sample of {config.input.uri}", r.calibration_seed
+            else:
+                source = (f"reference (the input has {len(sample)} usable prompts, fewer than "
+                          f"routing.calibration_min_rows={r.calibration_min_rows})")
         options = config.predictor_options()
-        routing = {key: options[key] for key in ("k", "signal", "probe_layer", "probe_module", "probe_input",
-                                                   "dtype", "device")}
-        stats = calibrate(config.model.path, config.adapters.path, prompts, config.storage, source, seed, **routing)
+        routing = {key: options[key] for key in ROUTING_OPTIONS}
+        stats = calibrate(config.model.path, config.adapters.path, prompts, config.storage, source, seed,
+                          **routing)
     else:
         stats = CalibrationStats.load(local_copy(r.calibration, config.storage))
     return json.loads(stats.to_json())

@@ -60,33 +60,47 @@ class AdaptersConfig:
         _check(bool(self.path), "adapters.path", "is empty; give an adapter directory or s3:// prefix")
 
 
+# The paper's routing (LOGO_SPEC section 1), as `routing` keys: `logo-batch run --paper`.
+PAPER_ROUTING = {"k": 20, "signal": "norm", "probe_layers": -1, "probe_module": "q_proj", "probe_input": "residual",
+                 "calibration_score": "raw", "calibration": None}
+CALIBRATION_SOURCES = ("input", "reference")
+
+
 @dataclass(frozen=True)
 class RoutingConfig:
+    """Routing options; the defaults are the measured best (README, "Calibrated routing") and equal
+    `actors.RoutingConfig`'s, so a job routes as `LoGoPredictor` does in process."""
+
     section: ClassVar[str] = "routing"
 
-    k: int = 20
+    k: int = 1
     """Number of adapters mixed per prompt (clamped to the pool size)."""
     signal: str = "norm"
     """Routing score: norm (||c B A h||) or entropy (1 / entropy of softmax(c B A h))."""
-    probe_layer: int = -1
-    """Decoder block whose input is probed; negative counts from the end (-1 = last block)."""
-    probe_module: str | tuple[str, ...] = "q_proj"
-    """Adapted linear module of the probe block whose LoRA output is scored, or a list of modules
-    whose scores are summed."""
+    probe_layers: int | tuple[int, ...] | str = "all"
+    """Decoder blocks whose input is probed: one block (negative counts from the end, -1 = last),
+    a list of blocks, or all. Scores are summed over every (block, module) pair."""
+    probe_module: str | tuple[str, ...] = ("q_proj", "v_proj")
+    """Adapted linear module(s) of each probed block whose LoRA output is scored; a module no
+    adapter adapts is left out."""
     probe_input: str = "residual"
     """residual: the residual stream entering the block; module_input: what the module receives."""
     grouping: bool = True
     """Group rows of a batch whose adapter selections overlap before generating."""
     max_groups: int = 8
     """Upper bound on groups per batch when grouping."""
-    calibration: str | None = None
-    """Per-adapter score statistics for `calibration_score`: `input` (computed from a seeded sample
-    of this job's prompts), `reference` (the shipped task-neutral prompt set), or a statistics file
-    from `logo-batch calibrate` (local path or s3:// URI). Default: none."""
-    calibration_score: str = "raw"
+    calibration: str | None = "input"
+    """Per-adapter, per-pair score statistics for `calibration_score`: `input` (computed from a seeded
+    sample of this job's prompts; the reference set when the input has fewer than
+    `calibration_min_rows` usable prompts, recorded in the manifest), `reference` (the shipped
+    task-neutral prompt set), a statistics file from `logo-batch calibrate` (local path or s3://
+    URI), or null (only with calibration_score raw). Ignored (null) with raw scores."""
+    calibration_score: str = "zscore"
     """raw (the paper's scores), ratio (score / the adapter's mean) or zscore ((score - mean) / std)."""
     calibration_sample: int = 256
     """Prompts sampled from the input when `calibration` is `input`."""
+    calibration_min_rows: int = 32
+    """Fewest usable input prompts for `input` statistics; below it the reference set is used."""
     calibration_seed: int = 0
     """Seed of that sample."""
 
@@ -94,12 +108,21 @@ class RoutingConfig:
         _check(self.k >= 1, "routing.k", f"must be >= 1; got {self.k}")
         _one_of(self.signal, ("norm", "entropy"), "routing.signal")
         _one_of(self.probe_input, ("residual", "module_input"), "routing.probe_input")
+        layers = self.probe_layers
+        _check(layers == "all" or isinstance(layers, (int, tuple)) and layers != (), "routing.probe_layers",
+               f"give a block index (e.g. -1), a list of block indices, or all; got {layers!r}")
         _check(bool(self.probe_module), "routing.probe_module", "is empty; e.g. q_proj")
         _one_of(self.calibration_score, ("raw", "ratio", "zscore"), "routing.calibration_score")
+        if self.calibration_score == "raw":
+            object.__setattr__(self, "calibration", None)  # raw scores read no statistics
         _check(self.calibration_score == "raw" or self.calibration is not None, "routing.calibration_score",
-               f"{self.calibration_score!r} needs routing.calibration (input, reference or a statistics file)")
+               f"{self.calibration_score!r} needs routing.calibration (input, reference or a statistics file); "
+               "for the paper's uncalibrated routing set calibration_score: raw (or run with --paper)")
+        _check(self.calibration != "", "routing.calibration", "is empty; give input, reference, a file or null")
         _check(self.calibration_sample >= 1, "routing.calibration_sample",
                f"must be >= 1; got {self.calibration_sample}")
+        _check(self.calibration_min_rows >= 1, "routing.calibration_min_rows",
+               f"must be >= 1; got {self.calibration_min_rows}")
         _check(self.max_groups >= 1, "routing.max_groups", f"must be >= 1; got {self.max_groups}")
 
 
@@ -245,7 +268,7 @@ class JobConfig:
         source (see `stages.predictor_from_config`)."""
         r, g = self.routing, self.generation
         return dict(
-            k=r.k, signal=r.signal, probe_layer=r.probe_layer, probe_module=r.probe_module,
+            k=r.k, signal=r.signal, probe_layers=r.probe_layers, probe_module=r.probe_module,
             probe_input=r.probe_input, grouping=r.grouping, max_groups=r.max_groups,
             calibration_score=r.calibration_score,
             max_new_tokens=g.max_new_tokens, stop_at_newline=g.stop_at_newline,

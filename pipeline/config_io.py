@@ -23,10 +23,16 @@ from pipeline.config import SECTIONS, ConfigError, JobConfig
 # Sections that decide what a row's result is; the job hash covers only these, so changing the
 # number of actors or the batch size between a failed run and its rerun still resumes it.
 HASHED_SECTIONS = ("model", "adapters", "routing", "generation", "input")
+# Keys of earlier versions, still read: (section, old name) -> new name.
+RENAMED = {("routing", "probe_layer"): "probe_layers"}
 
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
+
+
+def _list_name(tp: Any) -> str:
+    return "a list of strings" if typing.get_args(tp)[0] is str else "a list of integers"
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -44,14 +50,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ConfigError:
                 continue
-        names = " or ".join("a list of strings" if typing.get_origin(t) is tuple else _type_name(t) for t in inner)
+        names = " or ".join(_list_name(t) if typing.get_origin(t) is tuple else _type_name(t) for t in inner)
         raise ConfigError(f"{key}: expected {names}; got {value!r}")
     if origin is tuple:
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list of strings; got {value!r}")
+            raise ConfigError(f"{key}: expected {_list_name(tp)}; got {value!r}")
+        item_tp = typing.get_args(tp)[0]
         for item in value:
-            if not isinstance(item, str):
-                raise ConfigError(f"{key}: expected a list of strings; item {item!r} is not a string")
+            try:
+                _coerce(item, item_tp, key)
+            except ConfigError:
+                raise ConfigError(f"{key}: expected {_list_name(tp)}; item {item!r} is not "
+                                  f"{'a string' if item_tp is str else 'an integer'}") from None
         return tuple(value)
     if tp is bool:
         if not isinstance(value, bool):
@@ -79,6 +89,7 @@ def _build_section(cls: type, data: Any, key: str) -> Any:
     known = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for name, value in data.items():
+        name = RENAMED.get((key, name), name)
         if name not in known:
             raise ConfigError(f"{key}.{name}: unknown key; known keys: {', '.join(known)}")
         kwargs[name] = _coerce(value, hints[name], f"{key}.{name}")

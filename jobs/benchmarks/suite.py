@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -15,7 +16,8 @@ from transformers import PreTrainedTokenizerBase
 from actors.base import resolve_device, resolve_dtype
 from actors.engine import GenerationConfig, LoGoEngine
 from actors.pool import AdapterPool
-from actors.router import RoutingConfig
+from actors.calibration import compute_stats
+from actors.router import Router, RoutingConfig
 from jobs.benchmarks import methods as M
 from jobs.benchmarks.config import BenchConfig, Regime, Shape, ShapeRun
 from jobs.benchmarks.measure import Method, clock, run_round_robin
@@ -62,8 +64,15 @@ def build(part: ShapeRun, cfg: BenchConfig, root: Path, device: torch.device, dt
 
 
 def engine(s: Setup, k: int, grouping: bool, new_tokens: int, pool: AdapterPool | None = None) -> LoGoEngine:
-    e = LoGoEngine(s.ours, s.tokenizer, pool or s.pool, RoutingConfig(k=k),
-                   GenerationConfig(max_new_tokens=new_tokens, grouping=grouping))
+    """Our engine with the default routing (calibrated per pair over every block), statistics from a
+    fixed sample of random prompts of the shape's vocabulary (the bench's prompts are random too)."""
+    pool = pool or s.pool
+    routing = RoutingConfig(k=k)
+    rng = random.Random(11)
+    sample = [[rng.randrange(4, s.shape.vocab) for _ in range(32)] for _ in range(16)]
+    stats = compute_stats(Router(s.ours, pool, replace(routing, calibration_score="raw")), sample, "bench sample")
+    e = LoGoEngine(s.ours, s.tokenizer, pool, routing, GenerationConfig(max_new_tokens=new_tokens, grouping=grouping),
+                   calibration=stats)
     e.hf_config = M.fixed_length(s.tokenizer, new_tokens)
     return e
 

@@ -113,12 +113,12 @@ def run_benchmark(model: nn.Module, tokenizer, cfg: EvalConfig = EvalConfig(),
     rows = suite_split("test", cfg.per_task, cfg.tasks, SplitConfig(), cfg.seed).to_list()
     tasks = [r["task"] for r in rows]
     engine_model = copy.deepcopy(model)
-    pool = AdapterPool.load(adapters, engine_model)
+    pool = AdapterPool.load(adapters, engine_model, index_with_B=True)  # B: the entropy signal
     missing = sorted(set(tasks) - set(pool.names))
     if missing:
         raise ValueError(f"the pool in {adapters} has no adapter for tasks {missing}; train them with "
                          "`python -m jobs.demo.train --task " + ",".join(missing) + "`")
-    engine = LoGoEngine(engine_model, tokenizer, pool, RoutingConfig(),
+    engine = LoGoEngine(engine_model, tokenizer, pool, RoutingConfig(calibration_score="raw"),
                         GenerationConfig(max_new_tokens=cfg.max_new_tokens, stop_at_newline=True))
     seqs = [tokenizer(r["prompt"])["input_ids"] for r in rows]
     own = [pool.index(t) for t in tasks]
@@ -156,7 +156,7 @@ def run_benchmark(model: nn.Module, tokenizer, cfg: EvalConfig = EvalConfig(),
         generate(f"random k={k}", "baseline", random_routings(engine, len(rows), k, cfg.seed + k))
 
     settings = [(LAST, "norm", cfg.ks), (LAST, "entropy", cfg.ks),
-                (ProbeSetting("mid", probe_layer=cfg.mid_layer), "norm", cfg.alt_ks),
+                (ProbeSetting("mid", probe_layers=cfg.mid_layer), "norm", cfg.alt_ks),
                 (ProbeSetting("module_input", probe_input="module_input"), "norm", cfg.alt_ks),
                 (ProbeSetting("v_proj", probe_module="v_proj"), "norm", cfg.alt_ks)]
     routing_accuracy: dict[str, dict] = {}

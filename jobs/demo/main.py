@@ -42,10 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="runs/demo", help="output directory of the run")
     parser.add_argument("--prompts", default=str(PROMPTS), help="Parquet prompt set (column 'prompt')")
     parser.add_argument("--adapters", default=str(ADAPTER_DIR), help="adapter pool directory")
-    parser.add_argument("--k", type=int, default=1, help="adapters mixed per prompt (1: best calibrated setting measured)")
-    parser.add_argument("--calibration", default="input",
-                        help="routing.calibration: input (default), reference, none, or a statistics file")
-    parser.add_argument("--calibration-score", default="ratio", help="routing.calibration_score (default ratio)")
+    parser.add_argument("--k", type=int, default=None, help="adapters mixed per prompt (default: the job default)")
+    parser.add_argument("--calibration", default=None,
+                        help="routing.calibration: input (the job default), reference, or a statistics file")
+    parser.add_argument("--paper", action="store_true",
+                        help="route as the LoGo paper (raw score at q_proj of the last block, k=20)")
     parser.add_argument("--max-new-tokens", type=int, default=12, help="new tokens per prompt")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per actor call")
     parser.add_argument("--resume", action="store_true",
@@ -57,6 +58,7 @@ def main(args: argparse.Namespace) -> int:
 
     from jobs.demo.model import ensure_demo_model
     from pipeline import config_from_dict, read_output, run_job
+    from pipeline.config import PAPER_ROUTING
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, single-user Ray
@@ -74,9 +76,9 @@ def main(args: argparse.Namespace) -> int:
         "adapters": {"path": str(Path(args.adapters).resolve())},
         "input": {"uri": str(prompts.resolve()), "id_column": "id", "passthrough": ["task", "answer", "payload"]},
         "output": {"uri": output, "overwrite": not args.resume},
-        "routing": {"k": args.k, **({} if args.calibration == "none" else {
-            "calibration": args.calibration, "calibration_score": args.calibration_score,
-            "calibration_sample": 64})},
+        "routing": {**(PAPER_ROUTING if args.paper else {}),
+                    **({} if args.k is None else {"k": args.k}),
+                    **({} if args.calibration is None else {"calibration": args.calibration})},
         "generation": {"max_new_tokens": args.max_new_tokens, "stop_at_newline": True},
         "resources": {"actors": 1, "batch_size": args.batch_size},
     })

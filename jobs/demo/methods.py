@@ -19,20 +19,20 @@ from actors import LoGoEngine, Router, Routing, RoutingConfig
 
 @dataclass(frozen=True)
 class ProbeSetting:
-    """Where the probe reads the prompt (everything of `RoutingConfig` except k and the signal)."""
+    """Where the probe reads the prompt (everything of `RoutingConfig` except k and the signal); raw scores."""
 
     label: str
     """Short name used in method names, e.g. `last` or `mid`."""
-    probe_layer: int = -1
-    """Block whose input is probed (negative counts from the end)."""
+    probe_layers: int | tuple[int, ...] | str = -1
+    """Block(s) whose input is probed (negative counts from the end)."""
     probe_module: str | tuple[str, ...] = "q_proj"
     """Module(s) of that block whose LoRA outputs are scored (several: scores summed)."""
     probe_input: str = "residual"
     """`residual` (before the block's input norm) or `module_input` (after it)."""
 
     def routing_config(self, k: int, signal: str) -> RoutingConfig:
-        return RoutingConfig(k=k, signal=signal, probe_layer=self.probe_layer,
-                             probe_module=self.probe_module, probe_input=self.probe_input)
+        return RoutingConfig(k=k, signal=signal, probe_layers=self.probe_layers, probe_module=self.probe_module,
+                             probe_input=self.probe_input, calibration_score="raw")
 
 
 def fixed_routing(engine: LoGoEngine, names: list[str], weights: list[float] | None = None) -> Routing:

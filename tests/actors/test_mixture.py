@@ -37,7 +37,7 @@ def test_fast_equals_reference_random(seed):
 def engine(tiny_dir, pool_dir):
     model, tokenizer = load_base(tiny_dir, torch.float32, torch.device("cpu"))
     pool = AdapterPool.load(pool_dir, model)
-    return LoGoEngine(model, tokenizer, pool, RoutingConfig(k=3), GenerationConfig(max_new_tokens=4))
+    return LoGoEngine(model, tokenizer, pool, RoutingConfig(k=3, calibration_score="raw"), GenerationConfig(max_new_tokens=4))
 
 
 @pytest.mark.parametrize("max_groups", [1, 2, 4, 16])

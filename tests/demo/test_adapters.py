@@ -80,7 +80,7 @@ def test_a_shipped_adapter_solves_its_task(demo_model, name):
     model, tokenizer = demo_model
     engine_model = copy.deepcopy(model)
     pool = AdapterPool.load(ADAPTER_DIR, engine_model)
-    engine = LoGoEngine(engine_model, tokenizer, pool, RoutingConfig(k=1),
+    engine = LoGoEngine(engine_model, tokenizer, pool, RoutingConfig(k=1, calibration_score="raw"),
                         GenerationConfig(max_new_tokens=12, stop_at_newline=True))
     rows = task_split(name, "test")[:8]
     seqs = [tokenizer(r["prompt"])["input_ids"] for r in rows]

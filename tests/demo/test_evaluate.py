@@ -8,7 +8,6 @@ import pytest
 
 from jobs.demo.calibration_study import VARIANTS, StudyConfig
 from jobs.demo.evaluate import EvalConfig, run_benchmark
-from jobs.demo.methods import ProbeSetting
 from jobs.demo.report import markdown_report, plot_heatmap
 from jobs.demo.tasks import TASK_NAMES
 
@@ -18,9 +17,9 @@ TASKS = ("word_order_reversal", "list_max", "number_parity")
 @pytest.fixture(scope="module")
 def smoke_results(demo_model):
     model, tokenizer = demo_model
-    study = StudyConfig(probes=(ProbeSetting("q_proj"), ProbeSetting("q+v", probe_module=("q_proj", "v_proj"))),
+    study = StudyConfig(blocks=("last", "all"), modules=("q_proj", "q+v"),
                         input_sample=2, skew_task="list_max", skew_rows=4, reference_prompts=6,
-                        em=(("q_proj", "ratio/reference", 1), ("q+v", "zscore/input", 1)))
+                        em=(("q_proj [last]", "ratio/reference", 1), ("q+v [all]", "zscore/input", 1)))
     cfg = EvalConfig(per_task=1, tasks=TASKS, ks=(1, 0), alt_ks=(1,), random_ks=(2,), batch_size=8,
                      calibration=study)
     return run_benchmark(model, tokenizer, cfg, log=lambda _: None)
@@ -35,7 +34,7 @@ def test_every_method_runs(smoke_results):
                 "logo entropy [last] k=all", "logo norm [mid] k=1", "logo norm [module_input] k=1",
                 "logo norm [v_proj] k=1", "leave-one-out: logo norm [last] k=1",
                 "leave-one-out: logo norm [last] k=all", "PEFT Arrow top-3 (peer)",
-                "calibrated ratio/reference [q_proj] k=1", "calibrated zscore/input [q+v] k=1"}
+                "calibrated ratio/reference q_proj [last] k=1", "calibrated zscore/input q+v [all] k=1"}
     assert set(methods) == expected
     for m in methods.values():
         assert 0.0 <= m["exact_match"] <= 1.0
@@ -76,16 +75,16 @@ def test_calibration_study_covers_mixes_probes_and_scores(smoke_results):
     assert set(study["results"]) == {"balanced", "skewed"}
     variants = {score if source is None else f"{score}/{source}" for score, source in VARIANTS}
     for mix, probes in study["results"].items():
-        assert set(probes) == {"q_proj", "q+v"}
+        assert set(probes) == {"q_proj [last]", "q+v [last]", "q_proj [all]", "q+v [all]"}
         for probe, entries in probes.items():
             assert set(entries) == variants
             assert all(0.0 <= e["routing_accuracy"] <= 1.0 for e in entries.values())
             assert all(sum(e["top1_counts"].values()) == (3 if mix == "balanced" else 4) for e in entries.values())
-        assert "exact_match_k1" in probes["q_proj"]["ratio/reference"]
-        assert "exact_match_k1" in probes["q+v"]["zscore/input"]
-        assert "exact_match_k1" not in probes["q_proj"]["raw"]
-    skewed = study["results"]["skewed"]["q_proj"]["raw"]
+        assert "exact_match_k1" in probes["q_proj [last]"]["ratio/reference"]
+        assert "exact_match_k1" in probes["q+v [all]"]["zscore/input"]
+        assert "exact_match_k1" not in probes["q_proj [last]"]["raw"]
+    skewed = study["results"]["skewed"]["q_proj [last]"]["raw"]
     assert "routing_accuracy_majority" in skewed and "routing_accuracy_minority" in skewed
-    balanced_em = study["results"]["balanced"]["q_proj"]["ratio/reference"]["exact_match_k1"]
-    assert balanced_em == smoke_results["methods"]["calibrated ratio/reference [q_proj] k=1"]["exact_match"]
+    balanced_em = study["results"]["balanced"]["q_proj [last]"]["ratio/reference"]["exact_match_k1"]
+    assert balanced_em == smoke_results["methods"]["calibrated ratio/reference q_proj [last] k=1"]["exact_match"]
     assert "Calibrated routing" in markdown_report(smoke_results)

@@ -101,7 +101,7 @@ def test_decode_groups_differ_from_prefill_groups_and_give_the_same_outputs(setu
     from actors import GenerationConfig, LoGoEngine, RoutingConfig
 
     rts = M.synthetic_routings(len(seqs), len(setup.pool), 4, 1, seed=3, names=setup.pool.names)
-    split = LoGoEngine(setup.ours, setup.tokenizer, setup.pool, RoutingConfig(k=4),
+    split = LoGoEngine(setup.ours, setup.tokenizer, setup.pool, RoutingConfig(k=4, calibration_score="raw"),
                        GenerationConfig(max_new_tokens=NEW, group_overhead=0.0, decode_union_cost=8.0))
     split.hf_config = M.fixed_length(setup.tokenizer, NEW)
     texts, _, stats = split.generate(seqs, rts)

@@ -50,4 +50,11 @@ def test_reference_and_modules(setup, tmp_path):
     root, model = setup
     stats = run(root, model, tmp_path / "r.json", "--prompts", "reference", "--probe-module", "q_proj", "v_proj")
     assert stats.source == "reference" and stats.count == len(json.loads(REFERENCE_PROMPTS.read_text()))
-    assert len(stats.mean) == 2 and stats.probe["probe_modules"][1].endswith("v_proj")
+    pairs = [f"model.layers.{b}.self_attn.{m}" for b in range(4) for m in ("q_proj", "v_proj")]
+    assert stats.probe["pairs"] == pairs and len(stats.mean) == len(pairs)  # every block by default
+    last = run(root, model, tmp_path / "l.json", "--prompts", "reference", "--probe-layers", "-1", "--probe-module",
+               "v_proj")
+    assert last.probe["pairs"] == ["model.layers.3.self_attn.v_proj"]
+    assert last.mean == (stats.mean[-1],), "per-pair statistics do not depend on the other pairs"
+    two = run(root, model, tmp_path / "t.json", "--prompts", "reference", "--probe-layers", "0", "-1")
+    assert two.probe["pairs"] == [pairs[0], pairs[1], pairs[6], pairs[7]]

@@ -17,7 +17,9 @@ from tests.tiny import tiny_adapter, tiny_model_dir
 
 ADAPTERS = ("arith", "copy", "shout", "spell")
 SIZES = (80, 70, 60)  # 210 rows in 3 files
-OPTIONS = {"routing": {"k": 2}, "generation": {"max_new_tokens": 3}}
+# The default routing, with the in-process predictor's default statistics (the shipped reference
+# set), so that a job's rows can be compared with `LoGoPredictor` in this process.
+OPTIONS = {"routing": {"k": 2, "calibration": "reference"}, "generation": {"max_new_tokens": 3}}
 
 
 @pytest.fixture(scope="session")

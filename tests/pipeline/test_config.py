@@ -18,7 +18,7 @@ def with_(section: str, **values) -> dict:
 
 
 def test_unknown_key_is_refused_naming_it_and_the_known_keys():
-    with pytest.raises(ConfigError, match=r"^routing\.kk: unknown key; known keys: k, signal, probe_layer"):
+    with pytest.raises(ConfigError, match=r"^routing\.kk: unknown key; known keys: k, signal, probe_layers, probe_module"):
         config_from_dict(with_("routing", kk=3))
 
 
@@ -38,7 +38,12 @@ def test_unknown_section_is_refused():
     ("input", {"passthrough": ["output"]}, r"input\.passthrough: 'output' clashes with the output column"),
     ("storage", {"endpoint": "127.0.0.1:8333"}, r"storage\.endpoint: must start with http:// or https://"),
     ("routing", {"probe_module": 3}, r"routing\.probe_module: expected str or a list of strings; got 3"),
-    ("routing", {"calibration_score": "ratio"}, r"routing\.calibration_score: 'ratio' needs routing\.calibration"),
+    ("routing", {"calibration_score": "ratio", "calibration": None},
+     r"routing\.calibration_score: 'ratio' needs routing\.calibration .* calibration_score: raw"),
+    ("routing", {"probe_layers": "last"}, r"routing\.probe_layers: give a block index .* or all; got 'last'"),
+    ("routing", {"probe_layers": [1, "a"]}, r"routing\.probe_layers: expected int or a list of integers or str"),
+    ("routing", {"probe_layers": True}, r"routing\.probe_layers: expected int or a list of integers or str"),
+    ("routing", {"calibration_min_rows": 0}, r"routing\.calibration_min_rows: must be >= 1"),
 ])
 def test_bad_values_are_refused_naming_the_key(section, values, message):
     with pytest.raises(ConfigError, match=message):
@@ -67,6 +72,25 @@ def test_yaml_file_with_overrides(tmp_path):
         load_config(path, parse_set(["routing.kk=2"]))
     with pytest.raises(ConfigError, match="configuration file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_routing_defaults_equal_the_engine_defaults_and_the_paper_preset():
+    from actors import RoutingConfig as EngineRouting
+    from actors.router import PAPER_ROUTING as ENGINE_PAPER
+    from pipeline.config import PAPER_ROUTING
+
+    routing, engine = config_from_dict(BASE).routing, EngineRouting()
+    for key in ("k", "signal", "probe_layers", "probe_module", "probe_input", "calibration_score"):
+        assert getattr(routing, key) == getattr(engine, key), key
+    assert routing.calibration == "input"
+    assert {k: v for k, v in PAPER_ROUTING.items() if k != "calibration"} == ENGINE_PAPER
+    paper = config_from_dict(with_("routing", **PAPER_ROUTING)).routing
+    assert (paper.probe_layers, paper.probe_module, paper.calibration_score, paper.k) == (-1, "q_proj", "raw", 20)
+    old = config_from_dict(with_("routing", probe_layer=-2, calibration_score="raw", calibration="input"))
+    assert old.routing.probe_layers == -2, "the single-block key of earlier versions is still read"
+    assert old.routing.calibration is None, "raw scores read no statistics"
+    listed = config_from_dict(with_("routing", probe_layers=[-4, -3, -2, -1])).routing.probe_layers
+    assert listed == (-4, -3, -2, -1)
 
 
 def test_job_hash_covers_results_not_resources():

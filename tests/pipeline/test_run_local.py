@@ -148,23 +148,37 @@ def test_input_calibration_matches_in_process_predictor(ray_runtime, tiny_assets
 
     model, pool = tiny_assets
     prompts = write_prompts(tmp_path / "in", (9, 7))
-    routing = {"calibration": "input", "calibration_score": "ratio", "calibration_sample": 6}
+    routing = {"calibration": "input", "calibration_sample": 6, "calibration_min_rows": 6}  # the default score
     config = job(model, pool, str(tmp_path / "in"), str(tmp_path / "out"), routing=routing, resources={"actors": 1})
     run_job(config, progress=False)
     sample = sample_prompts(config.input, config.storage, 6, 0)
     assert len(sample) == 6 and set(sample) <= set(prompts)
     predictor = LoGoPredictor(model=str(model), adapters=str(pool), k=2, max_new_tokens=3,
-                              calibration_prompts=sample, calibration_score="ratio")
+                              calibration_prompts=sample)
     ref = predictor({"prompt": np.array(prompts, dtype=object)})
     order = [f"part-{f}.parquet:{r}" for f, n in enumerate((9, 7)) for r in range(n)]
     assert_matches_reference(read_output(str(tmp_path / "out")), ref, order)
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
-    assert manifest["calibration"] == {"file": "_calibration.json", "setting": "input", "score": "ratio",
+    assert manifest["calibration"] == {"file": "_calibration.json", "setting": "input", "score": "zscore",
                                        "source": f"input sample of {tmp_path / 'in'}", "prompts": 6, "seed": 0}
     stored = json.loads((tmp_path / "out" / "_calibration.json").read_text())
     assert stored["mean"] == [list(row) for row in predictor.calibration.mean] and stored["count"] == 6
-    raw = reference(model, pool, prompts)
-    assert any(list(a) != list(b) for a, b in zip(raw["adapters"], ref["adapters"]))  # calibration mattered
+    with_reference = reference(model, pool, prompts)
+    assert any(list(a) != list(b) for a, b in zip(with_reference["adapters"], ref["adapters"]))  # the source mattered
+
+
+def test_small_input_calibrates_on_the_reference_set_and_says_so(ray_runtime, tiny_assets, tmp_path):
+    model, pool = tiny_assets
+    prompts = write_prompts(tmp_path / "in", (5,))
+    config = job(model, pool, str(tmp_path / "in"), str(tmp_path / "out"), routing={"calibration": "input"},
+                 resources={"actors": 1})
+    run_job(config, progress=False)
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["calibration"]["setting"] == "input"
+    assert manifest["calibration"]["source"] == ("reference (the input has 5 usable prompts, fewer than "
+                                                 "routing.calibration_min_rows=32)")
+    assert_matches_reference(read_output(str(tmp_path / "out")), reference(model, pool, prompts),
+                             [f"part-0.parquet:{r}" for r in range(5)])
 
 
 def test_output_inside_input_is_refused(tiny_assets, tmp_path):
