@@ -18,7 +18,7 @@ def predictor(tiny_dir, pool_dir):
 
 @pytest.fixture(scope="module")
 def paper(tiny_dir, pool_dir):
-    return LoGoPredictor(model=tiny_dir, adapters=pool_dir, k=3, max_new_tokens=12, device="cpu", **PAPER_ROUTING)
+    return LoGoPredictor(model=tiny_dir, adapters=pool_dir, max_new_tokens=12, device="cpu", **{**PAPER_ROUTING, "k": 3})
 
 
 # The probe's hidden states agree across batch shapes to float32 rounding; raw weights keep that
@@ -39,11 +39,13 @@ def test_routing_independent_of_batch_order_and_padding(request, which, toleranc
             assert b.weights == pytest.approx(a.weights, abs=tolerance)
             assert c.weights == pytest.approx(a.weights, abs=tolerance)
         raw = engine.router.raw_scores(engine.router.probe(*engine.pad(seqs, side)))  # (16, P, N)
-        torch.testing.assert_close(raw, single, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(raw, single, rtol=1e-4, atol=1e-6)
     assert len({r.adapters for r in alone}) > 2, "the prompts should not all route alike"
 
 
-def test_output_independent_of_batch(predictor):
+@pytest.mark.parametrize("which,tolerance", [("paper", 1e-6), ("predictor", 1e-4)])
+def test_output_independent_of_batch(request, which, tolerance):
+    predictor = request.getfixturevalue(which)
     prompts = np.array(PROMPTS, dtype=object)
     batch = predictor({"prompt": prompts})
     assert len(predictor.last_stats.groups) > 1, "a mixed batch should be split into several groups"
@@ -53,7 +55,7 @@ def test_output_independent_of_batch(predictor):
         for out, j in ((batch, i), (reverse, len(PROMPTS) - 1 - i)):
             assert out["output"][j] == alone["output"][0], f"row {prompt!r}"
             assert out["adapters"][j] == alone["adapters"][0]
-            assert out["weights"][j] == pytest.approx(alone["weights"][0], abs=1e-6)
+            assert out["weights"][j] == pytest.approx(alone["weights"][0], abs=tolerance)
             assert out["error"][j] is None
 
 
