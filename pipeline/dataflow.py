@@ -151,6 +151,8 @@ def run_dataflow(config: JobConfig, files: list[inputs.InputFile], units: list[i
     data_uri = storage.join(config.output.uri, outputs.DATA_DIR)
     blocks = sum(len(u.slices) for u in units)
     ds = ray.data.read_datasource(PromptSource(units, config), override_num_blocks=len(units), num_cpus=IO_CPUS)
+    # a read task's slices would be merged into one block of up to 128 MiB: keep blocks slice-sized
+    ds = ds.repartition(target_num_rows_per_block=max(s.rows for u in units for s in u.slices))
     stage_args = {"config": config, "calibration": calibration}
     ds = ds.map_batches(LoGoStage, fn_constructor_kwargs=stage_args, batch_size=res.batch_size,
                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=res.actors),
