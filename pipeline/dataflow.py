@@ -97,7 +97,7 @@ def duplicate_ids(config: JobConfig, files: list[inputs.InputFile], limit: int =
     column = config.input.id_column
     fs, _ = storage.filesystem(files[0].uri, config.storage)
     paths = [storage.filesystem(f.uri, config.storage)[1] for f in files]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=[column], num_cpus=IO_CPUS)
+    ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=IO_CPUS).select_columns([column])
     ds = ds.map_batches(functools.partial(_as_string, column=column), batch_format="pyarrow", num_cpus=IO_CPUS)
     counts = ds.groupby("id").count()
     repeated = counts.map_batches(_repeated, batch_format="pyarrow", num_cpus=IO_CPUS)

@@ -22,7 +22,7 @@ def test_pipeline_bench_small(s3_server, tmp_path, capsys):
     for r in runs:
         assert r["rows"] == 2000 and r["rows_decoded"] == 2000  # each input row decoded once
         assert r["files"] >= 2 and r["first_file_seconds"] > 0 and r["driver_peak_mb"] > 0
-        assert r["vs_predictor"] == pytest.approx(r["rows_per_second"] / report["predictor_rows_per_second"], rel=0.01)
+        assert r["vs_predictor"] == pytest.approx(r["rows_per_second"] / r["predictor_rows_per_second"], rel=0.01)
     planned = report["validate"]
     assert [v["rows_in"] for v in planned] == [2000, 40000] and all(v["problems"] == [] for v in planned)
     assert planned[1]["slices"] > planned[0]["slices"]
