@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.data
 from ray.data.block import BlockMetadata
@@ -61,6 +63,7 @@ def ensure_ray(config: JobConfig) -> None:
     """Join the configured Ray cluster (or RAY_ADDRESS, or start a local one) unless joined."""
     if not ray.is_initialized():
         ray.init(address=config.resources.ray_address, logging_level=logging.WARNING)
+    quiet_ray_data()
 
 
 def actor_resources(config: JobConfig) -> tuple[float, float]:
@@ -104,16 +107,11 @@ def duplicate_ids(config: JobConfig, files: list[inputs.InputFile], limit: int =
     return sorted(str(row["id"]) for row in repeated.take(limit))
 
 
-def _as_string(table, column: str):
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
+def _as_string(table: pa.Table, column: str) -> pa.Table:
     return pa.table({"id": pc.cast(table.column(column), pa.string())})
 
 
-def _repeated(table):
-    import pyarrow.compute as pc
-
+def _repeated(table: pa.Table) -> pa.Table:
     return table.filter(pc.greater(table.column(table.column_names[-1]), 1))
 
 
@@ -144,7 +142,6 @@ def run_dataflow(config: JobConfig, files: list[inputs.InputFile], units: list[i
                  fail_after_files: int | None = None, calibration: dict | None = None) -> Progress:
     """Run the read units through the LoGo actors into new data files under `<output>/data/`."""
     ensure_ray(config)
-    quiet_ray_data()
     started = time.monotonic()
     cpus, gpus = actor_resources(config)
     res = config.resources
