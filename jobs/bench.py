@@ -6,6 +6,12 @@ Measures prompts/s, generated tokens/s and memory of the base model, PEFT with o
 mixed batches, the released code's batch-of-one procedure, PEFT Arrow and our engine (k in 1, 4, 20,
 with and without grouping) on the same prompts, pool and batch size, then sweeps the pool size.
 Writes a table to stdout, `bench.json` and `sweep.png` to --out.
+
+    logo-batch bench --pipeline [--rows 100000,1000000] [--s3-endpoint URL] [--out runs/bench-pipeline]
+
+The pipeline benchmark instead: generated inputs through the whole job (driver memory, time to
+the first output file, rows/s against the in-process predictor, rows decoded) and `validate` up to
+10M rows (planning time, driver memory); see `jobs.benchmarks.pipeline`.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import os
 import platform
 import sys
@@ -27,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="more prompts, larger batches, SmolLM2 in both regimes, more rounds")
     size.add_argument("--smoke", dest="preset", action="store_const", const="smoke",
                       help="a tiny model and workload (seconds; for tests)")
+    size.add_argument("--pipeline", dest="preset", action="store_const", const="pipeline",
+                      help="the pipeline benchmark: the whole job on generated inputs, and validate at 10M rows")
     parser.set_defaults(preset="quick")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for bench.json and sweep.png")
     parser.add_argument("--repeats", type=int, help="timed rounds per method (median counts)")
@@ -36,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-sweep", action="store_true", help="skip the pool-size sweep")
     parser.add_argument("--probe", action="store_true",
                         help="only the routing probe's cost per prompt, paper vs default, at N = 8, 256, 1000")
+    pipe = parser.add_argument_group("--pipeline options")
+    pipe.add_argument("--rows", default="100000", help="input sizes run through the pipeline (default 100000)")
+    pipe.add_argument("--row-groups", default="1000000,10000", help="Parquet row-group sizes (default 1000000,10000)")
+    pipe.add_argument("--validate-rows", default="100000,10000000", help="input sizes planned by validate")
+    pipe.add_argument("--batch-size", type=int, default=256, help="rows per actor call (default 256)")
+    pipe.add_argument("--s3-endpoint", help="also run every case with input and output on this S3 endpoint")
 
 
 def machine() -> str:
@@ -53,8 +68,31 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}"
 
 
+def pipeline_main(args: argparse.Namespace) -> int:
+    from jobs.benchmarks.pipeline import PipelineBench, run, table
+
+    def sizes(text: str) -> tuple[int, ...]:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+
+    cfg = PipelineBench(rows=sizes(args.rows), row_groups=sizes(args.row_groups),
+                        validate_rows=sizes(args.validate_rows), batch_size=args.batch_size,
+                        s3_endpoint=args.s3_endpoint)
+    out = args.out if args.out != Path("runs/bench") else Path("runs/bench-pipeline")
+    started = datetime.datetime.now(datetime.timezone.utc)
+    report = run(cfg, out, lambda msg: print(msg, file=sys.stderr, flush=True))
+    report["date"] = started.strftime("%Y-%m-%d %H:%M UTC")
+    report["machine"] = machine()
+    (out / "bench-pipeline.json").write_text(json.dumps(report, indent=1))
+    print(table(report))
+    print(f"wrote {out / 'bench-pipeline.json'}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     import logging
+
+    if args.preset == "pipeline":
+        return pipeline_main(args)
 
     from transformers.utils import logging as hf_logging
 

@@ -13,6 +13,7 @@ import sys
 # sub-command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("jobs.run", "run a LoGo batch-inference job (Parquet in, Parquet out)"),
+    "validate": ("jobs.validate", "check a job (config, input, model, adapters) and print its plan; starts no actors"),
     "calibrate": ("jobs.calibrate", "compute per-adapter routing-score statistics from unlabeled prompts"),
     "demo": ("jobs.demo.main", "set up SmolLM2-135M with the shipped adapter pool and run the main job"),
     "eval": ("jobs.demo.evaluate", "LoGo quality benchmark on the shipped task suite"),

@@ -48,24 +48,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="set any configuration key, e.g. --set generation.stop_at_newline=true")
 
 
-def main(args: argparse.Namespace) -> int:
-    import logging
-
-    from pipeline import ConfigError, InputError, OutputError, StageError, load_config, run_job
+def job_config(args: argparse.Namespace):
+    """The `JobConfig` of the job file and flags (shared with `logo-batch validate`)."""
+    from pipeline import load_config
     from pipeline.config import PAPER_ROUTING
     from pipeline.config_io import parse_set
 
+    overrides = {f"routing.{key}": value for key, value in PAPER_ROUTING.items()} if args.paper else {}
+    overrides.update({key: getattr(args, flag) for flag, (key, _, _) in FLAGS.items()
+                      if getattr(args, flag, None) is not None})
+    if str(overrides.get("routing.calibration", "")).lower() in ("none", "null"):
+        overrides["routing.calibration"] = None
+    overrides.update(parse_set(args.set_items))
+    if args.overwrite:
+        overrides["output.overwrite"] = True
+    return load_config(args.config, overrides)
+
+
+def main(args: argparse.Namespace) -> int:
+    import logging
+
+    from pipeline import ConfigError, InputError, OutputError, StageError, run_job
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        overrides = {f"routing.{key}": value for key, value in PAPER_ROUTING.items()} if args.paper else {}
-        overrides.update({key: getattr(args, flag) for flag, (key, _, _) in FLAGS.items()
-                          if getattr(args, flag, None) is not None})
-        if str(overrides.get("routing.calibration", "")).lower() in ("none", "null"):
-            overrides["routing.calibration"] = None
-        overrides.update(parse_set(args.set_items))
-        if args.overwrite:
-            overrides["output.overwrite"] = True
-        config = load_config(args.config, overrides)
+        config = job_config(args)
         report = run_job(config)
     except (ConfigError, InputError, OutputError) as err:
         print(f"logo-batch run: {err}", file=sys.stderr)

@@ -19,9 +19,11 @@ from pipeline.inputs import InputError
 from pipeline.outputs import read_output
 from pipeline.report import RunReport
 from pipeline.runner import run_job
+from pipeline.validate import Validation, validate_job
 
 __all__ = [
     "AdaptersConfig", "ConfigError", "GenerationConfig", "InputConfig", "InputError", "JobConfig", "ModelConfig",
     "OutputConfig", "OutputError", "ResourcesConfig", "RoutingConfig", "RunReport", "StageError", "StorageConfig",
-    "config_from_dict", "config_hash", "config_to_dict", "load_config", "read_output", "run_job",
+    "Validation", "config_from_dict", "config_hash", "config_to_dict", "load_config", "read_output", "run_job",
+    "validate_job",
 ]

@@ -1,19 +1,21 @@
 """The commit protocol: claim an output, check exactly-once coverage, write manifest then `_SUCCESS`.
 
-1. `open_run` before any work: a committed output of the same job means "nothing to do"; one of
-   another job (different configuration hash or input files) is refused. An uncommitted output
-   is claimed by writing `_job.json` only if absent (S3: a conditional put), or, if present,
-   checked to be the same job, which makes this run a resume of it.
-2. The data files are scanned (`outputs.scan`), the missing rows computed, and the files
-   scanned again; `verify` then checks that their ids are exactly the input ids, each once.
-3. `commit` writes `_manifest.json`, then `_SUCCESS` last. A reader trusts a run only with the
+1. `committed_manifest` first, before the input is read: `_SUCCESS` and `_job.json` of the same
+   configuration mean "nothing to do"; of another configuration, the output is refused.
+2. `open_run` before any work: an output of another job (different configuration hash, layout
+   version or input files) is refused. An uncommitted output is claimed by writing `_job.json`
+   only if absent (S3: a conditional put), or, if present, checked to be the same job, which
+   makes this run a resume of it.
+3. The data files' footers are scanned (`outputs.scan`), the row ranges no file holds are
+   computed, and the footers scanned again; `verify` then checks, per input file, that the
+   files' row ranges cover every row exactly once and nothing else.
+4. `commit` writes `_manifest.json`, then `_SUCCESS` last. A reader trusts a run only with the
    marker, and reads the files the manifest lists.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 from pipeline import storage
 from pipeline.config import JobConfig
@@ -40,6 +42,9 @@ def job_record(config: JobConfig, files: list[InputFile]) -> dict:
 
 
 def _same_job(record: dict, theirs: dict, where: str) -> None:
+    if theirs.get("format", record["format"]) != record["format"]:
+        raise OutputError(f"{where} has the run layout {theirs.get('format')!r}, not {record['format']!r}; pass "
+                          "--overwrite to start again with this version, or choose another output.uri")
     if theirs.get("config_hash") != record["config_hash"]:
         raise OutputError(
             f"{where} belongs to a different job (configuration hash {str(theirs.get('config_hash'))[:12]}, this "
@@ -51,22 +56,23 @@ def _same_job(record: dict, theirs: dict, where: str) -> None:
             "--overwrite to start again, or choose another output.uri")
 
 
-@dataclass(frozen=True)
-class RunState:
-    committed: dict | None
-    """The manifest of a committed run of this same job (None: work to do)."""
+def committed_manifest(config: JobConfig) -> dict | None:
+    """The manifest of a committed run of this configuration at the output, else None; reads only
+    `_SUCCESS`, `_job.json` and the manifest (nothing of the input)."""
+    cfg = config.storage
+    marker = storage.read_bytes(_uri(config, SUCCESS), cfg)
+    if marker is None:
+        return None
+    theirs = read_json(_uri(config, JOB_RECORD), cfg) or json.loads(marker)
+    record = {"format": FORMAT, "config_hash": config_hash(config), "input_files": None}
+    _same_job(record, {**theirs, "input_files": None}, f"the committed run at {config.output.uri}")
+    return read_json(_uri(config, MANIFEST), cfg) or {}
 
 
-def open_run(config: JobConfig, files: list[InputFile]) -> RunState:
-    """Check what is at the output and claim it for this job (see the module docstring)."""
+def open_run(config: JobConfig, files: list[InputFile]) -> None:
+    """Claim the (uncommitted) output for this job, or check that it is this job's partial run."""
     cfg = config.storage
     record = job_record(config, files)
-    if storage.read_bytes(_uri(config, SUCCESS), cfg) is not None:
-        manifest = read_json(_uri(config, MANIFEST), cfg) or {}
-        _same_job(record, {"config_hash": manifest.get("config_hash"),
-                           "input_files": manifest.get("input", {}).get("files")},
-                  f"the committed run at {config.output.uri}")
-        return RunState(committed=manifest)
     data = json.dumps(record, indent=1).encode()
     if not storage.write_if_absent(_uri(config, JOB_RECORD), data, cfg):
         theirs = read_json(_uri(config, JOB_RECORD), cfg) or {}
@@ -75,7 +81,6 @@ def open_run(config: JobConfig, files: list[InputFile]) -> RunState:
         storage.delete(_uri(config, JOB_RECORD), cfg)
         raise OutputError(f"{config.output.uri} has files under {DATA_DIR}/ but no {JOB_RECORD}: not a run this "
                           "tool can resume; pass --overwrite to replace them, or choose another output.uri")
-    return RunState(committed=None)
 
 
 def clear(config: JobConfig) -> int:
@@ -89,24 +94,37 @@ def clear(config: JobConfig) -> int:
     return removed
 
 
-def verify(parts: list[PartFile], ids: list[list[str]]) -> None:
-    """Every input id in exactly one data file, and nothing else; raises OutputError otherwise."""
-    expected = {value for file_ids in ids for value in file_ids}
-    written: dict[str, str] = {}
+def verify(parts: list[PartFile], files: list[InputFile]) -> None:
+    """Per input file, the parts' row ranges cover every row exactly once and nothing else; raises
+    OutputError otherwise. Works on ranges (a few per data file), never on row ids."""
+    by_file: dict[str, list[tuple[int, int, str]]] = {}
     for part in parts:
-        for value in part.ids:
-            if value in written:
-                raise OutputError(f"id {value!r} is in two data files ({written[value]}, {part.name}); "
-                                  "rerun the job to repair the output")
-            written[value] = part.name
-    missing = expected.difference(written)
-    if missing:
-        raise OutputError(f"{len(missing)} input rows have no output (e.g. id {min(missing)!r}); "
-                          "rerun the job to compute them")
-    extra = set(written).difference(expected)
+        for name, start, stop in part.ranges:
+            by_file.setdefault(name, []).append((start, stop, part.name))
+    known = {f.name for f in files}
+    extra = sorted(set(by_file) - known)
     if extra:
-        raise OutputError(f"{len(extra)} output rows are not in the input (e.g. id {min(extra)!r}); the input "
-                          "changed under the run: pass --overwrite to start again")
+        raise OutputError(f"data files hold rows of {extra[0]!r}, which is not in the input; the input changed "
+                          "under the run: pass --overwrite to start again")
+    missing, example = 0, None
+    for f in files:
+        position = 0
+        for start, stop, name in sorted(by_file.get(f.name, [])):
+            if start < position:
+                raise OutputError(f"row {start} of {f.uri} is in two data files (one is {name}); "
+                                  "rerun the job to repair the output")
+            if start > position:
+                missing += start - position
+                example = example or f"row {position} of {f.uri}"
+            position = stop
+        if position > f.rows:
+            raise OutputError(f"data files hold rows up to {position - 1} of {f.uri}, which has {f.rows}; the input "
+                              "changed under the run: pass --overwrite to start again")
+        if position < f.rows:
+            missing += f.rows - position
+            example = example or f"row {position} of {f.uri}"
+    if missing:
+        raise OutputError(f"{missing} input rows have no output (e.g. {example}); rerun the job to compute them")
 
 
 def commit(config: JobConfig, manifest: dict) -> None:

@@ -1,12 +1,15 @@
 """The Ray Data dataflow: read slices -> LoGo actors -> write data files, streamed.
 
-    read    PromptSource: one read task per planned slice (`inputs.plan_slices`), one block each
+    read    PromptSource: one read task per read unit (`inputs.plan_reads`): it decodes its row
+            groups once and yields one block per slice
     logo    map_batches(LoGoStage, compute=ActorPoolStrategy(size=actors), batch_size, CPUs/GPUs)
     write   map_batches(outputs.write_part): one new data file per block; yields a summary row
 
 The driver consumes the summary rows as they arrive (progress, and the testing hook that stops
 a run after some files to exercise resume). Reads and writes take a quarter CPU each, so they
-are never starved by the actors.
+are never starved by the actors, and the actors keep the rest. Blocks are at most
+`rows_per_block` rows (a few batches each), and Ray Data's streaming executor holds reads back
+when the actors fall behind (the object store does not fill with blocks waiting for them).
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.data
 from ray.data.block import BlockMetadata
@@ -27,16 +33,18 @@ from pipeline.config import JobConfig
 from pipeline.errors import InjectedFault, StageError
 from pipeline.stages import LoGoStage
 
+log = logging.getLogger(__name__)
+
 IO_CPUS = 0.25
 """CPUs reserved by each read or write task."""
 
 
 class PromptSource(Datasource):
-    """A Ray Data source reading the planned slices of the input, one block per slice."""
+    """A Ray Data source reading the planned read units of the input, one block per slice."""
 
-    def __init__(self, slices: list[inputs.Slice], config: JobConfig):
+    def __init__(self, units: list[inputs.ReadUnit], config: JobConfig):
         super().__init__()
-        self.slices, self.config = slices, config
+        self.units, self.config = units, config
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -44,21 +52,18 @@ class PromptSource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
         return [
-            ReadTask(functools.partial(_read, piece, self.config),
-                     BlockMetadata(num_rows=len(piece.positions), size_bytes=None, exec_stats=None,
-                                   input_files=(piece.file.uri,)))
-            for piece in self.slices
+            ReadTask(functools.partial(inputs.read_unit, unit, self.config.input, self.config.storage),
+                     BlockMetadata(num_rows=unit.rows, size_bytes=None, exec_stats=None,
+                                   input_files=(unit.file.uri,)))
+            for unit in self.units
         ]
-
-
-def _read(piece: inputs.Slice, config: JobConfig):
-    return [inputs.read_slice(piece, config.input, config.storage)]
 
 
 def ensure_ray(config: JobConfig) -> None:
     """Join the configured Ray cluster (or RAY_ADDRESS, or start a local one) unless joined."""
     if not ray.is_initialized():
         ray.init(address=config.resources.ray_address, logging_level=logging.WARNING)
+    quiet_ray_data()
 
 
 def actor_resources(config: JobConfig) -> tuple[float, float]:
@@ -88,6 +93,28 @@ def compute_statistics(config: JobConfig) -> dict:
     return ray.get(ray.remote(job_statistics).options(num_cpus=cpus, num_gpus=gpus).remote(config))
 
 
+def duplicate_ids(config: JobConfig, files: list[inputs.InputFile], limit: int = 3) -> list[str]:
+    """Up to `limit` id values that occur more than once across the input (a Ray Data aggregation:
+    the ids stay in the cluster; the driver receives only the duplicates)."""
+    ensure_ray(config)
+    column = config.input.id_column
+    fs, _ = storage.filesystem(files[0].uri, config.storage)
+    paths = [storage.filesystem(f.uri, config.storage)[1] for f in files]
+    ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=IO_CPUS).select_columns([column])
+    ds = ds.map_batches(functools.partial(_as_string, column=column), batch_format="pyarrow", num_cpus=IO_CPUS)
+    counts = ds.groupby("id").count()
+    repeated = counts.map_batches(_repeated, batch_format="pyarrow", num_cpus=IO_CPUS)
+    return sorted(str(row["id"]) for row in repeated.take(limit))
+
+
+def _as_string(table: pa.Table, column: str) -> pa.Table:
+    return pa.table({"id": pc.cast(table.column(column), pa.string())})
+
+
+def _repeated(table: pa.Table) -> pa.Table:
+    return table.filter(pc.greater(table.column(table.column_names[-1]), 1))
+
+
 @dataclass(frozen=True)
 class Progress:
     files: int
@@ -96,42 +123,64 @@ class Progress:
     """Rows written so far by this attempt."""
     errors: int
     """Error rows among them."""
+    decoded: int = 0
+    """Input rows the read tasks decoded for them."""
+    first_file_seconds: float | None = None
+    """Seconds from the dataflow's start to its first data file."""
 
 
-def run_dataflow(config: JobConfig, slices: list[inputs.Slice], attempt: str,
+def quiet_ray_data() -> None:
+    """Ray Data's own progress bars and per-operator blocks off (the job prints `ProgressLine`)."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def run_dataflow(config: JobConfig, files: list[inputs.InputFile], units: list[inputs.ReadUnit], attempt: str,
                  on_file: Callable[[Progress], None] | None = None,
                  fail_after_files: int | None = None, calibration: dict | None = None) -> Progress:
-    """Run the slices through the LoGo actors into new data files under `<output>/data/`."""
+    """Run the read units through the LoGo actors into new data files under `<output>/data/`."""
     ensure_ray(config)
+    started = time.monotonic()
     cpus, gpus = actor_resources(config)
     res = config.resources
     data_uri = storage.join(config.output.uri, outputs.DATA_DIR)
-    ds = ray.data.read_datasource(PromptSource(slices, config), override_num_blocks=len(slices), num_cpus=IO_CPUS)
+    blocks = sum(len(u.slices) for u in units)
+    ds = ray.data.read_datasource(PromptSource(units, config), override_num_blocks=len(units), num_cpus=IO_CPUS)
+    # a read task's slices would be merged into one block of up to 128 MiB: keep blocks slice-sized
+    ds = ds.repartition(target_num_rows_per_block=max(s.rows for u in units for s in u.slices))
     stage_args = {"config": config, "calibration": calibration}
     ds = ds.map_batches(LoGoStage, fn_constructor_kwargs=stage_args, batch_size=res.batch_size,
                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=res.actors),
                         num_cpus=cpus, num_gpus=gpus)
+    names = tuple(f.name for f in files)
     ds = ds.map_batches(outputs.write_part, batch_size=None, batch_format="pyarrow", num_cpus=IO_CPUS,
-                        fn_kwargs={"data_uri": data_uri, "config": config.storage, "attempt": attempt})
-    files = rows = errors = 0
+                        fn_kwargs={"data_uri": data_uri, "config": config.storage, "attempt": attempt,
+                                   "names": names})
+    log.debug("dataflow: %d read units, %d slices", len(units), blocks)
+    progress = Progress(0, 0, 0)
     stream = iter(ds.iter_rows())
     try:
         for summary in stream:
-            files, rows, errors = files + 1, rows + int(summary["rows"]), errors + int(summary["errors"])
-            progress = Progress(files, rows, errors)
+            first = progress.first_file_seconds
+            progress = Progress(progress.files + 1, progress.rows + int(summary["rows"]),
+                                progress.errors + int(summary["errors"]), progress.decoded + int(summary["decoded"]),
+                                round(time.monotonic() - started, 3) if first is None else first)
             if on_file is not None:
                 on_file(progress)
-            if fail_after_files is not None and files >= fail_after_files:
-                raise InjectedFault(f"testing hook: stopping after {files} data files ({rows} rows) were written")
+            if fail_after_files is not None and progress.files >= fail_after_files:
+                raise InjectedFault(f"testing hook: stopping after {progress.files} data files "
+                                    f"({progress.rows} rows) were written")
     except ray.exceptions.RayActorError as err:
         if not err.actor_init_failed:
             raise
         # the predictor refused a model, adapter or option: its message is the last line of the report
         reason = [line.strip() for line in str(err).splitlines() if line.strip()][-1]
-        raise StageError(f"a LoGo actor could not start: {reason} ({files} data files were written before; "
-                         "fix it and rerun to resume)") from err
+        raise StageError(f"a LoGo actor could not start: {reason} ({progress.files} data files were written "
+                         "before; fix it and rerun to resume)") from err
     finally:
         close = getattr(stream, "close", None)
         if close is not None:
             close()
-    return Progress(files, rows, errors)
+    return progress

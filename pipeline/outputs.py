@@ -2,18 +2,21 @@
 
     <output.uri>/_job.json          what this run is (config hash, input files); written first
     <output.uri>/data/part-<attempt>-<uid>.parquet   one file per block, any number of attempts
-    <output.uri>/_manifest.json     written when every input id is in exactly one data file
+    <output.uri>/_manifest.json     written when every input row is in exactly one data file
     <output.uri>/_SUCCESS           written last: the run is complete
 
-Every data file carries its rows' ids, so what a run has finished is read from the data itself:
-`scan` reads the id column of each file, deletes a file that does not read (a partial write)
-and a file that repeats ids already seen in an earlier file (a straggler of an interrupted
+Every data file records in its Parquet footer (key `logo_batch.part`) which input rows it holds,
+as row ranges per input file, with its counts (rows, errors, warnings, output tokens, adapter
+use, error kinds, rows decoded to produce it). What a run has finished is read from these
+footers alone: `scan` reads each file's footer, deletes a file that does not read (a partial
+write) and a file whose ranges overlap a file kept before it (a straggler of an interrupted
 attempt), and returns the rest. Locally a file is written under a temporary name and renamed;
 an S3 object appears only when its upload completes.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import re
@@ -22,11 +25,14 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import StorageConfig
+from pipeline.inputs import INTERNAL_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +40,7 @@ DATA_DIR = "data"
 JOB_RECORD = "_job.json"
 MANIFEST = "_manifest.json"
 CALIBRATION = "_calibration.json"
-FORMAT = "logo-batch-run/1"
+FORMAT = "logo-batch-run/2"
 """Version of the run layout, recorded in `_job.json` and `_manifest.json`."""
 SUCCESS = "_SUCCESS"
 
@@ -50,38 +56,51 @@ OUTPUT_FIELDS = [
 ]
 """The fixed output columns, in order; pass-through columns follow with their input types."""
 
-_SUMMARY_COLUMNS = ["id", "error", "warning", "adapters", "output_tokens"]
-
-
 def error_reason(message: str) -> str:
     """An error message with its numbers blanked, to count errors by kind."""
     return re.sub(r"\d+", "N", message)[:200]
 
 
+PART_KEY = b"logo_batch.part"
+"""Parquet footer key of a data file's record (JSON: ranges and counts)."""
+
+
 @dataclass
 class PartFile:
-    """One data file of a run, as read back from storage."""
+    """One data file of a run, as read back from its footer."""
 
     name: str
     """File name under `data/`."""
     attempt: str
     """The attempt that wrote it (from the file name)."""
-    ids: list[str]
-    """Ids of its rows."""
+    ranges: list[tuple[str, int, int]]
+    """Input rows it holds: (input file name, start, stop) row ranges, sorted."""
+    rows: int = 0
+    """Rows in the file."""
     errors: int = 0
     """Rows with an error."""
     warnings: int = 0
     """Rows with a warning."""
     output_tokens: int = 0
     """Generated tokens, all rows."""
+    decoded: int = 0
+    """Input rows decoded by the read tasks whose blocks this file holds."""
     adapter_use: Counter = field(default_factory=Counter)
     """Adapter name -> rows that selected it."""
     error_reasons: Counter = field(default_factory=Counter)
     """Error kind (numbers blanked) -> rows."""
 
-    @property
-    def rows(self) -> int:
-        return len(self.ids)
+    def record(self) -> dict:
+        return {"ranges": [list(r) for r in self.ranges], "rows": self.rows, "errors": self.errors,
+                "warnings": self.warnings, "output_tokens": self.output_tokens, "decoded": self.decoded,
+                "adapter_use": dict(self.adapter_use), "error_reasons": dict(self.error_reasons)}
+
+    @classmethod
+    def from_record(cls, name: str, record: dict) -> PartFile:
+        return cls(name, attempt_of(name), [(str(f), int(a), int(b)) for f, a, b in record["ranges"]],
+                   rows=int(record["rows"]), errors=int(record["errors"]), warnings=int(record["warnings"]),
+                   output_tokens=int(record["output_tokens"]), decoded=int(record["decoded"]),
+                   adapter_use=Counter(record["adapter_use"]), error_reasons=Counter(record["error_reasons"]))
 
 
 def part_name(attempt: str) -> str:
@@ -93,22 +112,44 @@ def attempt_of(name: str) -> str:
     return name[len("part-"):-len(".parquet")].rsplit("-", 1)[0]
 
 
-def summarize(name: str, table: pa.Table) -> PartFile:
-    """Counts for one data file's rows (ids, errors, warnings, tokens, adapter use)."""
-    part = PartFile(name, attempt_of(name), table.column("id").to_pylist())
+def row_ranges(files: np.ndarray, rows: np.ndarray, names: tuple[str, ...]) -> list[tuple[str, int, int]]:
+    """Maximal runs of consecutive rows per input file: (name, start, stop), sorted."""
+    if len(rows) == 0:
+        return []
+    order = np.lexsort((rows, files))
+    f, r = files[order], rows[order]
+    breaks = np.flatnonzero((np.diff(f) != 0) | (np.diff(r) != 1)) + 1
+    starts = np.concatenate(([0], breaks))
+    stops = np.concatenate((breaks, [len(r)]))
+    return [(names[int(f[a])], int(r[a]), int(r[b - 1]) + 1) for a, b in zip(starts, stops)]
+
+
+def summarize(name: str, table: pa.Table, names: tuple[str, ...]) -> PartFile:
+    """The record of one block of results: its row ranges and counts."""
+    part = PartFile(name, attempt_of(name), row_ranges(table.column("_logo_file").to_numpy(),
+                                                       table.column("_logo_row").to_numpy(), names))
+    part.rows = table.num_rows
     errors = [e for e in table.column("error").to_pylist() if e is not None]
     part.errors = len(errors)
     part.error_reasons.update(error_reason(e) for e in errors)
     part.warnings = table.num_rows - table.column("warning").null_count
-    part.output_tokens = int(sum(v or 0 for v in table.column("output_tokens").to_pylist()))
-    for names in table.column("adapters").to_pylist():
-        part.adapter_use.update(names or [])
+    part.output_tokens = int(pc.sum(table.column("output_tokens")).as_py() or 0)
+    part.decoded = int(pc.sum(table.column("_logo_decoded")).as_py() or 0)
+    flat = pc.list_flatten(table.column("adapters"))
+    for item in pc.value_counts(flat).to_pylist() if len(flat) else []:
+        part.adapter_use[item["values"]] += item["counts"]
     return part
 
 
-def write_part(table: pa.Table, *, data_uri: str, config: StorageConfig, attempt: str) -> pa.Table:
-    """Write one block of results as a new data file; return a one-row summary (for progress)."""
+def write_part(table: pa.Table, *, data_uri: str, config: StorageConfig, attempt: str,
+               names: tuple[str, ...]) -> pa.Table:
+    """Write one block of results as a new data file with its record in the footer; return a
+    one-row summary (for progress)."""
     name = part_name(attempt)
+    part = summarize(name, table, names)
+    table = table.drop_columns([c for c in INTERNAL_COLUMNS if c in table.column_names])
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           PART_KEY: json.dumps(part.record()).encode()})
     fs, root = storage.filesystem(data_uri, config)
     final = f"{root}/{name}"
     if storage.is_s3(data_uri):
@@ -118,42 +159,66 @@ def write_part(table: pa.Table, *, data_uri: str, config: StorageConfig, attempt
         tmp = f"{root}/.tmp-{name}"
         pq.write_table(table, tmp, filesystem=fs)
         fs.move(tmp, final)
-    errors = table.num_rows - table.column("error").null_count
-    return pa.table({"file": [name], "rows": [table.num_rows], "errors": [errors]})
+    return pa.table({"file": [name], "rows": [part.rows], "errors": [part.errors], "decoded": [part.decoded]})
 
 
-def scan(data_uri: str, config: StorageConfig) -> list[PartFile]:
-    """The complete, non-overlapping data files of a run (deleting partial and duplicate ones)."""
+def _overlaps(kept: dict[str, list[tuple[int, int]]], ranges: list[tuple[str, int, int]]) -> bool:
+    for name, start, stop in ranges:
+        taken = kept.get(name, [])
+        at = bisect.bisect_left(taken, (start, stop))
+        if (at < len(taken) and taken[at][0] < stop) or (at > 0 and taken[at - 1][1] > start):
+            return True
+    return False
+
+
+def scan(data_uri: str, config: StorageConfig, repair: bool = True) -> list[PartFile]:
+    """The complete, non-overlapping data files of a run, from their footers only; partial and
+    overlapping ones are deleted (left alone, but not returned, with `repair=False`)."""
     fs, root = storage.filesystem(data_uri, config)
     names = []
     for obj in storage.list_objects(data_uri, config):
         if "/" in obj.key:
             continue
         if obj.key.startswith(".tmp-"):
-            storage.delete(storage.join(data_uri, obj.key), config)
+            if repair:
+                storage.delete(storage.join(data_uri, obj.key), config)
         elif obj.key.startswith("part-") and obj.key.endswith(".parquet"):
             names.append(obj.key)
 
     def read(name: str) -> PartFile | None:
         try:
-            return summarize(name, pq.read_table(f"{root}/{name}", filesystem=fs, columns=_SUMMARY_COLUMNS))
-        except Exception as err:  # an unreadable file is a partial write: its rows are redone
-            log.warning("removing unreadable data file %s (%s); its rows will be recomputed", name, err)
-            storage.delete(storage.join(data_uri, name), config)
+            with fs.open_input_file(f"{root}/{name}") as f:
+                record = pq.ParquetFile(f).schema_arrow.metadata[PART_KEY]
+            return PartFile.from_record(name, json.loads(record))
+        except Exception as err:  # unreadable or without a record: a partial write; its rows are redone
+            if repair:
+                log.warning("removing unreadable data file %s (%s); its rows will be recomputed", name, err)
+                storage.delete(storage.join(data_uri, name), config)
             return None
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         parts = [p for p in pool.map(read, sorted(names)) if p is not None]
-    seen: set[str] = set()
+    kept_ranges: dict[str, list[tuple[int, int]]] = {}
     kept = []
     for part in parts:
-        if seen.intersection(part.ids) or len(set(part.ids)) != part.rows:
-            log.warning("removing data file %s: it repeats rows of another file", part.name)
-            storage.delete(storage.join(data_uri, part.name), config)
+        if _overlaps(kept_ranges, part.ranges):
+            if repair:
+                log.warning("removing data file %s: it repeats rows of another file", part.name)
+                storage.delete(storage.join(data_uri, part.name), config)
             continue
-        seen.update(part.ids)
+        for name, start, stop in part.ranges:
+            bisect.insort(kept_ranges.setdefault(name, []), (start, stop))
         kept.append(part)
     return kept
+
+
+def done_ranges(parts: list[PartFile]) -> dict[str, list[tuple[int, int]]]:
+    """Input file name -> the row ranges the parts hold."""
+    done: dict[str, list[tuple[int, int]]] = {}
+    for part in parts:
+        for name, start, stop in part.ranges:
+            done.setdefault(name, []).append((start, stop))
+    return done
 
 
 def read_json(uri: str, config: StorageConfig) -> dict | None:

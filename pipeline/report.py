@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -52,13 +53,16 @@ class RunReport:
     """Adapter -> rows that selected it (most used first, top 20)."""
     error_reasons: dict[str, int] = field(default_factory=dict)
     """Error kind (numbers blanked) -> rows (top 20)."""
+    rows_decoded: int = 0
+    """Input rows decoded by this call's read tasks: the rows computed, plus at most one row group
+    per boundary of earlier attempts' work (0 when already committed)."""
 
     def format(self) -> str:
         lines = [
             f"logo-batch run {self.status}: {self.output_uri} (config {self.config_hash[:12]})",
             f"  rows {self.rows}: computed now {self.rows_computed}, resumed {self.rows_resumed}; "
             f"errors {self.errors}, warnings {self.warnings}",
-            f"  {self.seconds:.1f} s, {self.rows_per_second:.2f} rows/s",
+            f"  {self.seconds:.1f} s, {self.rows_per_second:.2f} rows/s; input rows decoded {self.rows_decoded}",
         ]
         if self.adapter_usage:
             usage = ", ".join(f"{name} {count}" for name, count in self.adapter_usage.items())
@@ -73,7 +77,8 @@ class RunReport:
 
 def build_report(config: JobConfig, parts: list[PartFile], attempt: str, started: float, computed: int,
                  status: str = "committed") -> RunReport:
-    """`computed`: rows this call's dataflow wrote (counted as they were written, not from files)."""
+    """`computed`: rows this call's dataflow wrote (counted as they were written, not from files);
+    the decoded-rows counter comes from this attempt's data files."""
     seconds = time.time() - started
     total = sum(p.rows for p in parts)
     usage: Counter = Counter()
@@ -88,6 +93,7 @@ def build_report(config: JobConfig, parts: list[PartFile], attempt: str, started
         rows_per_second=round(computed / seconds, 3) if seconds > 0 else 0.0, attempt=attempt,
         config_hash=config_hash(config), adapter_usage=dict(usage.most_common(TOP)),
         error_reasons=dict(reasons.most_common(TOP)),
+        rows_decoded=sum(p.decoded for p in parts if p.attempt == attempt),
     )
 
 
@@ -95,7 +101,7 @@ def report_from_manifest(manifest: dict, started: float, attempt: str) -> RunRep
     """The report of a call that found the run already committed (nothing computed)."""
     old = manifest.get("report", {})
     return dataclasses.replace(
-        RunReport(**old), status="already_committed", rows_computed=0, rows_resumed=old.get("rows", 0),
+        RunReport(**old), status="already_committed", rows_computed=0, rows_resumed=old.get("rows", 0), rows_decoded=0,
         seconds=round(time.time() - started, 3), rows_per_second=0.0, attempt=attempt)
 
 
@@ -116,6 +122,7 @@ def build_manifest(config: JobConfig, files: list[InputFile], parts: list[PartFi
         "output": {"uri": config.output.uri, "rows": report.rows,
                    "files": [{"path": f"{DATA_DIR}/{p.name}", "rows": p.rows, "errors": p.errors,
                               "attempt": p.attempt} for p in parts]},
+        "decoded_rows": report.rows_decoded,
         "errors": {"rows": report.errors, "by_reason": report.error_reasons},
         "warnings": report.warnings,
         "output_tokens": sum(p.output_tokens for p in parts),
@@ -129,3 +136,35 @@ def build_manifest(config: JobConfig, files: list[InputFile], parts: list[PartFi
 
 def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+class ProgressLine:
+    """One progress line: rows done, rows/s and an ETA; rewritten in place on a terminal, else
+    printed at most every `every` seconds (and at the end), so logs get one line, not a block."""
+
+    def __init__(self, total: int, stream=None, every: float = 10.0):
+        self.total, self.every = total, every
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.started = self.last = time.monotonic()
+
+    def text(self, rows: int, now: float) -> str:
+        elapsed = max(now - self.started, 1e-9)
+        rate = rows / elapsed
+        eta = "?" if rate <= 0 else _clock((self.total - rows) / rate)
+        share = 100.0 * rows / self.total if self.total else 100.0
+        return f"logo-batch: {rows:,}/{self.total:,} rows ({share:.1f}%), {rate:,.1f} rows/s, ETA {eta}"
+
+    def update(self, rows: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if self.tty:
+            end = "\n" if final else ""
+            print("\r" + self.text(rows, now), end=end, file=self.stream, flush=True)
+        elif final or now - self.last >= self.every:
+            print(self.text(rows, now), file=self.stream, flush=True)
+            self.last = now
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -1,10 +1,15 @@
 """`run_job(config) -> RunReport`: the typed entry point of a batch job, start to commit.
 
-    check input (files, columns, ids) and sources  -> nothing runs if any is wrong
-    open the output (committed? another job? resume?) -> `commit.open_run`
-    scan the data files already written              -> their rows are not computed again
-    run the dataflow on the remaining rows            -> `dataflow.run_dataflow`
-    scan again, verify exactly-once, manifest, _SUCCESS
+    committed already? (`_SUCCESS`, `_job.json`)       -> nothing else is read
+    check input (files, columns, ids) and sources      -> nothing runs if any is wrong
+    claim the output (another job? resume?)            -> `commit.open_run`
+    read the data files' footers                       -> the row ranges already written
+    plan read units and slices for the rest            -> `inputs.plan_reads`, from metadata only
+    run the dataflow on them                           -> `dataflow.run_dataflow`
+    read the footers again, verify exactly-once per row range, manifest, _SUCCESS
+
+The driver holds the file list, the plan (a few numbers per slice) and one record per data file:
+nothing per row.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ import logging
 import secrets
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import commit, inputs, outputs, storage
 from pipeline.config import ConfigError, JobConfig
-from pipeline.report import RunReport, build_manifest, build_report, report_from_manifest
+from pipeline.outputs import PartFile
+from pipeline.report import ProgressLine, RunReport, build_manifest, build_report, report_from_manifest
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +69,62 @@ def run_statistics(config: JobConfig) -> dict | None:
     return outputs.read_json(uri, config.storage)
 
 
-def _print_progress(progress) -> None:
-    print(f"  written: {progress.files} files, {progress.rows} rows, {progress.errors} errors",
-          file=sys.stderr, flush=True)
+def check_ids(config: JobConfig, files: list[inputs.InputFile]) -> None:
+    """A configured id column has no null and no duplicate (counted in the cluster)."""
+    if config.input.id_column is None:
+        return
+    inputs.check_nulls(files, config.input, config.storage)
+    from pipeline.dataflow import duplicate_ids  # imports Ray
+
+    repeated = duplicate_ids(config, files)
+    if repeated:
+        raise inputs.duplicate_error(files, repeated, config.input, config.storage)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run of the job would do now (see `plan`)."""
+
+    files: list[inputs.InputFile]
+    """The input files."""
+    parts: list[PartFile]
+    """Data files already written by earlier attempts."""
+    units: list[inputs.ReadUnit]
+    """Read tasks for the rows still to do."""
+    rows_per_block: int
+    """Rows per slice (block)."""
+
+    @property
+    def total(self) -> int:
+        return inputs.total_rows(self.files)
+
+    @property
+    def remaining(self) -> int:
+        return sum(u.rows for u in self.units)
+
+    @property
+    def slices(self) -> int:
+        return sum(len(u.slices) for u in self.units)
+
+    def describe(self) -> str:
+        groups = sum(len(f.row_groups) for f in self.files)
+        decoded = sum(u.decoded_rows for u in self.units)
+        return (f"{self.remaining:,} of {self.total:,} rows to compute ({self.total - self.remaining:,} already "
+                f"written in {len(self.parts)} data files); {len(self.files)} input files, {groups} row groups; "
+                f"{len(self.units)} read tasks, {self.slices} slices of up to {self.rows_per_block} rows; "
+                f"rows to decode {decoded:,}")
+
+
+def plan(config: JobConfig, files: list[inputs.InputFile], *, repair: bool = True) -> Plan:
+    """Read units for the rows no data file holds yet. `repair=False` leaves partial files alone
+    (a dry run)."""
+    data_uri = storage.join(config.output.uri, outputs.DATA_DIR)
+    parts = outputs.scan(data_uri, config.storage, repair=repair)
+    done = outputs.done_ranges(parts)
+    res = config.resources
+    remaining = inputs.total_rows(files) - sum(p.rows for p in parts)
+    rows_per_block = res.rows_per_block or inputs.default_rows_per_block(remaining, res.actors, res.batch_size)
+    return Plan(files, parts, inputs.plan_reads(files, done, rows_per_block), rows_per_block)
 
 
 def run_job(config: JobConfig, *, fail_after_files: int | None = None, progress: bool = True) -> RunReport:
@@ -75,38 +135,37 @@ def run_job(config: JobConfig, *, fail_after_files: int | None = None, progress:
     """
     started = time.time()
     attempt = new_attempt_id()
+    if not config.output.overwrite:
+        committed = commit.committed_manifest(config)
+        if committed is not None:
+            print(f"logo-batch: {config.output.uri} is already committed; nothing to do", file=sys.stderr)
+            return report_from_manifest(committed, started, attempt)
     files = inputs.discover(config.input, config.storage)
-    ids = inputs.row_ids(files, config.input, config.storage)
+    check_ids(config, files)
     check_sources(config)
     if config.output.overwrite:
         removed = commit.clear(config)
         log.info("overwrite: removed %d data files at %s", removed, config.output.uri)
-    state = commit.open_run(config, files)
-    if state.committed is not None:
-        report = report_from_manifest(state.committed, started, attempt)
-        print(f"logo-batch: {config.output.uri} is already committed; nothing to do", file=sys.stderr)
-        return report
-    data_uri = storage.join(config.output.uri, outputs.DATA_DIR)
-    done = {value for part in outputs.scan(data_uri, config.storage) for value in part.ids}
-    total = inputs.total_rows(files)
-    res = config.resources
-    rows_per_block = res.rows_per_block or inputs.default_rows_per_block(total - len(done), res.actors,
-                                                                         res.batch_size)
-    slices = inputs.plan_slices(files, ids, done, rows_per_block)
+    commit.open_run(config, files)
+    work = plan(config, files)
     phases = {"plan_seconds": round(time.time() - started, 3)}
     computed = 0
     stats = run_statistics(config)
-    if slices:
+    if work.units:
         from pipeline.dataflow import run_dataflow  # imports Ray only when there is work
 
         t0 = time.time()
-        print(f"logo-batch: {total - len(done)} of {total} rows to compute in {len(slices)} blocks "
-              f"({len(done)} already written)", file=sys.stderr, flush=True)
-        computed = run_dataflow(config, slices, attempt, on_file=_print_progress if progress else None,
-                                fail_after_files=fail_after_files, calibration=stats).rows
+        print(f"logo-batch: {work.describe()}", file=sys.stderr, flush=True)
+        line = ProgressLine(work.remaining) if progress else None
+        done = run_dataflow(config, files, work.units, attempt, fail_after_files=fail_after_files,
+                            on_file=(lambda p: line.update(p.rows)) if line else None, calibration=stats)
+        if line is not None:
+            line.update(done.rows, final=True)
+        computed = done.rows
         phases["dataflow_seconds"] = round(time.time() - t0, 3)
-    parts = outputs.scan(data_uri, config.storage)
-    commit.verify(parts, ids)
+        phases["first_file_seconds"] = done.first_file_seconds
+    parts = outputs.scan(storage.join(config.output.uri, outputs.DATA_DIR), config.storage)
+    commit.verify(parts, files)
     report = build_report(config, parts, attempt, started, computed)
     manifest = build_manifest(config, files, parts, report, started)
     manifest["timings"].update(phases)

@@ -1,7 +1,8 @@
 """The LoGo stage: the callable class Ray Data runs in each actor (no Ray import needed here).
 
-Input schema (from `inputs.read_slice`): `id`, the prompt column, pass-through columns, and
-`inputs.INPUT_ERROR`. Output schema: `outputs.OUTPUT_FIELDS` then the pass-through columns.
+Input schema (from `inputs.read_unit`): `id`, the prompt column, pass-through columns,
+`inputs.INPUT_ERROR` and `inputs.INTERNAL_COLUMNS`. Output schema: `outputs.OUTPUT_FIELDS`, the
+pass-through columns, then the internal columns unchanged (the write stage records and drops them).
 
 On start an actor makes the model and the adapter pool local (an s3://
 URI is downloaded once per node into the cache and verified, see `fetch`), then builds one
@@ -15,7 +16,7 @@ import pyarrow as pa
 
 from pipeline import fetch
 from pipeline.config import JobConfig
-from pipeline.inputs import INPUT_ERROR
+from pipeline.inputs import INPUT_ERROR, INTERNAL_COLUMNS
 from pipeline.outputs import OUTPUT_FIELDS
 
 
@@ -75,4 +76,7 @@ class LoGoStage:
         }
         for name in self.config.input.passthrough:
             columns[name] = table.column(name)
+        for name in INTERNAL_COLUMNS:
+            if name in table.column_names:
+                columns[name] = table.column(name)
         return pa.table(columns)

@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import InputConfig, InputError, StorageConfig
-from pipeline.inputs import INPUT_ERROR, default_rows_per_block, discover, plan_slices, read_slice, row_ids
+from pipeline.inputs import (INPUT_ERROR, RowRange, Slice, check_nulls, default_rows_per_block, discover, plan_reads,
+                             read_slice, read_unit, todo_ranges)
 
 S = StorageConfig()
 
@@ -25,8 +26,9 @@ def test_discovery_is_recursive_sorted_and_skips_hidden_files(tmp_path):
     (tmp_path / "_SUCCESS").write_text("")
     files = discover(InputConfig(uri=str(tmp_path)), S)
     assert [(f.name, f.rows) for f in files] == [("a.parquet", 2), ("b/x.parquet", 3)]
-    assert row_ids(files, InputConfig(uri=str(tmp_path)), S) == [["a.parquet:0", "a.parquet:1"],
-                                                                   ["b/x.parquet:0", "b/x.parquet:1", "b/x.parquet:2"]]
+    cfg = InputConfig(uri=str(tmp_path))
+    ids = [t.column("id").to_pylist() for unit in plan_reads(files, {}, 10) for t in read_unit(unit, cfg, S)]
+    assert ids == [["a.parquet:0", "a.parquet:1"], ["b/x.parquet:0", "b/x.parquet:1", "b/x.parquet:2"]]
     single = discover(InputConfig(uri=str(tmp_path / "a.parquet")), S)
     assert [(f.name, f.uri) for f in single] == [("a.parquet", str(tmp_path / "a.parquet"))]
 
@@ -48,34 +50,70 @@ def test_missing_input_and_missing_columns_are_named(tmp_path):
 def test_id_column_is_stringified_and_must_be_non_null(tmp_path):
     write(tmp_path / "a.parquet", prompt=["p", "q"], key=[7, 8])
     cfg = InputConfig(uri=str(tmp_path), id_column="key")
-    assert row_ids(discover(cfg, S), cfg, S) == [["7", "8"]]
+    files = discover(cfg, S)
+    check_nulls(files, cfg, S)
+    assert next(read_unit(plan_reads(files, {}, 10)[0], cfg, S)).column("id").to_pylist() == ["7", "8"]
     write(tmp_path / "b.parquet", prompt=["p", "q"], key=pa.array([9, None], pa.int64()))
     with pytest.raises(InputError, match=r"b\.parquet: row 1 has a null id in column 'key'"):
-        row_ids(discover(cfg, S), cfg, S)
+        check_nulls(discover(cfg, S), cfg, S)
 
 
-def test_slices_skip_done_rows_and_read_across_row_groups(tmp_path):
-    write(tmp_path / "a.parquet", prompt=[f"p{i}" for i in range(10)], task=[f"t{i}" for i in range(10)])
+def test_plan_follows_row_groups_and_decodes_each_row_once(tmp_path):
+    # row groups of 10, 4, 4 and 12 rows; slices of at most 6 rows
+    table = pa.table({"prompt": [f"p{i}" for i in range(30)], "task": [f"t{i}" for i in range(30)]})
+    with pq.ParquetWriter(tmp_path / "a.parquet", table.schema) as writer:
+        for start, size in ((0, 10), (10, 4), (14, 4), (18, 12)):
+            writer.write_table(table.slice(start, size))
     cfg = InputConfig(uri=str(tmp_path), passthrough=("task",))
     files = discover(cfg, S)
-    assert files[0].row_groups == (4, 4, 2)
-    ids = row_ids(files, cfg, S)
-    slices = plan_slices(files, ids, done={"a.parquet:0", "a.parquet:5"}, rows_per_block=3)
-    assert [s.positions for s in slices] == [(1, 2, 3), (4, 6, 7), (8, 9)]
-    table = read_slice(slices[1], cfg, S)  # spans row groups 1 and 2 minus a done row
-    assert table.column("id").to_pylist() == ["a.parquet:4", "a.parquet:6", "a.parquet:7"]
-    assert table.column("prompt").to_pylist() == ["p4", "p6", "p7"]
-    assert table.column("task").to_pylist() == ["t4", "t6", "t7"]
-    assert table.column(INPUT_ERROR).null_count == 3
+    assert files[0].row_groups == (10, 4, 4, 12)
+    units = plan_reads(files, {}, rows_per_block=6)
+    assert [u.groups for u in units] == [(0,), (1, 2), (3,)]
+    assert [[(s.start, s.stop) for s in u.slices] for u in units] == [[(0, 6), (6, 10)], [(10, 16), (16, 18)],
+                                                                     [(18, 24), (24, 30)]]
+    blocks = [t for unit in units for t in read_unit(unit, cfg, S)]
+    assert [t.column("prompt").to_pylist() for t in blocks] == [[f"p{i}" for i in range(a, b)] for a, b in
+                                                                ((0, 6), (6, 10), (10, 16), (16, 18), (18, 24), (24, 30))]
+    assert blocks[3].column("task").to_pylist() == ["t16", "t17"]
+    assert blocks[3].column("_logo_row").to_pylist() == [16, 17]
+    assert blocks[3].column(INPUT_ERROR).null_count == 2
+    decoded = sum(sum(t.column("_logo_decoded").to_pylist()) for t in blocks)
+    assert decoded == 30  # each row decoded once, though row groups 0 and 3 feed two slices each
+
+
+def test_resume_plan_skips_done_ranges_and_decodes_one_group_per_boundary(tmp_path):
+    write(tmp_path / "a.parquet", prompt=[f"p{i}" for i in range(10)])  # row groups of 4, 4, 2
+    cfg = InputConfig(uri=str(tmp_path))
+    files = discover(cfg, S)
+    assert todo_ranges(10, [(5, 7), (0, 1)]) == [(1, 5), (7, 10)]
+    units = plan_reads(files, {"a.parquet": [(0, 1), (5, 7)]}, rows_per_block=3)
+    slices = [(s.start, s.stop) for u in units for s in u.slices]
+    assert slices == [(1, 4), (4, 5), (7, 10)]
+    assert [u.groups for u in units] == [(0,), (1, 2)]
+    blocks = [t for u in units for t in read_unit(u, cfg, S)]
+    assert [t.column("id").to_pylist() for t in blocks][1] == ["a.parquet:4"]
+    assert sum(sum(t.column("_logo_decoded").to_pylist()) for t in blocks) == 10  # 6 to do + boundary groups
+    assert plan_reads(files, {"a.parquet": [(0, 10)]}, 3) == []
+    assert RowRange(4, 9).rows == 5
 
 
 def test_non_string_prompt_column_marks_rows_not_the_job(tmp_path):
     write(tmp_path / "a.parquet", prompt=[1, 2])
     cfg = InputConfig(uri=str(tmp_path))
     files = discover(cfg, S)
-    table = read_slice(plan_slices(files, row_ids(files, cfg, S), set(), 10)[0], cfg, S)
+    table = next(read_unit(plan_reads(files, {}, 10)[0], cfg, S))
     assert table.column("prompt").null_count == 2
     assert all("has type int64, not string" in m for m in table.column(INPUT_ERROR).to_pylist())
+    sample = read_slice(Slice(files[0], (1,), ("x",)), cfg, S)
+    assert sample.column("id").to_pylist() == ["x"] and "int64" in sample.column(INPUT_ERROR)[0].as_py()
+
+
+def test_sample_rows_across_row_groups(tmp_path):
+    write(tmp_path / "a.parquet", prompt=[f"p{i}" for i in range(10)])
+    cfg = InputConfig(uri=str(tmp_path))
+    f = discover(cfg, S)[0]
+    table = read_slice(Slice(f, (1, 6, 9), ("1", "6", "9")), cfg, S)
+    assert table.column("prompt").to_pylist() == ["p1", "p6", "p9"]
 
 
 def test_default_block_size_gives_every_actor_several_blocks():

@@ -16,39 +16,63 @@ from pipeline.outputs import OUTPUT_FIELDS, scan, write_part
 S = StorageConfig()
 
 
-def results(ids: list[str], errors: int = 0) -> pa.Table:
-    n = len(ids)
-    return pa.table({"id": ids, "output": ["o"] * n, "adapters": [["a", "b"]] * n, "weights": [[0.6, 0.4]] * n,
-                     "error": ["bad"] * errors + [None] * (n - errors), "warning": [None] * n,
-                     "prompt_tokens": [3] * n, "output_tokens": [2] * n}, schema=pa.schema(OUTPUT_FIELDS))
+NAMES = ("x.parquet", "y.parquet")
 
 
-def test_scan_keeps_complete_files_and_removes_partial_and_duplicate_ones(tmp_path):
+def results(rows: list[int], errors: int = 0, file: int = 0, decoded: int = 0) -> pa.Table:
+    """A block of results for rows of input file NAMES[file], with the internal columns."""
+    n = len(rows)
+    table = pa.table({"id": [f"{NAMES[file]}:{r}" for r in rows], "output": ["o"] * n, "adapters": [["a", "b"]] * n,
+                      "weights": [[0.6, 0.4]] * n, "error": ["bad"] * errors + [None] * (n - errors),
+                      "warning": [None] * n, "prompt_tokens": [3] * n, "output_tokens": [2] * n},
+                     schema=pa.schema(OUTPUT_FIELDS))
+    return (table.append_column("_logo_file", pa.array([file] * n, pa.int32()))
+            .append_column("_logo_row", pa.array(rows, pa.int64()))
+            .append_column("_logo_decoded", pa.array([decoded] + [0] * (n - 1), pa.int64())))
+
+
+def put(data: str, rows: list[int], attempt: str, cfg=S, **kwargs) -> pa.Table:
+    return write_part(results(rows, **kwargs), data_uri=data, config=cfg, attempt=attempt, names=NAMES)
+
+
+def test_scan_reads_footers_keeps_complete_files_and_removes_partial_and_overlapping_ones(tmp_path):
     data = str(tmp_path / "data")
-    summary = write_part(results(["a", "b"], errors=1), data_uri=data, config=S, attempt="20260101T000000Z-aaaaaa")
-    assert summary.to_pylist()[0]["rows"] == 2 and summary.to_pylist()[0]["errors"] == 1
-    write_part(results(["c"]), data_uri=data, config=S, attempt="20260102T000000Z-bbbbbb")
-    write_part(results(["b", "d"]), data_uri=data, config=S, attempt="20260103T000000Z-cccccc")  # repeats b
+    summary = put(data, [0, 1, 2, 5], "20260101T000000Z-aaaaaa", errors=1, decoded=9)
+    assert summary.to_pylist()[0] | {"file": None} == {"file": None, "rows": 4, "errors": 1, "decoded": 9}
+    put(data, [3], "20260102T000000Z-bbbbbb", file=1)
+    put(data, [4, 5], "20260103T000000Z-cccccc")  # repeats row 5 of x.parquet
     (tmp_path / "data" / "part-20260104T000000Z-dddddd-0.parquet").write_bytes(b"PAR1 cut short")
     (tmp_path / "data" / ".tmp-part-x.parquet").write_bytes(b"")
+    kept_names = sorted(p.name for p in (tmp_path / "data").iterdir())
+    assert len(scan(data, S, repair=False)) == 2 and sorted(p.name for p in (tmp_path / "data").iterdir()) == kept_names
     parts = scan(data, S)
-    assert [p.ids for p in parts] == [["a", "b"], ["c"]]
+    assert [p.ranges for p in parts] == [[("x.parquet", 0, 3), ("x.parquet", 5, 6)], [("y.parquet", 3, 4)]]
     assert [p.attempt for p in parts] == ["20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb"]
-    assert parts[0].errors == 1 and parts[0].adapter_use == {"a": 2, "b": 2} and parts[0].output_tokens == 4
+    assert parts[0].errors == 1 and parts[0].adapter_use == {"a": 4, "b": 4} and parts[0].output_tokens == 8
+    assert parts[0].decoded == 9 and parts[0].rows == 4
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(p.name for p in parts)
+    written = pq.read_table(tmp_path / "data" / parts[0].name)
+    assert written.column_names == [f.name for f in OUTPUT_FIELDS]  # internal columns dropped
+    assert outputs.done_ranges(parts) == {"x.parquet": [(0, 3), (5, 6)], "y.parquet": [(3, 4)]}
 
 
-def test_verify_requires_every_id_exactly_once(tmp_path):
+def test_verify_requires_every_row_exactly_once_per_range(tmp_path):
     data = str(tmp_path / "data")
-    write_part(results(["a", "b"]), data_uri=data, config=S, attempt="x-1")
+    put(data, [0, 1], "x-1")
+    put(data, [2], "x-2")
     parts = scan(data, S)
-    commit.verify(parts, [["a"], ["b"]])
-    with pytest.raises(OutputError, match=r"1 input rows have no output \(e\.g\. id 'c'\)"):
-        commit.verify(parts, [["a", "b", "c"]])
-    with pytest.raises(OutputError, match=r"1 output rows are not in the input \(e\.g\. id 'b'\)"):
-        commit.verify(parts, [["a"]])
-    with pytest.raises(OutputError, match=r"id 'a' is in two data files"):
-        commit.verify(parts + parts, [["a", "b"]])
+    x3 = InputFile("i/x.parquet", "x.parquet", 3, (3,), "string")
+    commit.verify(parts, [x3])
+    with pytest.raises(OutputError, match=r"1 input rows have no output \(e\.g\. row 3 of i/x\.parquet\)"):
+        commit.verify(parts, [InputFile("i/x.parquet", "x.parquet", 4, (4,), "string")])
+    with pytest.raises(OutputError, match=r"2 input rows have no output \(e\.g\. row 0 of i/y\.parquet\)"):
+        commit.verify(parts, [x3, InputFile("i/y.parquet", "y.parquet", 2, (2,), "string")])
+    with pytest.raises(OutputError, match=r"hold rows up to 2 of i/x\.parquet, which has 2"):
+        commit.verify(parts, [InputFile("i/x.parquet", "x.parquet", 2, (2,), "string")])
+    with pytest.raises(OutputError, match=r"row 0 of i/x\.parquet is in two data files"):
+        commit.verify(parts + parts, [x3])
+    with pytest.raises(OutputError, match=r"rows of 'x\.parquet', which is not in the input"):
+        commit.verify(parts, [InputFile("i/z.parquet", "z.parquet", 3, (3,), "string")])
 
 
 def _config(out, **routing):
@@ -59,21 +83,30 @@ def _config(out, **routing):
 def test_open_run_claims_resumes_and_refuses_foreign_outputs(tmp_path):
     files = [InputFile("i/x.parquet", "x.parquet", 3, (3,), "string")]
     out = tmp_path / "out"
-    assert commit.open_run(_config(out), files).committed is None
+    assert commit.committed_manifest(_config(out)) is None
+    commit.open_run(_config(out), files)
     record = json.loads((out / "_job.json").read_text())
-    assert commit.open_run(_config(out), files).committed is None  # same job: resume
+    commit.open_run(_config(out), files)  # same job: resume
     assert json.loads((out / "_job.json").read_text()) == record
     with pytest.raises(OutputError, match="different job"):
         commit.open_run(_config(out, k=3), files)
     with pytest.raises(OutputError, match="different input files"):
         commit.open_run(_config(out), [InputFile("i/x.parquet", "x.parquet", 4, (4,), "string")])
     foreign = tmp_path / "foreign"
-    write_part(results(["a"]), data_uri=str(foreign / "data"), config=S, attempt="x-1")
+    put(str(foreign / "data"), [0], "x-1")
     with pytest.raises(OutputError, match="has files under data/ but no _job.json"):
         commit.open_run(_config(foreign), files)
     assert not (foreign / "_job.json").exists()
     with pytest.raises(FileNotFoundError, match="no _SUCCESS marker"):
         read_output(str(out))
+    # committed: recognised from _SUCCESS and _job.json alone
+    commit.commit(_config(out), {"config_hash": record["config_hash"], "output": {"rows": 3}})
+    assert commit.committed_manifest(_config(out))["output"] == {"rows": 3}
+    with pytest.raises(OutputError, match="committed run .* belongs to a different job"):
+        commit.committed_manifest(_config(out, k=3))
+    (out / "_job.json").write_text(json.dumps({**record, "format": "logo-batch-run/1"}))
+    with pytest.raises(OutputError, match="has the run layout 'logo-batch-run/1'"):
+        commit.committed_manifest(_config(out))
 
 
 def test_write_if_absent_locally_and_on_s3(tmp_path, s3_server):
@@ -91,10 +124,10 @@ def test_write_if_absent_locally_and_on_s3(tmp_path, s3_server):
 def test_s3_data_files_scan_and_clear(s3_server):
     cfg = StorageConfig(endpoint=s3_server.endpoint)
     data = f"s3://{s3_server.bucket}/scan-test/data"
-    write_part(results(["a", "b"]), data_uri=data, config=cfg, attempt="x-1")
+    put(data, [0, 1], "x-1", cfg=cfg)
     s3_server.client().put_object(Bucket=s3_server.bucket, Key="scan-test/data/part-y-2-0.parquet", Body=b"junk")
     parts = scan(data, cfg)
-    assert [p.ids for p in parts] == [["a", "b"]]
+    assert [p.ranges for p in parts] == [[("x.parquet", 0, 2)]]
     assert [o.key for o in storage.list_objects(data, cfg)] == [parts[0].name]
     fs, path = storage.filesystem(f"{data}/{parts[0].name}", cfg)
     assert pq.read_table(path, filesystem=fs).schema.names[:4] == ["id", "output", "adapters", "weights"]
