@@ -90,7 +90,14 @@ def compute_statistics(config: JobConfig) -> dict:
 
     ensure_ray(config)
     cpus, gpus = actor_resources(config)
-    return ray.get(ray.remote(job_statistics).options(num_cpus=cpus, num_gpus=gpus).remote(config))
+    try:
+        return ray.get(ray.remote(job_statistics).options(num_cpus=cpus, num_gpus=gpus).remote(config))
+    except ray.exceptions.RayTaskError as err:
+        if not isinstance(err.cause, ValueError):  # a refused model, adapter or option; others stay as they are
+            raise
+        # the same predictor an actor builds refused: say so as an actor's refusal, before any row ran
+        raise StageError(f"a LoGo actor could not start: {err.cause} (while computing the calibration "
+                         "statistics; no row was computed)") from err
 
 
 def duplicate_ids(config: JobConfig, files: list[inputs.InputFile], limit: int = 3) -> list[str]:
