@@ -140,10 +140,12 @@ def _check_model_and_adapters(config: JobConfig, result: Validation) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
     layers = int(getattr(model_config, "num_hidden_layers", 0))
-    probe = config.routing.probe_layer
-    if layers and not -layers <= probe < layers:
-        result.problems.append(f"routing.probe_layer: {probe} is out of range for a model with {layers} blocks; "
-                               f"use -{layers}..{layers - 1}")
+    probe = config.routing.probe_layers
+    asked = () if probe == "all" else (probe,) if isinstance(probe, int) else tuple(probe)
+    out_of_range = [b for b in asked if not -layers <= b < layers]
+    if layers and out_of_range:
+        result.problems.append(f"routing.probe_layers: block {out_of_range[0]} is out of range for a model with "
+                               f"{layers} blocks; use -{layers}..{layers - 1} or all")
     room = context_length(model) - config.generation.max_new_tokens
     if room < 1:
         result.problems.append(f"generation.max_new_tokens: {config.generation.max_new_tokens} leaves no room for "

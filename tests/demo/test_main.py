@@ -25,4 +25,5 @@ def test_demo_arguments_have_working_defaults():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args([])
-    assert args.k >= 1 and args.max_new_tokens >= 8 and args.prompts == str(PROMPTS)
+    assert args.k is None and not args.paper, "the demo runs the job's default routing"
+    assert args.max_new_tokens >= 8 and args.prompts == str(PROMPTS)

@@ -52,7 +52,7 @@ def test_every_problem_is_listed_with_exit_2(tiny_assets, tmp_path, capsys):
     assert "4 problem(s):" in out
     assert "numbers.parquet: prompt column 'prompt' has type int64, not string" in out
     assert "adapter 'copy'" in out
-    assert "routing.probe_layer: 9 is out of range for a model with 2 blocks" in out
+    assert "routing.probe_layers: block 9 is out of range for a model with 2 blocks" in out
     assert "the partial run at" in out and "belongs to a different job" in out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_job.json"]
     assert main(["validate", "--model", "m", "--adapters", "a", "--input", "i", "--output", "o",
