@@ -14,6 +14,8 @@ from typing import ClassVar
 
 # Columns every output row carries, in this order (see README, "Output schema").
 OUTPUT_COLUMNS = ("id", "output", "adapters", "weights", "error", "warning", "prompt_tokens", "output_tokens")
+INTERNAL_PREFIX = "_logo_"
+"""Columns the dataflow adds for itself start with this; no input column may."""
 
 
 class ConfigError(ValueError):
@@ -94,7 +96,10 @@ class RoutingConfig:
         _check(self.k >= 1, "routing.k", f"must be >= 1; got {self.k}")
         _one_of(self.signal, ("norm", "entropy"), "routing.signal")
         _one_of(self.probe_input, ("residual", "module_input"), "routing.probe_input")
-        _check(bool(self.probe_module), "routing.probe_module", "is empty; e.g. q_proj")
+        _check(bool(self.probe_module) and all(isinstance(m, str) and m for m in
+                                                ((self.probe_module,) if isinstance(self.probe_module, str)
+                                                 else self.probe_module)),
+               "routing.probe_module", f"{self.probe_module!r} is or holds an empty name; e.g. q_proj")
         _one_of(self.calibration_score, ("raw", "ratio", "zscore"), "routing.calibration_score")
         _check(self.calibration_score == "raw" or self.calibration is not None, "routing.calibration_score",
                f"{self.calibration_score!r} needs routing.calibration (input, reference or a statistics file)")
@@ -121,6 +126,8 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, "generation.max_new_tokens", f"must be >= 1; got {self.max_new_tokens}")
         _one_of(self.overlong, ("truncate", "error"), "generation.overlong")
+        _check(all(self.stop_strings), "generation.stop_strings",
+               f"{list(self.stop_strings)} holds an empty string; remove it")
         if self.max_prompt_tokens is not None:
             _check(self.max_prompt_tokens >= 1, "generation.max_prompt_tokens",
                    f"must be >= 1 or null; got {self.max_prompt_tokens}")
@@ -144,10 +151,20 @@ class InputConfig:
     def __post_init__(self) -> None:
         _check(bool(self.uri), "input.uri", "is empty; give a Parquet file, directory or s3:// prefix")
         _check(bool(self.prompt_column), "input.prompt_column", "is empty")
-        reserved = set(OUTPUT_COLUMNS) - {"id"}
-        _check(self.prompt_column not in reserved, "input.prompt_column",
-               f"{self.prompt_column!r} clashes with an output column; rename the input column")
+        _check(self.id_column is None or bool(self.id_column), "input.id_column",
+               "is empty; name the id column, or leave the key out to derive ids from file and row")
+        _check(self.prompt_column not in OUTPUT_COLUMNS, "input.prompt_column",
+               f"{self.prompt_column!r} clashes with the output column of that name (every output row has its "
+               "own id and output); rename the input column")
+        _check(self.id_column is None or self.id_column != self.prompt_column, "input.id_column",
+               f"{self.id_column!r} is also input.prompt_column; ids and prompts must be different columns")
+        for key, name in [("input.prompt_column", self.prompt_column), ("input.id_column", self.id_column or ""),
+                          *(("input.passthrough", n) for n in self.passthrough)]:
+            _check(not name.startswith(INTERNAL_PREFIX), key,
+                   f"{name!r}: names starting with {INTERNAL_PREFIX!r} are kept for the dataflow's own columns; "
+                   "rename the input column")
         for name in self.passthrough:
+            _check(bool(name), "input.passthrough", "holds an empty column name")
             _check(name not in OUTPUT_COLUMNS, "input.passthrough",
                    f"{name!r} clashes with the output column of that name; drop it or rename the input column")
         _check(len(set(self.passthrough)) == len(self.passthrough), "input.passthrough",
@@ -240,6 +257,9 @@ class JobConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Object-storage endpoint, region and local cache."""
 
+    def __post_init__(self) -> None:
+        check_actor_options(self)
+
     def predictor_options(self) -> dict:
         """Keyword arguments for `actors.LoGoPredictor`, less `model`, `adapters` and the calibration
         source (see `stages.predictor_from_config`)."""
@@ -252,6 +272,27 @@ class JobConfig:
             stop_strings=tuple(g.stop_strings), overlong=g.overlong, max_prompt_tokens=g.max_prompt_tokens,
             dtype=self.model.dtype, device=self.model.device, prompt_column=self.input.prompt_column,
         )
+
+
+def check_actor_options(config: JobConfig) -> None:
+    """Build the actors' own routing and generation options here, on the driver, so that a value
+    they refuse stops the job before any actor starts (the model-dependent checks run in the actors)."""
+    from actors.engine import GenerationConfig as ActorGeneration
+    from actors.router import RoutingConfig as ActorRouting
+
+    r, g = config.routing, config.generation
+    for section, build in (
+        ("routing", lambda: ActorRouting(k=r.k, signal=r.signal, probe_layer=r.probe_layer,
+                                         probe_module=r.probe_module, probe_input=r.probe_input,
+                                         calibration_score=r.calibration_score)),
+        ("generation", lambda: ActorGeneration(max_new_tokens=g.max_new_tokens, stop_at_newline=g.stop_at_newline,
+                                               stop_strings=tuple(g.stop_strings), grouping=r.grouping,
+                                               max_groups=r.max_groups)),
+    ):
+        try:
+            build()
+        except ValueError as err:
+            raise ConfigError(f"{section}: {err}") from None
 
 
 SECTIONS = (ModelConfig, AdaptersConfig, RoutingConfig, GenerationConfig, InputConfig, OutputConfig,
