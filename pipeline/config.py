@@ -231,8 +231,13 @@ class StorageConfig:
     cache_dir: str | None = None
     """Local directory where s3:// models and adapters are cached on each node; default:
     LOGO_BATCH_CACHE, else ~/.cache/logo-batch."""
+    retries: int = 10
+    """Attempts per object-storage request before it fails: connection errors, timeouts, throttling
+    and 5xx replies are retried with exponential backoff and jitter (about a minute in all with
+    10), so a short outage of the storage service is ridden out."""
 
     def __post_init__(self) -> None:
+        _check(self.retries >= 1, "storage.retries", f"must be >= 1; got {self.retries}")
         if self.endpoint is not None:
             _check(self.endpoint.startswith(("http://", "https://")), "storage.endpoint",
                    f"must start with http:// or https://; got {self.endpoint!r}")
