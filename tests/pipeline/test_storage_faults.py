@@ -116,3 +116,57 @@ def test_requests_ride_out_a_short_outage(restartable, tmp_path):
     assert time.time() - started > OUTAGE_S, "the requests really waited for the server"
     thread.join()
     assert [o.key for o in storage.list_objects(base, cfg)] == ["a.json", "b.json", "t.parquet"]
+
+
+@pytest.mark.slow  # a whole job on S3 with an outage in the middle (about a minute here)
+def test_job_survives_a_storage_outage_mid_run(ray_runtime, tiny_assets, restartable, tmp_path):
+    from pipeline import read_output, run_job
+    from tests.pipeline.conftest import SIZES, job, write_prompts
+
+    model, pool = tiny_assets
+    write_prompts(tmp_path / "in", SIZES, row_group_size=10)
+    client = restartable.client()
+
+    def upload(local: Path, prefix: str) -> str:
+        for path in sorted(local.rglob("*")):
+            if path.is_file():
+                client.upload_file(str(path), restartable.bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
+        return f"s3://{restartable.bucket}/{prefix}"
+
+    output_uri = f"s3://{restartable.bucket}/runs/outage"
+    config = job(upload(model, "model"), upload(pool, "pool"), upload(tmp_path / "in", "in"), output_uri,
+                 storage={"endpoint": restartable.endpoint, "cache_dir": str(tmp_path / "cache")},
+                 resources={"rows_per_block": 10})
+    seen_before_outage: list[str] = []
+
+    def data_keys() -> list[str]:
+        reply = client.list_objects_v2(Bucket=restartable.bucket, Prefix="runs/outage/data/")
+        return [o["Key"] for o in reply.get("Contents", [])]
+
+    def first_file_written() -> bool:
+        try:
+            keys = data_keys()
+        except Exception:
+            return False
+        seen_before_outage[:] = keys
+        return bool(keys)
+
+    thread = restartable.outage(OUTAGE_S, when=first_file_written, poll=0.2)
+    try:
+        report = run_job(config, progress=False)
+        outcome = "rode it out"
+    except Exception as err:  # a clear failure is allowed; the rerun must resume it
+        outcome = f"failed: {type(err).__name__}: {str(err)[:300]}"
+        thread.join()
+        report = run_job(config, progress=False)
+    thread.join()
+    print(f"outage {restartable.outages}; the first run {outcome}")
+    assert restartable.outages and seen_before_outage, "the outage happened while data files were being written"
+    assert report.status == "committed"
+    table = read_output(output_uri, StorageConfig(endpoint=restartable.endpoint))
+    ids = table.column("id").to_pylist()
+    expected = {f"part-{f}.parquet:{r}" for f, n in enumerate(SIZES) for r in range(n)}
+    assert len(ids) == len(set(ids)) == sum(SIZES) and set(ids) == expected, "every id exactly once"
+    assert table.column("error").null_count == table.num_rows
+    kept = set(data_keys())
+    assert set(seen_before_outage) <= kept, f"good files lost: {set(seen_before_outage) - kept}"
