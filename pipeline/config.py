@@ -262,9 +262,6 @@ class JobConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Object-storage endpoint, region and local cache."""
 
-    def __post_init__(self) -> None:
-        check_actor_options(self)
-
     def predictor_options(self) -> dict:
         """Keyword arguments for `actors.LoGoPredictor`, less `model`, `adapters` and the calibration
         source (see `stages.predictor_from_config`)."""
@@ -280,8 +277,11 @@ class JobConfig:
 
 
 def check_actor_options(config: JobConfig) -> None:
-    """Build the actors' own routing and generation options here, on the driver, so that a value
-    they refuse stops the job before any actor starts (the model-dependent checks run in the actors)."""
+    """Build the actors' own routing and generation options on the driver, so that a value they refuse
+    stops the job before any actor starts (the model-dependent checks run in the actors). The section
+    checks above already refuse every such value a YAML file can hold; this catches the rest (a
+    configuration built in Python) and any check the actors add. It imports torch, so it is called
+    when a job starts, not when a configuration is read."""
     from actors.engine import GenerationConfig as ActorGeneration
     from actors.router import RoutingConfig as ActorRouting
 

@@ -20,27 +20,18 @@ ACTOR_OPTIONS = {"max_restarts": MAX_ACTOR_RESTARTS, "max_task_retries": MAX_ACT
 a batch whose actor died is retried on the restarted actor at most this often."""
 
 
-def _node_resources(nodes: Sequence[Mapping] | None) -> list[Mapping[str, float]]:
-    if nodes is None:
-        import ray
-
-        nodes = ray.nodes()
-    return [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
-
-
 def _describe(node: Mapping[str, float]) -> str:
     return f"{node.get('CPU', 0):g} CPU, {node.get('GPU', 0):g} GPU"
 
 
-def check_cluster(actors: int, cpus: float, gpus: float, io_cpus: float,
-                  nodes: Sequence[Mapping] | None = None) -> None:
+def check_cluster(actors: int, cpus: float, gpus: float, io_cpus: float, nodes: Sequence[Mapping]) -> None:
     """Refuse a plan whose actors cannot all start, or that leaves no CPU for reading and writing.
 
     `actors` LoGo actors of `cpus` CPUs and `gpus` GPUs each, plus tasks of `io_cpus` CPUs that read
-    and write blocks; `nodes` as `ray.nodes()` reports them (default: the connected cluster's).
+    and write blocks; `nodes` as `ray.nodes()` reports them (the caller, `dataflow`, asks Ray).
     Raises ConfigError naming the `resources.*` setting to change.
     """
-    alive = _node_resources(nodes)
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
     total = {key: sum(float(n.get(key, 0)) for n in alive) for key in ("CPU", "GPU")}
     summary = f"the Ray cluster has {len(alive)} node(s): " + "; ".join(_describe(n) for n in alive)
     if gpus > 0 and total["GPU"] == 0:

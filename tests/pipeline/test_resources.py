@@ -13,18 +13,19 @@ from pipeline.resources import ACTOR_OPTIONS, MAX_ACTOR_RESTARTS, check_cluster
 
 def test_plans_the_local_cluster_cannot_run_are_refused(ray_runtime):
     # the session's Ray: one node, 2 CPUs, no GPU
+    nodes = ray_runtime.nodes()
     with pytest.raises(ConfigError, match=r"resources\.gpus_per_actor: each actor asks for 1 GPU, but the Ray "
                                           r"cluster has 1 node\(s\): 2 CPU, 0 GPU; .* Set resources\.gpus_per_actor: 0"):
-        check_cluster(actors=1, cpus=1.0, gpus=1.0, io_cpus=0.25)
+        check_cluster(actors=1, cpus=1.0, gpus=1.0, io_cpus=0.25, nodes=nodes)
     with pytest.raises(ConfigError, match=r"resources\.cpus_per_actor: one actor asks for 3 CPU and 0 GPU, more than "
                                           r"any node holds"):
-        check_cluster(actors=1, cpus=3.0, gpus=0.0, io_cpus=0.25)
+        check_cluster(actors=1, cpus=3.0, gpus=0.0, io_cpus=0.25, nodes=nodes)
     with pytest.raises(ConfigError, match=r"resources\.cpus_per_actor: 2 actors x 1 CPU leave 0 of the cluster's 2 "
                                           r"CPUs for reading and writing, which need 0\.25"):
-        check_cluster(actors=2, cpus=1.0, gpus=0.0, io_cpus=0.25)
+        check_cluster(actors=2, cpus=1.0, gpus=0.0, io_cpus=0.25, nodes=nodes)
     with pytest.raises(ConfigError, match=r"resources\.actors: 3 actors .* room for 2\).* Set resources\.actors: 2"):
-        check_cluster(actors=3, cpus=1.0, gpus=0.0, io_cpus=0.0)
-    check_cluster(actors=2, cpus=0.85, gpus=0.0, io_cpus=0.25)  # the default share on 2 CPUs fits
+        check_cluster(actors=3, cpus=1.0, gpus=0.0, io_cpus=0.0, nodes=nodes)
+    check_cluster(actors=2, cpus=0.85, gpus=0.0, io_cpus=0.25, nodes=nodes)  # the default share on 2 CPUs fits
 
 
 def test_actors_must_fit_node_by_node():

@@ -11,6 +11,7 @@ from pipeline import (
     AdaptersConfig, ConfigError, InputConfig, InputError, JobConfig, ModelConfig, OutputConfig, RoutingConfig,
     config_from_dict, load_config,
 )
+from pipeline.config import check_actor_options
 from pipeline.guards import check_input_schema
 
 BASE = {"model": {"path": "m"}, "adapters": {"path": "a"}, "input": {"uri": "i"}, "output": {"uri": "o"}}
@@ -40,8 +41,9 @@ def test_actor_option_refusals_are_found_on_the_driver():
     # own option objects refuse stops the job at configuration time, naming the section.
     sections = {name: cls(**BASE[name]) for name, cls in
                 (("model", ModelConfig), ("adapters", AdaptersConfig), ("input", InputConfig), ("output", OutputConfig))}
+    check_actor_options(JobConfig(**sections, routing=RoutingConfig(k=3)))
     with pytest.raises(ConfigError, match=r"^routing: k=2\.5: k must be an integer >= 1"):
-        JobConfig(**sections, routing=RoutingConfig(k=2.5))
+        check_actor_options(JobConfig(**sections, routing=RoutingConfig(k=2.5)))
 
 
 @pytest.mark.parametrize("input_section, message", [
