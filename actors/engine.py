@@ -101,9 +101,10 @@ class OverflowWatch(LogitsProcessor):
     """Finds rows whose numbers overflow during generation and ends them at once.
 
     Two signs, per row and step: the residual stream leaving the last block, at the position being
-    decoded (rows are left-padded), has a mean square that is not finite (the final norm then divides by infinity and the row's logits collapse to a
-    constant), or the logits hold NaN or inf. The first step showing either is recorded, and from
-    then on the row's next token is an end id, so it costs no further decode steps.
+    decoded (rows are left-padded), has a mean square that is not finite (the final norm then
+    divides by infinity and the row's logits collapse to a constant), or the logits hold NaN or
+    +inf (or are -inf everywhere). The first step showing either is recorded, and from then on the
+    row's next token is an end id, so it costs no further decode steps.
     """
 
     def __init__(self, batch: int, end_id: int):
@@ -121,7 +122,9 @@ class OverflowWatch(LogitsProcessor):
         self._mark(~torch.isfinite(h.float().pow(2).mean(dim=-1)))
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self._mark(~torch.isfinite(scores).all(dim=-1))
+        # -inf is how other processors forbid a token (e.g. min_new_tokens), so only NaN, +inf, or a row
+        # with every token at -inf counts
+        self._mark(scores.isnan().any(dim=-1) | scores.isposinf().any(dim=-1) | scores.isneginf().all(dim=-1))
         bad = torch.tensor([s is not None for s in self.first_bad], device=scores.device)  # (B,)
         if bool(bad.any()):
             scores = scores.masked_fill(bad[:, None], float("-inf"))
