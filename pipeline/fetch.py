@@ -63,12 +63,12 @@ def local_copy(uri: str, config: StorageConfig) -> str:
         if not objects:
             raise FetchError(f"{uri}: no objects there; check the URI and the storage endpoint")
     objects = [o for o in objects if not (o.key.endswith("/") and o.size == 0)]  # "folder" markers
-    for o in objects:
-        cache_path(Path("cache"), o.key, uri)  # refuse hostile keys before any download
     listing = [{"key": o.key, "size": o.size, "etag": o.etag} for o in objects]
     root = cache_root(config)
-    root.mkdir(parents=True, exist_ok=True)
     target = root / tag
+    for o in objects:
+        cache_path(target, o.key, uri)  # refuse hostile keys before anything is written
+    root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{tag}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
