@@ -107,14 +107,18 @@ class OverflowWatch(LogitsProcessor):
     row's next token is an end id, so it costs no further decode steps.
     """
 
-    def __init__(self, batch: int, end_id: int):
-        self.first_bad: list[int | None] = [None] * batch
+    def __init__(self, batch: int, end_id: int, device: torch.device):
+        self.first = torch.full((batch,), -1, dtype=torch.long, device=device)  # (B,) step, -1: none yet
         self.end_id, self.step = end_id, 0
 
     def _mark(self, bad: torch.Tensor) -> None:
-        for row in bad.nonzero().flatten().tolist():
-            if self.first_bad[row] is None:
-                self.first_bad[row] = self.step
+        """Record `step` for the rows newly `bad` (B,), on the device: no synchronisation per step."""
+        self.first = torch.where(bad & (self.first < 0), self.step, self.first)
+
+    @property
+    def first_bad(self) -> list[int | None]:
+        """Per row, the first step that showed an overflow, or None."""
+        return [None if s < 0 else s for s in self.first.tolist()]
 
     def block_output(self, _module, _args, output) -> None:
         """Forward hook on the last decoder block."""
@@ -125,10 +129,9 @@ class OverflowWatch(LogitsProcessor):
         # -inf is how other processors forbid a token (e.g. min_new_tokens), so only NaN, +inf, or a row
         # with every token at -inf counts
         self._mark(scores.isnan().any(dim=-1) | scores.isposinf().any(dim=-1) | scores.isneginf().all(dim=-1))
-        bad = torch.tensor([s is not None for s in self.first_bad], device=scores.device)  # (B,)
-        if bool(bad.any()):
-            scores = scores.masked_fill(bad[:, None], float("-inf"))
-            scores[bad, self.end_id] = 0.0
+        ended = (self.first >= 0)[:, None]  # (B, 1)
+        scores = scores.masked_fill(ended, float("-inf"))  # (B, V)
+        scores[:, self.end_id] = torch.where(ended[:, 0], 0.0, scores[:, self.end_id])
         self.step += 1
         return scores
 
@@ -285,7 +288,8 @@ class LoGoEngine:
         stats.decode_union_sizes = [len(g.union) for g in decode_groups]
         input_ids, attention_mask = self.pad([seqs[r] for r in order])
         t0 = time.perf_counter()
-        watch = OverflowWatch(len(order), self.end_ids[0] if self.end_ids else self.tokenizer.pad_token_id)
+        watch = OverflowWatch(len(order), self.end_ids[0] if self.end_ids else self.tokenizer.pad_token_id,
+                              input_ids.device)
         handle = self.last_block.register_forward_hook(watch.block_output)
         try:
             with self.mixing(ordered, groups, decode_groups):
@@ -298,9 +302,10 @@ class LoGoEngine:
         stats.group_seconds = list(self.state.group_seconds) if self.state.timed else None
         new = out[:, input_ids.shape[1]:].tolist()
         texts, counts = [""] * len(seqs), [0] * len(seqs)
+        first_bad = watch.first_bad
         for pos, (tokens, row) in enumerate(zip(new, order)):
             texts[row], counts[row] = self.decode(tokens)
-            step = watch.first_bad[pos]
+            step = first_bad[pos]
             if step is not None and step <= counts[row] and row not in stats.errors:
                 r, dtype = routings[row], str(self.pool.dtype).removeprefix("torch.")
                 fix = "check those adapters" + ("" if dtype == "float32" else ", or run with dtype float32")
