@@ -1,7 +1,13 @@
-"""The generation engine: route a batch, group it, and generate with each row's adapter mixture."""
+"""The generation engine: route a batch, group it, and generate with each row's adapter mixture.
+
+A row whose routing weights, hidden states or logits overflow (an adapter with huge weights, or a
+dtype too narrow for the mixture) is not reported as an output: `BatchStats.errors` names its cause, and
+a row whose logits go bad is ended at once so that it costs no more decode steps.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -10,8 +16,9 @@ from typing import Iterator
 import torch
 from torch import nn
 from transformers import GenerationConfig as HFGenerationConfig
-from transformers import PreTrainedTokenizerBase
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
+from actors.base import decoder_blocks
 from actors.grouping import Group, group_rows, length_buckets, single_group
 from actors.mixture import GroupTerm, MixtureState, install_mixture_layers
 from actors.pool import AdapterPool
@@ -75,6 +82,58 @@ class BatchStats:
     probe_seconds: float = 0.0
     generate_seconds: float = 0.0
     new_tokens: int = 0
+    errors: dict[int, str] = field(default_factory=dict)  # row position -> why its output is not kept
+
+
+def end_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a row: the tokenizer's end id and all of the model's
+    `generation_config.eos_token_id` (several for chat models such as Llama-3.x-Instruct)."""
+    ids: list[int] = []
+    sources = [tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)]
+    for value in sources:
+        for i in (value if isinstance(value, (list, tuple)) else [value]):
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+class OverflowWatch(LogitsProcessor):
+    """Finds rows whose numbers overflow during generation and ends them at once.
+
+    Two signs, per row and step: the residual stream leaving the last block, at the position being
+    decoded (rows are left-padded), has a mean square that is not finite (the final norm then
+    divides by infinity and the row's logits collapse to a constant), or the logits hold NaN or
+    +inf (or are -inf everywhere). The first step showing either is recorded, and from then on the
+    row's next token is an end id, so it costs no further decode steps.
+    """
+
+    def __init__(self, batch: int, end_id: int, device: torch.device):
+        self.first = torch.full((batch,), -1, dtype=torch.long, device=device)  # (B,) step, -1: none yet
+        self.end_id, self.step = end_id, 0
+
+    def _mark(self, bad: torch.Tensor) -> None:
+        """Record `step` for the rows newly `bad` (B,), on the device: no synchronisation per step."""
+        self.first = torch.where(bad & (self.first < 0), self.step, self.first)
+
+    @property
+    def first_bad(self) -> list[int | None]:
+        """Per row, the first step that showed an overflow, or None."""
+        return [None if s < 0 else s for s in self.first.tolist()]
+
+    def block_output(self, _module, _args, output) -> None:
+        """Forward hook on the last decoder block."""
+        h = (output[0] if isinstance(output, tuple) else output)[:, -1]  # (B, d): the position that is decoded
+        self._mark(~torch.isfinite(h.float().pow(2).mean(dim=-1)))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # -inf is how other processors forbid a token (e.g. min_new_tokens), so only NaN, +inf, or a row
+        # with every token at -inf counts
+        self._mark(scores.isnan().any(dim=-1) | scores.isposinf().any(dim=-1) | scores.isneginf().all(dim=-1))
+        ended = (self.first >= 0)[:, None]  # (B, 1)
+        scores = scores.masked_fill(ended, float("-inf"))  # (B, V)
+        scores[:, self.end_id] = torch.where(ended[:, 0], 0.0, scores[:, self.end_id])
+        self.step += 1
+        return scores
 
 
 class LoGoEngine:
@@ -88,9 +147,11 @@ class LoGoEngine:
         self.state = MixtureState(timed=generation.time_groups)
         install_mixture_layers(model, list(pool.modules), self.state)
         self.device = next(model.parameters()).device
+        self.end_ids = end_ids(model, tokenizer)
+        self.last_block = decoder_blocks(model)[1][-1]
         self.hf_config = HFGenerationConfig(
             max_new_tokens=generation.max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=self.end_ids or None,
             stop_strings=list(generation.stops) or None,
         )
 
@@ -194,8 +255,21 @@ class LoGoEngine:
 
     @torch.inference_mode()
     def generate(self, seqs: list[list[int]], routings: list[Routing]) -> tuple[list[str], list[int], BatchStats]:
-        """Greedy generation with each row's mixture. Returns texts, new-token counts, stats."""
+        """Greedy generation with each row's mixture. Returns texts, new-token counts, stats.
+
+        Rows in `stats.errors` (routing weights or logits not finite) have no output: their text
+        is empty and must not be reported as a result.
+        """
         stats = BatchStats(rows=len(seqs))
+        routings = list(routings)
+        for row, routing in enumerate(routings):
+            if not all(map(math.isfinite, routing.weights)):
+                bad = [a for a, w in zip(routing.adapters, routing.weights) if not math.isfinite(w)]
+                stats.errors[row] = (
+                    f"routing weights are not finite (adapters {bad} scored NaN or inf): their factors are "
+                    "too large for the routing scores; check those adapters' weights (lora_B, lora_alpha)")
+                routings[row] = Routing(indices=routing.indices, adapters=routing.adapters,
+                                        weights=(0.0,) * len(routing.weights))  # generate harmlessly
         # Lay rows out decode group after decode group, prefill group after prefill group inside
         # it, longest first inside that: every group of both phases is a slice of the batch.
         order: list[int] = []
@@ -214,22 +288,37 @@ class LoGoEngine:
         stats.decode_union_sizes = [len(g.union) for g in decode_groups]
         input_ids, attention_mask = self.pad([seqs[r] for r in order])
         t0 = time.perf_counter()
-        with self.mixing(ordered, groups, decode_groups):
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                      generation_config=self.hf_config, tokenizer=self.tokenizer)
+        watch = OverflowWatch(len(order), self.end_ids[0] if self.end_ids else self.tokenizer.pad_token_id,
+                              input_ids.device)
+        handle = self.last_block.register_forward_hook(watch.block_output)
+        try:
+            with self.mixing(ordered, groups, decode_groups):
+                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                          generation_config=self.hf_config, tokenizer=self.tokenizer,
+                                          logits_processor=LogitsProcessorList([watch]))
+        finally:
+            handle.remove()
         stats.generate_seconds = time.perf_counter() - t0
         stats.group_seconds = list(self.state.group_seconds) if self.state.timed else None
         new = out[:, input_ids.shape[1]:].tolist()
         texts, counts = [""] * len(seqs), [0] * len(seqs)
-        for tokens, row in zip(new, order):
+        first_bad = watch.first_bad
+        for pos, (tokens, row) in enumerate(zip(new, order)):
             texts[row], counts[row] = self.decode(tokens)
+            step = first_bad[pos]
+            if step is not None and step <= counts[row] and row not in stats.errors:
+                r, dtype = routings[row], str(self.pool.dtype).removeprefix("torch.")
+                fix = "check those adapters" + ("" if dtype == "float32" else ", or run with dtype float32")
+                stats.errors[row] = (
+                    f"the hidden states or logits overflowed (NaN or inf) at new token {step + 1} with adapters "
+                    f"{list(r.adapters)} (weights {[round(w, 4) for w in r.weights]}) in {dtype}: an adapter's "
+                    f"weights are too large for the model; {fix}")
         stats.new_tokens = sum(counts)
         return texts, counts, stats
 
     def decode(self, tokens: list[int]) -> tuple[str, int]:
         """New tokens of one row -> (text cut at the first stop, number of tokens generated)."""
-        eos = self.tokenizer.eos_token_id
-        ends = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.pad_token_id}
+        ends = set(self.end_ids) | {self.tokenizer.pad_token_id}
         n = next((i for i, t in enumerate(tokens) if t in ends), len(tokens))  # finished rows are padded
         text = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
         for stop in self.generation.stops:

@@ -36,6 +36,18 @@ class StackedModule:
     starts: tuple[int, ...]  # per pool adapter; first column of its block
 
 
+def _check_range(adapter: Adapter, dtype: torch.dtype) -> None:
+    """Refuse an adapter whose factors (B with its scale folded in) do not fit in the pool's dtype."""
+    limit = torch.finfo(dtype).max
+    for module, f in adapter.factors.items():
+        largest = max(float(f.A.abs().max()), float(f.B.abs().max()) * abs(f.scale))
+        if not largest <= limit:
+            raise AdapterError(
+                f"adapter {adapter.name!r}: module {module!r} has a factor entry of {largest:.3g} (lora_A, or "
+                f"lora_B times its scale), beyond the largest {str(dtype).removeprefix('torch.')} value "
+                f"({limit:.3g}); the adapter's weights diverged, or use a wider dtype (float32)")
+
+
 class AdapterPool:
     """A validated pool of LoRA adapters for one base model, stacked per module on one device."""
 
@@ -45,6 +57,7 @@ class AdapterPool:
             raise AdapterError("the adapter pool is empty; LoGo needs at least one adapter")
         for adapter in adapters:
             validate_adapter(adapter, model)
+            _check_range(adapter, dtype)
         adapters = sorted(adapters, key=lambda a: a.name)
         self.names: tuple[str, ...] = tuple(a.name for a in adapters)
         self.paths: tuple[Path, ...] = tuple(a.path for a in adapters)
@@ -82,8 +95,8 @@ class AdapterPool:
         `index_modules`: module names (last path component) whose float32 probe factors the routing
         index keeps, at every block; `index_with_B`: keep B too (the entropy signal needs it)."""
         sources = resolve_sources(adapters)
-        return cls([read_adapter(name, path) for name, path in sources.items()], model, dtype, torch.device(device),
-                   index_modules, index_with_B)
+        return cls([read_adapter(name, path, model) for name, path in sources.items()], model, dtype,
+                   torch.device(device), index_modules, index_with_B)
 
     def __len__(self) -> int:
         return len(self.names)

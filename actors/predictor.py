@@ -191,10 +191,12 @@ class LoGoPredictor:
                 cols["prompt_tokens"][row] = len(ids)
         rows = list(seqs)
         results: dict[int, tuple[Routing, str, int]] = {}
+        failed: dict[int, str] = {}  # rows whose routing or logits were not finite: no output
         if rows:
             try:
                 routings, texts, counts, self.last_stats = self.process([seqs[r] for r in rows])
                 results = {r: res for r, res in zip(rows, zip(routings, texts, counts))}
+                failed = {rows[i]: why for i, why in self.last_stats.errors.items()}
                 self._count_batch(self.last_stats)
             except Exception as exc:  # isolate the failing row(s); device failures stay fatal
                 if _is_fatal(exc):
@@ -204,11 +206,16 @@ class LoGoPredictor:
                     try:
                         (routing,), (text,), (count,), stats = self.process([seqs[r]])
                         results[r] = (routing, text, count)
+                        if stats.errors:
+                            failed[r] = stats.errors[0]
                         self._count_batch(stats)
                     except Exception as row_exc:
                         if _is_fatal(row_exc):
                             raise
                         cols["error"][r] = f"generation failed: {type(row_exc).__name__}: {row_exc}"
+        for r, why in failed.items():
+            results.pop(r, None)
+            cols["error"][r] = why
         for r, (routing, text, count) in results.items():
             cols["output"][r], cols["output_tokens"][r] = text, count
             cols["adapters"][r], cols["weights"][r] = list(routing.adapters), list(routing.weights)

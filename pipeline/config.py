@@ -14,6 +14,8 @@ from typing import ClassVar
 
 # Columns every output row carries, in this order (see README, "Output schema").
 OUTPUT_COLUMNS = ("id", "output", "adapters", "weights", "error", "warning", "prompt_tokens", "output_tokens")
+INTERNAL_PREFIX = "_logo_"
+"""Columns the dataflow adds for itself start with this; no input column may."""
 
 
 class ConfigError(ValueError):
@@ -111,7 +113,10 @@ class RoutingConfig:
         layers = self.probe_layers
         _check(layers == "all" or isinstance(layers, (int, tuple)) and layers != (), "routing.probe_layers",
                f"give a block index (e.g. -1), a list of block indices, or all; got {layers!r}")
-        _check(bool(self.probe_module), "routing.probe_module", "is empty; e.g. q_proj")
+        _check(bool(self.probe_module) and all(isinstance(m, str) and m for m in
+                                                ((self.probe_module,) if isinstance(self.probe_module, str)
+                                                 else self.probe_module)),
+               "routing.probe_module", f"{self.probe_module!r} is or holds an empty name; e.g. q_proj")
         _one_of(self.calibration_score, ("raw", "ratio", "zscore"), "routing.calibration_score")
         if self.calibration_score == "raw":
             object.__setattr__(self, "calibration", None)  # raw scores read no statistics
@@ -144,6 +149,8 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, "generation.max_new_tokens", f"must be >= 1; got {self.max_new_tokens}")
         _one_of(self.overlong, ("truncate", "error"), "generation.overlong")
+        _check(all(self.stop_strings), "generation.stop_strings",
+               f"{list(self.stop_strings)} holds an empty string; remove it")
         if self.max_prompt_tokens is not None:
             _check(self.max_prompt_tokens >= 1, "generation.max_prompt_tokens",
                    f"must be >= 1 or null; got {self.max_prompt_tokens}")
@@ -167,10 +174,20 @@ class InputConfig:
     def __post_init__(self) -> None:
         _check(bool(self.uri), "input.uri", "is empty; give a Parquet file, directory or s3:// prefix")
         _check(bool(self.prompt_column), "input.prompt_column", "is empty")
-        reserved = set(OUTPUT_COLUMNS) - {"id"}
-        _check(self.prompt_column not in reserved, "input.prompt_column",
-               f"{self.prompt_column!r} clashes with an output column; rename the input column")
+        _check(self.id_column is None or bool(self.id_column), "input.id_column",
+               "is empty; name the id column, or leave the key out to derive ids from file and row")
+        _check(self.prompt_column not in OUTPUT_COLUMNS, "input.prompt_column",
+               f"{self.prompt_column!r} clashes with the output column of that name (every output row has its "
+               "own id and output); rename the input column")
+        _check(self.id_column is None or self.id_column != self.prompt_column, "input.id_column",
+               f"{self.id_column!r} is also input.prompt_column; ids and prompts must be different columns")
+        for key, name in [("input.prompt_column", self.prompt_column), ("input.id_column", self.id_column or ""),
+                          *(("input.passthrough", n) for n in self.passthrough)]:
+            _check(not name.startswith(INTERNAL_PREFIX), key,
+                   f"{name!r}: names starting with {INTERNAL_PREFIX!r} are kept for the dataflow's own columns; "
+                   "rename the input column")
         for name in self.passthrough:
+            _check(bool(name), "input.passthrough", "holds an empty column name")
             _check(name not in OUTPUT_COLUMNS, "input.passthrough",
                    f"{name!r} clashes with the output column of that name; drop it or rename the input column")
         _check(len(set(self.passthrough)) == len(self.passthrough), "input.passthrough",
@@ -237,8 +254,13 @@ class StorageConfig:
     cache_dir: str | None = None
     """Local directory where s3:// models and adapters are cached on each node; default:
     LOGO_BATCH_CACHE, else ~/.cache/logo-batch."""
+    retries: int = 10
+    """Attempts per object-storage request before it fails: connection errors, timeouts, throttling
+    and 5xx replies are retried with exponential backoff and jitter (about a minute in all with
+    10), so a short outage of the storage service is ridden out."""
 
     def __post_init__(self) -> None:
+        _check(self.retries >= 1, "storage.retries", f"must be >= 1; got {self.retries}")
         if self.endpoint is not None:
             _check(self.endpoint.startswith(("http://", "https://")), "storage.endpoint",
                    f"must start with http:// or https://; got {self.endpoint!r}")
@@ -275,6 +297,30 @@ class JobConfig:
             stop_strings=tuple(g.stop_strings), overlong=g.overlong, max_prompt_tokens=g.max_prompt_tokens,
             dtype=self.model.dtype, device=self.model.device, prompt_column=self.input.prompt_column,
         )
+
+
+def check_actor_options(config: JobConfig) -> None:
+    """Build the actors' own routing and generation options on the driver, so that a value they refuse
+    stops the job before any actor starts (the model-dependent checks run in the actors). The section
+    checks above already refuse every such value a YAML file can hold; this catches the rest (a
+    configuration built in Python) and any check the actors add. It imports torch, so it is called
+    when a job starts, not when a configuration is read."""
+    from actors.engine import GenerationConfig as ActorGeneration
+    from actors.router import RoutingConfig as ActorRouting
+
+    r, g = config.routing, config.generation
+    for section, build in (
+        ("routing", lambda: ActorRouting(k=r.k, signal=r.signal, probe_layers=r.probe_layers,
+                                         probe_module=r.probe_module, probe_input=r.probe_input,
+                                         calibration_score=r.calibration_score)),
+        ("generation", lambda: ActorGeneration(max_new_tokens=g.max_new_tokens, stop_at_newline=g.stop_at_newline,
+                                               stop_strings=tuple(g.stop_strings), grouping=r.grouping,
+                                               max_groups=r.max_groups)),
+    ):
+        try:
+            build()
+        except ValueError as err:
+            raise ConfigError(f"{section}: {err}") from None
 
 
 SECTIONS = (ModelConfig, AdaptersConfig, RoutingConfig, GenerationConfig, InputConfig, OutputConfig,

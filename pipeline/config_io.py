@@ -89,8 +89,9 @@ def _build_section(cls: type, data: Any, key: str) -> Any:
     known = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for name, value in data.items():
-        name = RENAMED.get((key, name), name)
-        if name not in known:
+        if isinstance(name, str):
+            name = RENAMED.get((key, name), name)
+        if not isinstance(name, str) or name not in known:
             raise ConfigError(f"{key}.{name}: unknown key; known keys: {', '.join(known)}")
         kwargs[name] = _coerce(value, hints[name], f"{key}.{name}")
     missing = [f.name for f in dataclasses.fields(cls)
@@ -107,7 +108,7 @@ def config_from_dict(data: Any) -> JobConfig:
         raise ConfigError(f"configuration: expected a mapping of sections; got {type(data).__name__}")
     by_name = {cls.section: cls for cls in SECTIONS}
     for name in data:
-        if name not in by_name:
+        if not isinstance(name, str) or name not in by_name:
             raise ConfigError(f"{name}: unknown section; known sections: {', '.join(by_name)}")
     for name in ("model", "adapters", "input", "output"):
         if name not in data:
@@ -123,12 +124,17 @@ def _first_field(cls: type) -> str:
 
 def apply_overrides(data: Mapping, overrides: Mapping[str, Any]) -> dict:
     """Return a copy of `data` with each dotted key (`section.key`) set to its value."""
-    result = {name: dict(section or {}) for name, section in data.items()}
+    result = {name: dict(section) if isinstance(section, Mapping) else section for name, section in data.items()}
     for dotted, value in overrides.items():
         section, sep, key = dotted.partition(".")
         if not sep or not key or "." in key:
             raise ConfigError(f"{dotted}: overrides are written section.key (e.g. routing.k=5)")
-        result.setdefault(section, {})[key] = value
+        target = result.setdefault(section, {})
+        if target is None:
+            target = result[section] = {}
+        if not isinstance(target, Mapping):
+            raise ConfigError(f"{section}: expected a mapping of keys to values; got {target!r}")
+        target[key] = value
     return result
 
 
@@ -155,7 +161,10 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(data, Mapping):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return config_from_dict(apply_overrides(data, overrides or {}))
+    try:
+        return config_from_dict(apply_overrides(data, overrides or {}))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
 
 
 def config_to_dict(config: JobConfig) -> dict:

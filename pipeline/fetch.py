@@ -3,9 +3,13 @@
 Actors on one node share the cache: a file lock makes the first one download while the others
 wait, and a listing stored next to the files (key, size, ETag of every object) tells later
 callers whether the cached copy still matches the bucket. Every downloaded file is checked
-against its listed size, and against its MD5 where the ETag is one (single-part uploads; a
-multipart ETag, with a '-', is checked by size only). A download goes to a temporary directory
-that is renamed into place only when complete, so a crash never leaves a half copy in use.
+against its listed size, and against its MD5 where the ETag is one: not for multipart uploads
+(an ETag with a '-') nor for objects encrypted with SSE-KMS or a customer key (SSE-C), whose
+ETags are not MD5s; those are checked by size. A download goes to a temporary directory that is
+renamed into place only when complete, so a crash never leaves a half copy in use.
+
+Keys are names chosen by whoever writes the bucket: a key that would land outside the cache
+directory (`pool/../../x`, an absolute path) is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
+
+import botocore.exceptions
 
 from pipeline import storage
 from pipeline.config import StorageConfig
@@ -55,10 +62,13 @@ def local_copy(uri: str, config: StorageConfig) -> str:
         objects = storage.list_objects(uri, config)
         if not objects:
             raise FetchError(f"{uri}: no objects there; check the URI and the storage endpoint")
+    objects = [o for o in objects if not (o.key.endswith("/") and o.size == 0)]  # "folder" markers
     listing = [{"key": o.key, "size": o.size, "etag": o.etag} for o in objects]
     root = cache_root(config)
-    root.mkdir(parents=True, exist_ok=True)
     target = root / tag
+    for o in objects:
+        cache_path(target, o.key, uri)  # refuse hostile keys before anything is written
+    root.mkdir(parents=True, exist_ok=True)
     with open(root / f"{tag}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
@@ -67,6 +77,16 @@ def local_copy(uri: str, config: StorageConfig) -> str:
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return str(target / objects[0].key) if single is not None else str(target)
+
+
+def cache_path(root: Path, key: str, uri: str) -> Path:
+    """Where object `key` (relative to `uri`) is stored under `root`; a key that would leave `root`
+    (a '..' or empty part, an absolute path, a NUL) is refused."""
+    parts = key.split("/")
+    if not key or "\0" in key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise FetchError(f"{uri}: object key {key!r} has an empty, '.' or '..' path part, so it would be written "
+                         "outside the local cache; remove or rename that object in the bucket")
+    return root.joinpath(*parts)
 
 
 def _cached(target: Path, listing: list[dict]) -> bool:
@@ -87,10 +107,17 @@ def _download(uri: str, listing: list[dict], target: Path, config: StorageConfig
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         for item in listing:
-            dest = tmp / item["key"]
+            dest = cache_path(tmp, item["key"], uri)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, prefix + item["key"], str(dest))
-            _verify(dest, item, uri)
+            key = prefix + item["key"]
+            try:
+                client.download_file(bucket, key, str(dest))
+            except botocore.exceptions.ClientError as err:
+                status = err.response.get("Error", {}).get("Code")
+                hint = (" (an object encrypted with a customer key, SSE-C, cannot be read without it; store it with "
+                        "SSE-S3 or SSE-KMS)" if status in ("400", "BadRequest") else "")
+                raise FetchError(f"{uri}/{item['key']}: download failed: {err}{hint}") from None
+            _verify(dest, item, uri, lambda: client.head_object(Bucket=bucket, Key=key))
         (tmp / LISTING).write_text(json.dumps(listing))
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
@@ -98,10 +125,19 @@ def _download(uri: str, listing: list[dict], target: Path, config: StorageConfig
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _verify(path: Path, item: dict, uri: str) -> None:
+def etag_is_md5(head: dict) -> bool:
+    """Whether a single-part object's ETag is the MD5 of its content: not with SSE-KMS (or its dual-layer
+    form) nor with a customer key (SSE-C). `head` is a HeadObject reply."""
+    return not (str(head.get("ServerSideEncryption", "")).startswith("aws:kms") or head.get("SSECustomerAlgorithm"))
+
+
+def _verify(path: Path, item: dict, uri: str, head: Callable[[], dict] = lambda: {}) -> None:
+    """Check a download against its listing: its size, and its MD5 where the ETag is one. `head` fetches
+    the object's metadata (default: none, so the ETag is taken for an MD5); it is called only when the
+    MD5 differs, to see whether the ETag is an MD5 at all."""
     size = path.stat().st_size
     if size != item["size"]:
         raise FetchError(f"{uri}/{item['key']}: downloaded {size} bytes, the bucket lists {item['size']}; retry")
     etag = item["etag"] or ""
-    if etag and "-" not in etag and _md5(path) != etag:
+    if etag and "-" not in etag and _md5(path) != etag and etag_is_md5(head()):
         raise FetchError(f"{uri}/{item['key']}: MD5 of the download differs from the object's ETag {etag}; retry")

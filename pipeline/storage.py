@@ -5,6 +5,10 @@ Parquet data (local or S3); boto3 does what pyarrow does not do well: writing a 
 if it is absent (the commit marker and the job record), and listing objects with their ETags.
 Endpoint and region come from `StorageConfig` or the usual AWS environment variables;
 credentials only from the environment (or the node's role).
+
+Transient failures (connection refused or reset, timeouts, throttling, 5xx) are retried by the
+clients themselves with exponential backoff: boto3's `standard` retry mode and pyarrow's
+`AwsStandardS3RetryStrategy`, each with `StorageConfig.retries` attempts.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from pipeline.config import StorageConfig
+
+
+CONNECT_TIMEOUT_S = 10
+REQUEST_TIMEOUT_S = 120
 
 
 def is_s3(uri: str) -> bool:
@@ -57,13 +65,18 @@ def filesystem(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    kwargs.update(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=storage.retries),
+                  connect_timeout=CONNECT_TIMEOUT_S, request_timeout=REQUEST_TIMEOUT_S)
     return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
 
 
 def s3_client(storage: StorageConfig):
     import boto3
+    from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=endpoint_url(storage), region_name=region(storage))
+    config = Config(retries={"mode": "standard", "max_attempts": storage.retries},
+                    connect_timeout=CONNECT_TIMEOUT_S, read_timeout=REQUEST_TIMEOUT_S)
+    return boto3.client("s3", endpoint_url=endpoint_url(storage), region_name=region(storage), config=config)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import StorageConfig
-from pipeline.fetch import FetchError, _verify, local_copy
+from pipeline.fetch import FetchError, _verify, cache_path, local_copy
 
 
 def test_prefix_is_downloaded_once_verified_and_refreshed_when_it_changes(s3_server, tmp_path):
@@ -44,3 +44,31 @@ def test_verification_catches_size_and_md5_mismatches(tmp_path):
         _verify(path, {"key": "w.bin", "size": 4, "etag": None}, "s3://b/p")
     with pytest.raises(FetchError, match="MD5 of the download differs"):
         _verify(path, {"key": "w.bin", "size": 3, "etag": "00000000000000000000000000000000"}, "s3://b/p")
+
+
+def test_encrypted_objects_are_checked_by_size_not_md5(tmp_path):
+    # SSE-KMS and SSE-C ETags are not MD5s (AWS documents this); SeaweedFS returns MD5s for them, so the
+    # decision is held to AWS's HeadObject replies here.
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"abc")
+    item = {"key": "w.bin", "size": 3, "etag": "7a9f2c1e0b8d4f63a5e2c9d1b0f4e8a7"}
+    _verify(path, item, "s3://b/p", lambda: {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": "arn:aws:kms:k"})
+    _verify(path, item, "s3://b/p", lambda: {"ServerSideEncryption": "aws:kms:dsse"})
+    _verify(path, item, "s3://b/p", lambda: {"SSECustomerAlgorithm": "AES256"})
+    for plain in ({}, {"ServerSideEncryption": "AES256"}):  # SSE-S3 and unencrypted ETags are MD5s
+        with pytest.raises(FetchError, match="MD5 of the download differs"):
+            _verify(path, item, "s3://b/p", lambda: plain)
+    assert _verify(path, {**item, "etag": "900150983cd24fb0d6963f7d28e17f72"}, "s3://b/p",
+                   lambda: pytest.fail("HeadObject is asked only when the MD5 differs")) is None
+
+
+@pytest.mark.parametrize("key", ["pool/../../x", "../x", "/etc/x", "a//b", "a/./b", "a/..", "..", "a/b\0c"])
+def test_keys_that_would_leave_the_cache_are_refused(tmp_path, key):
+    # SeaweedFS refuses such keys at upload (S3 itself accepts them), so the check is held to its function.
+    with pytest.raises(FetchError, match=r"s3://b/pool: object key .* would be written outside the local cache"):
+        cache_path(tmp_path, key, "s3://b/pool")
+
+
+def test_nested_keys_stay_below_the_cache(tmp_path):
+    assert cache_path(tmp_path, "a/b/c.json", "s3://b/p") == tmp_path / "a" / "b" / "c.json"
+    assert cache_path(tmp_path, "a..b/c", "s3://b/p") == tmp_path / "a..b" / "c"  # dots inside a name are fine

@@ -1,0 +1,58 @@
+"""Whether the LoGo actors fit the Ray cluster, checked before any work, and how often they restart.
+
+Ray queues an actor that asks for more than any node has (a GPU on a cluster without GPUs, more
+CPUs than a node holds) and waits for it forever without a word, and Ray Data restarts a dying
+actor without limit by default (each restart loads the model again). `check_cluster` turns the
+first into an error that names the setting to change; `ACTOR_OPTIONS` bounds the second.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from pipeline.config import ConfigError
+
+MAX_ACTOR_RESTARTS = 3
+"""Times one LoGo actor is started again after it died (a crash, an out-of-memory kill)."""
+ACTOR_OPTIONS = {"max_restarts": MAX_ACTOR_RESTARTS, "max_task_retries": MAX_ACTOR_RESTARTS}
+"""Ray actor options for the LoGo stage (`map_batches(..., **ACTOR_OPTIONS)`): finite restarts, and
+a batch whose actor died is retried on the restarted actor at most this often."""
+
+
+def _describe(node: Mapping[str, float]) -> str:
+    return f"{node.get('CPU', 0):g} CPU, {node.get('GPU', 0):g} GPU"
+
+
+def check_cluster(actors: int, cpus: float, gpus: float, io_cpus: float, nodes: Sequence[Mapping]) -> None:
+    """Refuse a plan whose actors cannot all start, or that leaves no CPU for reading and writing.
+
+    `actors` LoGo actors of `cpus` CPUs and `gpus` GPUs each, plus tasks of `io_cpus` CPUs that read
+    and write blocks; `nodes` as `ray.nodes()` reports them (the caller, `dataflow`, asks Ray).
+    Raises ConfigError naming the `resources.*` setting to change.
+    """
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+    total = {key: sum(float(n.get(key, 0)) for n in alive) for key in ("CPU", "GPU")}
+    summary = f"the Ray cluster has {len(alive)} node(s): " + "; ".join(_describe(n) for n in alive)
+    if gpus > 0 and total["GPU"] == 0:
+        raise ConfigError(f"resources.gpus_per_actor: each actor asks for {gpus:g} GPU, but {summary}; Ray would "
+                          "wait for a GPU forever. Set resources.gpus_per_actor: 0 (or leave it out) to run on "
+                          "CPUs, or join a cluster with GPUs (resources.ray_address)")
+    fits = []  # actors each node can hold
+    for n in alive:
+        per = [float(n.get("CPU", 0)) / cpus if cpus > 0 else math.inf,
+               float(n.get("GPU", 0)) / gpus if gpus > 0 else math.inf]
+        fits.append(int(min(per) + 1e-9) if min(per) != math.inf else actors)
+    if sum(fits) == 0:
+        key = "gpus_per_actor" if gpus > 0 and all(float(n.get("GPU", 0)) < gpus for n in alive) else "cpus_per_actor"
+        raise ConfigError(f"resources.{key}: one actor asks for {cpus:g} CPU and {gpus:g} GPU, more than any node "
+                          f"holds ({summary}); Ray would wait for it forever. Lower resources.{key}")
+    if sum(fits) < actors:
+        raise ConfigError(f"resources.actors: {actors} actors of {cpus:g} CPU and {gpus:g} GPU each do not fit at "
+                          f"once ({summary}: room for {sum(fits)}); Ray would wait forever for the others. Set "
+                          f"resources.actors: {sum(fits)} or lower the per-actor resources")
+    spare = total["CPU"] - actors * cpus
+    if spare < io_cpus - 1e-9:
+        raise ConfigError(f"resources.cpus_per_actor: {actors} actors x {cpus:g} CPU leave {max(spare, 0):g} of the "
+                          f"cluster's {total['CPU']:g} CPUs for reading and writing, which need {io_cpus:g}; the "
+                          "reads would wait forever. Lower resources.cpus_per_actor or resources.actors")
