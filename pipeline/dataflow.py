@@ -110,7 +110,11 @@ def run_dataflow(config: JobConfig, slices: list[inputs.Slice], attempt: str,
     stage_args = {"config": config, "calibration": calibration}
     ds = ds.map_batches(LoGoStage, fn_constructor_kwargs=stage_args, batch_size=res.batch_size,
                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=res.actors),
-                        num_cpus=cpus, num_gpus=gpus)
+                        num_cpus=cpus, num_gpus=gpus,
+                        # no actor restarts: Ray cannot restart an actor whose constructor arguments
+                        # live in the object store (and logs an error saying so); a failed run is
+                        # rerun instead, which resumes it
+                        max_restarts=0)
     ds = ds.map_batches(outputs.write_part, batch_size=None, batch_format="pyarrow", num_cpus=IO_CPUS,
                         fn_kwargs={"data_uri": data_uri, "config": config.storage, "attempt": attempt})
     files = rows = errors = 0
