@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # sub-command -> (module, one-line help)
@@ -26,6 +27,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows every option's default, and keeps the sub-command's docstring layout."""
+
+
+def local_ray_defaults(address: str | None) -> None:
+    """A job that starts its own local Ray (no address, no RAY_ADDRESS) runs it without token
+    authentication: a single-user Ray on this machine, and no warning about it on every run."""
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def add_command(sub, name: str, module: str, help_text: str, *, load: bool) -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -108,13 +109,15 @@ def run_dataflow(config: JobConfig, slices: list[inputs.Slice], attempt: str,
     data_uri = storage.join(config.output.uri, outputs.DATA_DIR)
     ds = ray.data.read_datasource(PromptSource(slices, config), override_num_blocks=len(slices), num_cpus=IO_CPUS)
     stage_args = {"config": config, "calibration": calibration}
-    ds = ds.map_batches(LoGoStage, fn_constructor_kwargs=stage_args, batch_size=res.batch_size,
-                        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=res.actors),
-                        num_cpus=cpus, num_gpus=gpus,
-                        # no actor restarts: Ray cannot restart an actor whose constructor arguments
-                        # live in the object store (and logs an error saying so); a failed run is
-                        # rerun instead, which resumes it
-                        max_restarts=0)
+    with warnings.catch_warnings():  # Ray 2.60 names max_restarts only among its deprecated **ray_remote_args
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+        ds = ds.map_batches(LoGoStage, fn_constructor_kwargs=stage_args, batch_size=res.batch_size,
+                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=res.actors),
+                            num_cpus=cpus, num_gpus=gpus,
+                            # no actor restarts: Ray cannot restart an actor whose constructor arguments
+                            # live in the object store (and logs an error saying so); a failed run is
+                            # rerun instead, which resumes it
+                            max_restarts=0)
     ds = ds.map_batches(outputs.write_part, batch_size=None, batch_format="pyarrow", num_cpus=IO_CPUS,
                         fn_kwargs={"data_uri": data_uri, "config": config.storage, "attempt": attempt})
     files = rows = errors = 0

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -58,11 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import logging
 
+    from jobs.cli import local_ray_defaults
     from jobs.demo.model import ensure_demo_model
     from pipeline import config_from_dict, read_output, run_job
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, single-user Ray
+    local_ray_defaults(None)
     print("logo-batch demo: preparing SmolLM2-135M-Instruct (converted once, then cached)", flush=True)
     model_dir = ensure_demo_model()
     prompts = Path(args.prompts)
