@@ -24,10 +24,16 @@ def main(args: argparse.Namespace) -> int:
     from pipeline import StorageConfig
     from pipeline.run_report import PLOT_DIR, REPORT_JSON, REPORT_MD, write_run_report
 
+    from botocore.exceptions import BotoCoreError, ClientError
+
     try:
         report = write_run_report(args.output, StorageConfig(endpoint=args.endpoint))
     except FileNotFoundError as err:
         print(f"logo-batch report: {err}", file=sys.stderr)
+        return 2
+    except (BotoCoreError, ClientError) as err:
+        print(f"logo-batch report: {args.output}: {err}; check the URI, --endpoint and the credentials",
+              file=sys.stderr)
         return 2
     base = args.output.rstrip("/")
     print(f"logo-batch report: {report['rows']} rows, {report['errors']} errors, "

@@ -14,16 +14,20 @@ whose size depends on the pool and the token lengths, never on the number of row
   attempt that wrote it (the attempt id is its start time);
 - error rows by reason (`outputs.error_reason`: numbers blanked);
 - prompt and output token histograms (rows without an error);
-- group union sizes: `actors.grouping` replayed on each data file's rows in batches of
-  `resources.batch_size` with the job's grouping settings (the decode groups an actor forms for
-  such a batch; the output holds selections, not the actors' batches).
+- group union sizes: for every batch of `resources.batch_size` consecutive rows of a data file, the
+  union of its selections (what the batch reads with grouping off), and `actors.grouping` replayed
+  with the job's grouping settings on an even sample of at most `REPLAY_BATCHES` batches (the
+  decode groups an actor forms for such a batch; the output holds selections, not the groups).
 """
 
 from __future__ import annotations
 
 import calendar
+import importlib.util
 import io
 import json
+import math
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,6 +43,8 @@ REPORT_MD = "report.md"
 PLOT_DIR = "report"
 TOP_WEIGHT_STEP = 0.01
 """Width of the top-weight histogram's bins."""
+REPLAY_BATCHES = 2000
+"""Most batches whose grouping is replayed (an even sample; the replay costs about 1 ms a batch)."""
 _COLUMNS = ["adapters", "weights", "error", "prompt_tokens", "output_tokens"]
 # defaults of the grouping settings (actors.engine.GenerationConfig), for manifests that lack them
 _GROUPING_DEFAULTS = {"grouping": True, "max_groups": 8, "group_overhead": 8.0, "decode_union_cost": 8.0}
@@ -57,7 +63,9 @@ class Tally:
     error_reasons: Counter = field(default_factory=Counter)
     prompt_tokens: Counter = field(default_factory=Counter)  # tokens -> rows (rows without an error)
     output_tokens: Counter = field(default_factory=Counter)
-    union_sizes: Counter = field(default_factory=Counter)  # decode-group union size -> groups
+    batch_unions: Counter = field(default_factory=Counter)  # union size of a whole batch -> batches
+    batches: int = 0  # batches seen (for the replay's sample)
+    union_sizes: Counter = field(default_factory=Counter)  # decode-group union size -> groups (replayed)
     group_rows: Counter = field(default_factory=Counter)  # decode-group union size -> rows in such groups
 
 
@@ -71,25 +79,41 @@ def grouping_settings(config: dict) -> dict:
     return out
 
 
-def _replay_groups(selections: list[list[str]], batch_size: int, settings: dict, tally: Tally) -> None:
-    from actors.grouping import group_rows, single_group
+def _grouping_module():
+    """`actors/grouping.py` (pure Python) loaded alone: `actors/__init__` would load torch into the
+    driver, which needs none of it (and a late torch load there has failed to find its libraries)."""
+    spec = importlib.util.find_spec("actors")  # locates the package without running its __init__
+    assert spec is not None and spec.submodule_search_locations, "the actors package is not importable"
+    path = f"{list(spec.submodule_search_locations)[0]}/grouping.py"
+    name = "logo_batch_report_grouping"
+    if name not in sys.modules:
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        module_spec.loader.exec_module(module)
+    return sys.modules[name]
 
+
+def _replay_groups(selections: list[list[str]], batch_size: int, settings: dict, stride: int, tally: Tally,
+                   grouping) -> None:
     index: dict[str, int] = {}
     for start in range(0, len(selections), batch_size):
         batch = [[index.setdefault(a, len(index)) for a in names] for names in selections[start:start + batch_size]]
-        if not batch:
+        tally.batch_unions[len(set().union(*map(set, batch)))] += 1
+        tally.batches += 1
+        if (tally.batches - 1) % stride:
             continue
         if settings["grouping"]:
-            groups = group_rows(batch, int(settings["max_groups"]), float(settings["group_overhead"]),
-                                float(settings["decode_union_cost"]))
+            groups = grouping.group_rows(batch, int(settings["max_groups"]), float(settings["group_overhead"]),
+                                         float(settings["decode_union_cost"]))
         else:
-            groups = single_group(batch)
+            groups = grouping.single_group(batch)
         for group in groups:
             tally.union_sizes[len(group.union)] += 1
             tally.group_rows[len(group.union)] += len(group.rows)
 
 
-def tally_file(table, batch_size: int, settings: dict, tally: Tally) -> None:
+def tally_file(table, batch_size: int, settings: dict, tally: Tally, stride: int = 1, grouping=None) -> None:
     """Add one data file's rows (a pyarrow table with `_COLUMNS`) to the counters."""
     selected = []
     for names, weights, error, prompt, output in zip(*(table.column(c).to_pylist() for c in _COLUMNS)):
@@ -106,7 +130,7 @@ def tally_file(table, batch_size: int, settings: dict, tally: Tally) -> None:
                 tally.weight_sums[name] += float(weight)
             tally.top_weight[min(int(max(weights) / TOP_WEIGHT_STEP + 1e-6), round(1 / TOP_WEIGHT_STEP))] += 1
             selected.append(names)
-    _replay_groups(selected, batch_size, settings, tally)
+    _replay_groups(selected, batch_size, settings, stride, tally, grouping or _grouping_module())
 
 
 def _stats(hist: Counter) -> dict:
@@ -158,10 +182,12 @@ def compute_run_report(output_uri: str, storage_cfg: StorageConfig) -> dict:
     fs, root = storage.filesystem(output_uri, storage_cfg)
     files = manifest["output"]["files"]
     tally = Tally()
+    grouping = _grouping_module()
+    stride = max(1, math.ceil(sum(math.ceil(f["rows"] / batch_size) for f in files) / REPLAY_BATCHES))
     for entry in files:
         table = pq.read_table(f"{root}/{entry['path']}", filesystem=fs, columns=[*_COLUMNS, "warning"])
         tally.warnings += table.num_rows - table.column("warning").null_count
-        tally_file(table, batch_size, settings, tally)
+        tally_file(table, batch_size, settings, tally, stride, grouping)
     mtimes = [info.mtime.timestamp() if info.mtime else 0.0
               for info in fs.get_file_info([f"{root}/{f['path']}" for f in files])]
     adapters = [{"adapter": name, "rows": count, "mean_weight": round(tally.weight_sums[name] / count, 6)}
@@ -181,8 +207,10 @@ def compute_run_report(output_uri: str, storage_cfg: StorageConfig) -> dict:
         "errors_by_reason": dict(sorted(tally.error_reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
         "prompt_tokens": _stats(tally.prompt_tokens),
         "output_tokens": _stats(tally.output_tokens),
-        "groups": {"batch_size": batch_size, **settings, "groups": sum(tally.union_sizes.values()),
-                   "union_size": _stats(tally.union_sizes),
+        "groups": {"batch_size": batch_size, **settings, "batches": tally.batches,
+                   "batch_union_size": _stats(tally.batch_unions),
+                   "replayed_batches": len(range(0, tally.batches, stride)),
+                   "groups": sum(tally.union_sizes.values()), "union_size": _stats(tally.union_sizes),
                    "rows_by_union_size": {str(k): tally.group_rows[k] for k in sorted(tally.group_rows)}},
     }
 

@@ -103,9 +103,12 @@ def tokens(report: dict):
 
 
 def groups(report: dict):
-    fig, ax = plt.subplots(figsize=(7, 4))
-    _bars(ax, report["groups"]["union_size"]["histogram"], "adapters in the group's union", "groups")
-    ax.set_title(f"decode-group union sizes (batches of {report['groups']['batch_size']} rows)")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    g = report["groups"]
+    _bars(left, g["batch_union_size"]["histogram"], "adapters in the batch's union", "batches")
+    left.set_title(f"union of each batch of {g['batch_size']} rows ({g['batches']} batches)")
+    _bars(right, g["union_size"]["histogram"], "adapters in the group's union", "groups")
+    right.set_title(f"decode groups, replayed on {g['replayed_batches']} batches")
     fig.tight_layout()
     return fig
 
@@ -161,9 +164,11 @@ def markdown(report: dict) -> str:
         "| | rows | mean | p50 | p90 | p99 | max |", "|---|---:|---:|---:|---:|---:|---:|",
         _stat_line("prompt tokens", report["prompt_tokens"]), _stat_line("output tokens", report["output_tokens"]),
         "", "## Group union sizes", "", "![groups](report/groups.png)", "",
-        f"Decode groups replayed with `actors.grouping` on batches of {groups_['batch_size']} rows "
-        f"(grouping {groups_['grouping']}, max_groups {groups_['max_groups']}): {groups_['groups']} groups.", "",
-        "| | groups | mean | p50 | p90 | p99 | max |", "|---|---:|---:|---:|---:|---:|---:|",
-        _stat_line("union size", groups_["union_size"]), "",
+        f"Batches of {groups_['batch_size']} consecutive rows of each data file: {groups_['batches']}; "
+        f"decode groups replayed with `actors.grouping` (grouping {groups_['grouping']}, max_groups "
+        f"{groups_['max_groups']}) on {groups_['replayed_batches']} of them: {groups_['groups']} groups.", "",
+        "| | count | mean | p50 | p90 | p99 | max |", "|---|---:|---:|---:|---:|---:|---:|",
+        _stat_line("batch union size", groups_["batch_union_size"]),
+        _stat_line("group union size", groups_["union_size"]), "",
     ]
     return "\n".join(lines)

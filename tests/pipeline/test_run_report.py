@@ -59,6 +59,13 @@ def test_report_numbers_are_those_of_the_parquet_files(committed):
         assert report[column]["max"] == max(r[column] for r in ok)
         assert report[column]["mean"] == round(sum(r[column] for r in ok) / len(ok), 3)
     groups = report["groups"]
+    unions = Counter()
+    for entry in json.loads((committed / "_manifest.json").read_text())["output"]["files"]:
+        selected = [r["adapters"] for r in pq.read_table(committed / entry["path"]).to_pylist() if r["error"] is None]
+        for start in range(0, len(selected), groups["batch_size"]):
+            unions[str(len(set().union(*selected[start:start + groups["batch_size"]])))] += 1
+    assert groups["batch_union_size"]["histogram"] == dict(unions)
+    assert groups["replayed_batches"] == groups["batches"] == sum(unions.values())  # few: all replayed
     assert sum(groups["rows_by_union_size"].values()) == len(ok)
     sizes = [int(s) for s in groups["union_size"]["histogram"]]
     assert min(sizes) >= 2 and max(sizes) <= len(ADAPTERS)
@@ -86,3 +93,15 @@ def test_report_command_redraws_and_refuses_uncommitted(committed, tmp_path, cap
     assert f"{committed}/{REPORT_MD}" in capsys.readouterr().out
     assert main(["report", str(tmp_path)]) == 2
     assert "no _SUCCESS marker" in capsys.readouterr().err
+
+
+def test_report_computation_loads_no_torch(committed):
+    """The driver computes reports without torch (and its libraries) in its process."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.config import StorageConfig; from pipeline.run_report import compute_run_report; "
+            f"r = compute_run_report({str(committed)!r}, StorageConfig()); assert r['groups']['groups'] > 0; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
