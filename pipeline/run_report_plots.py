@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 TOP_ADAPTERS = 40
 """Adapters drawn in the adapter plot (most selected first)."""
@@ -45,6 +46,9 @@ def _bars(ax, histogram: dict, xlabel: str, ylabel: str, width: float = 0.8) -> 
         _empty(ax, "no rows")
         return
     ax.bar([float(k) for k in histogram], list(histogram.values()), width=width)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if width >= 0.8:  # integer values (tokens, adapters)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
 
@@ -68,7 +72,8 @@ def throughput(report: dict):
             if t1 > t0:
                 times.append(t1)
                 rates.append((r1 - r0) / (t1 - t0))
-        ax.step(times, rates, where="pre", label=record["attempt"])
+        if times:  # each rate holds from the previous file (or the attempt's start) to this file
+            ax.step([0.0, *times], [rates[0], *rates], where="pre", label=record["attempt"])
     ax.set_xlabel("seconds since the attempt started")
     ax.set_ylabel("rows/s (between data files)")
     ax.set_title("rows/s over time")
