@@ -166,8 +166,8 @@ def read_slice(piece: Slice, cfg: InputConfig, config: StorageConfig) -> pa.Tabl
     prompt = table.column(cfg.prompt_column)
     errors = pa.nulls(n, pa.string())
     if not _is_string(prompt.type):
-        message = (f"prompt column {cfg.prompt_column!r} in {piece.file.uri} has type {prompt.type}, not string; "
-                   "store prompts as strings")
+        message = (f"prompt is {prompt.type} in {piece.file.uri}, not string; store column "
+                   f"{cfg.prompt_column!r} as strings")
         errors = pa.array([message] * n, pa.string())
         prompt = pa.nulls(n, pa.string())
     columns = {"id": pa.array(piece.ids, pa.string()), cfg.prompt_column: prompt.cast(pa.string())}

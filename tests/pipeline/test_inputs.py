@@ -75,7 +75,8 @@ def test_non_string_prompt_column_marks_rows_not_the_job(tmp_path):
     files = discover(cfg, S)
     table = read_slice(plan_slices(files, row_ids(files, cfg, S), set(), 10)[0], cfg, S)
     assert table.column("prompt").null_count == 2
-    assert all("has type int64, not string" in m for m in table.column(INPUT_ERROR).to_pylist())
+    assert all("prompt is int64 in" in m and ", not string; store column 'prompt' as strings" in m
+               for m in table.column(INPUT_ERROR).to_pylist())
 
 
 def test_default_block_size_gives_every_actor_several_blocks():
