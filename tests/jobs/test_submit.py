@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -140,3 +141,27 @@ def test_submit_wait_on_two_nodes_fetches_once_per_node(cluster, tiny_assets, s3
     assert read_output(f"{base}/again", storage).num_rows == ROWS
     for node in ("cache-head", "cache-node"):
         assert sum(len(p.read_text().splitlines()) for p in (cluster["root"] / node).glob(f"*{DOWNLOADS}")) == 2
+
+
+def test_job_carries_the_project_and_the_job_file_and_its_command_parses(tmp_path, monkeypatch):
+    from jobs.cli import build_parser
+    from jobs.submit import JOB_FILE, PACKAGES, entrypoint, runtime_env
+
+    job = tmp_path / "mine.yaml"
+    job.write_text("model: {path: m}\n")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.setenv("LOGO_TEST_VAR", "42")
+    env = runtime_env(job, workdir, ["LOGO_TEST_VAR"])
+    assert (workdir / JOB_FILE).read_text() == job.read_text() and sorted(workdir.iterdir()) == [workdir / JOB_FILE]
+    assert env["working_dir"] == str(workdir) and env["env_vars"] == {"LOGO_TEST_VAR": "42"}
+    assert [Path(p) for p in env["py_modules"]] == [ROOT / name for name in PACKAGES]
+    assert all((ROOT / name / "__init__.py").is_file() for name in PACKAGES)
+    line = entrypoint("nightly", ["routing.k=5", "output.uri=s3://b/o/{date}"], ["--date=2026-11-28", "--force"])
+    words = line.split()
+    assert words[:3] == ["python", "-m", "jobs.cli"]
+    args = build_parser(load_all=True).parse_args(shlex.split(line)[3:])
+    assert (args.command, args.config, args.date, args.force) == ("nightly", JOB_FILE, "2026-11-28", True)
+    assert args.set_items == ["routing.k=5", "output.uri=s3://b/o/{date}"]
+    with pytest.raises(ValueError, match="--env LOGO_NOT_SET: not set"):
+        runtime_env(job, workdir, ["LOGO_NOT_SET"])
