@@ -11,7 +11,8 @@ replaced by the night's date (YYYY-MM-DD), e.g.
     output: {uri: "s3://results/logo/nightly/{date}"}
 
 A night whose output is already committed is skipped (exit 0, saying so) before anything else is
-read; `--force` deletes it and computes it again. A night that was interrupted resumes: only its
+read; one committed with another configuration is refused (exit 2); `--force` deletes it and
+computes it again. A night that was interrupted resumes: only its
 missing rows are computed. Exit status as for `run`: 0 when the night is committed (now or
 before), 2 for a configuration, input or output problem, 1 for other failures.
 """
@@ -89,8 +90,8 @@ def main(args: argparse.Namespace) -> int:
 
     from jobs.cli import local_ray_defaults
     from pipeline import ConfigError, InputError, OutputError, StageError, run_job, storage
-    from pipeline.config_io import parse_set
-    from pipeline.outputs import SUCCESS
+    from pipeline.config_io import config_hash, parse_set
+    from pipeline.outputs import MANIFEST, SUCCESS, read_json
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     date = args.date or yesterday_utc()
@@ -98,6 +99,11 @@ def main(args: argparse.Namespace) -> int:
         config = night_config(args.config, date, parse_set(args.set_items))
         out = config.output.uri
         if storage.read_bytes(storage.join(out, SUCCESS), config.storage) is not None and not args.force:
+            committed = read_json(storage.join(out, MANIFEST), config.storage) or {}
+            if committed.get("config_hash") != config_hash(config):
+                raise OutputError(f"{date} is committed at {out} by a job with another configuration (hash "
+                                  f"{str(committed.get('config_hash'))[:12]}, this one {config_hash(config)[:12]}); "
+                                  "pass --force to compute the night again with this one")
             print(f"logo-batch nightly: {date} is already committed at {out}; nothing to do "
                   "(--force computes it again)")
             return 0

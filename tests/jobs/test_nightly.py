@@ -45,6 +45,9 @@ def test_same_night_twice_computes_once_and_force_recomputes(local_ray, tiny_ass
     assert f"{NIGHT} is already committed at {out}; nothing to do" in capsys.readouterr().out
     assert manifest(out) == first  # not touched
 
+    assert main(["nightly", "--config", config, "--date", NIGHT, "--set", "routing.k=3"]) == 2
+    assert "committed at" in capsys.readouterr().err and manifest(out) == first  # another job's night: refused
+
     assert main(["nightly", "--config", config, "--date", NIGHT, "--force"]) == 0
     again = manifest(out)
     assert again["report"]["rows_computed"] == 9
@@ -54,16 +57,16 @@ def test_same_night_twice_computes_once_and_force_recomputes(local_ray, tiny_ass
 
 def test_an_interrupted_night_resumes(local_ray, tiny_assets, tmp_path):
     model, pool = tiny_assets
-    write_prompts(tmp_path / "in" / NIGHT, (8, 8))
+    write_prompts(tmp_path / "in" / NIGHT, (20, 20))  # 10 blocks: the fault comes well before the last
     config = nightly_file(tmp_path, model, pool, f"{tmp_path}/in/{{date}}", f"{tmp_path}/out/{{date}}")
     with pytest.raises(InjectedFault):
         run_job(night_config(config, NIGHT), fail_after_files=1, progress=False)
 
     assert main(["nightly", "--config", config, "--date", NIGHT]) == 0
     done = manifest(tmp_path / "out" / NIGHT)
-    assert done["output"]["rows"] == 16 and len(done["attempts"]) == 2
-    assert 0 < done["report"]["rows_computed"] < 16
-    assert done["report"]["rows_resumed"] == 16 - done["report"]["rows_computed"]
+    assert done["output"]["rows"] == 40 and len(done["attempts"]) == 2
+    assert 0 < done["report"]["rows_computed"] < 40
+    assert done["report"]["rows_resumed"] == 40 - done["report"]["rows_computed"]
 
 
 def test_templated_s3_uris_against_seaweedfs(local_ray, tiny_assets, s3_server, tmp_path, capsys):
