@@ -150,12 +150,13 @@ class LoGoPredictor:
     def encode(self, prompt: Any) -> tuple[list[int] | None, str | None, str | None]:
         """One prompt -> (token ids, error, warning). Never raises for a bad prompt."""
         if prompt is None or (isinstance(prompt, float) and np.isnan(prompt)):
-            return None, f"prompt is null; every row needs a non-empty string in column {self.prompt_column!r}", None
+            return None, f"prompt is null; give every row a non-empty string in column {self.prompt_column!r}", None
         if not isinstance(prompt, str):
             return None, (f"prompt is a {type(prompt).__name__}, not a string; store column "
                           f"{self.prompt_column!r} as strings"), None
         if not prompt.strip():
-            return None, "prompt is empty", None
+            return None, (f"prompt is empty or blank; give every row a non-empty string in column "
+                          f"{self.prompt_column!r}"), None
         ids = self.tokenizer(prompt)["input_ids"]
         limit = self.max_prompt_tokens
         if len(ids) <= limit:
@@ -212,7 +213,8 @@ class LoGoPredictor:
                     except Exception as row_exc:
                         if _is_fatal(row_exc):
                             raise
-                        cols["error"][r] = f"generation failed: {type(row_exc).__name__}: {row_exc}"
+                        cols["error"][r] = (f"generation failed for this row ({type(row_exc).__name__}: {row_exc}); "
+                                            "check the prompt, or rerun with --overwrite to retry it")
         for r, why in failed.items():
             results.pop(r, None)
             cols["error"][r] = why

@@ -38,10 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="the pipeline benchmark: the whole job on generated inputs, and validate at 10M rows")
     parser.set_defaults(preset="quick")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for bench.json and sweep.png")
-    parser.add_argument("--repeats", type=int, help="timed rounds per method (median counts)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default 1: steadier on a shared machine)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), help="default auto")
+    parser.add_argument("--repeats", type=int, help="timed rounds per method (median counts); None: the preset's")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads; None: the preset's, 1 (steadier on a shared machine)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                        help="device of the measured models; None: the preset's, auto")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"),
+                        help="weight dtype of the measured models; None: the preset's, auto")
     parser.add_argument("--no-sweep", action="store_true", help="skip the pool-size sweep")
     parser.add_argument("--probe", action="store_true",
                         help="only the routing probe's cost per prompt, paper vs default, at N = 8, 256, 1000")

@@ -13,29 +13,31 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.calibration import calibrate, sample_prompts
-from pipeline.config import InputConfig, StorageConfig
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory or s3:// prefix")
     parser.add_argument("--adapters", required=True, help="adapter pool directory or s3:// prefix")
     parser.add_argument("--prompts", required=True, help="Parquet file/directory/s3:// prefix, or 'reference'")
-    parser.add_argument("--prompt-column", default="prompt")
-    parser.add_argument("--sample", type=int, default=256, help="prompts sampled from --prompts (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--prompt-column", default="prompt", help="column holding the prompts")
+    parser.add_argument("--sample", type=int, default=256, help="prompts sampled from --prompts")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--out", required=True, help="statistics file to write (JSON)")
-    parser.add_argument("--signal", default="norm")
+    parser.add_argument("--signal", default="norm", choices=("norm", "entropy"), help="routing score (routing.signal)")
     parser.add_argument("--probe-layers", "--probe-layer", dest="probe_layers", nargs="+", default=["all"],
-                        help="probed blocks: 'all' or block indices, negative from the end (default: all)")
+                        help="probed blocks: 'all' or block indices, negative from the end (routing.probe_layers)")
     parser.add_argument("--probe-module", nargs="+", default=["q_proj", "v_proj"],
-                        help="one or more module names (default: q_proj v_proj)")
-    parser.add_argument("--probe-input", default="residual")
-    parser.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
-    parser.add_argument("--device", default="auto")
+                        help="one or more module names; scores are summed over (block, module) pairs "
+                             "(routing.probe_module)")
+    parser.add_argument("--probe-input", default="residual", choices=("residual", "module_input"),
+                        help="what the probe reads (routing.probe_input)")
+    parser.add_argument("--endpoint", default=None, help="S3 endpoint URL (None: AWS_ENDPOINT_URL)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device of the probe")
 
 
 def main(args: argparse.Namespace) -> int:
+    from pipeline.calibration import calibrate, sample_prompts
+    from pipeline.config import InputConfig, StorageConfig
+
     if args.sample < 1:
         raise SystemExit("--sample must be >= 1")
     storage_cfg = StorageConfig(endpoint=args.endpoint)

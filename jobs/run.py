@@ -5,9 +5,12 @@
                    [--calibration input|reference|FILE|none] [--paper]
                    [--max-new-tokens N] [--actors N] [--batch-size B] [--overwrite]
 
-Flags override the file's values. Exit status: 0 when the output is committed (now or before),
-2 for a configuration, input or output problem (nothing was computed), 1 when an actor refused
-the model or adapters, or for other failures.
+Flags override the file's values; a flag left out (shown as default None) keeps the file's value,
+else the key's default (every key and its default: `pipeline/config.py`). `--address` runs the
+driver here against a running Ray cluster (`logo-batch submit` runs it on the cluster).
+Exit status: 0 when the output is committed (now or before), 2 for a configuration, input or
+output problem (nothing was computed), 1 when an actor refused the model or adapters, or for
+other failures.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "batch_size": ("resources.batch_size", int, "rows per actor call"),
     "gpus_per_actor": ("resources.gpus_per_actor", float, "GPUs per actor"),
     "endpoint": ("storage.endpoint", str, "S3 endpoint URL (else AWS_ENDPOINT_URL)"),
+    "address": ("resources.ray_address", str, "Ray cluster to run on, e.g. auto or ray://head:10001 "
+                "(else RAY_ADDRESS, else a local Ray)"),
 }
 
 
@@ -68,11 +73,13 @@ def job_config(args: argparse.Namespace):
 def main(args: argparse.Namespace) -> int:
     import logging
 
+    from jobs.cli import local_ray_defaults
     from pipeline import ConfigError, InputError, OutputError, StageError, run_job
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = job_config(args)
+        local_ray_defaults(config.resources.ray_address)
         report = run_job(config)
     except (ConfigError, InputError, OutputError) as err:
         print(f"logo-batch run: {err}", file=sys.stderr)

@@ -18,6 +18,7 @@ import functools
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline import inputs, outputs, storage
+from pipeline import inputs, outputs, resources, storage
 from pipeline.config import JobConfig
 from pipeline.errors import InjectedFault, StageError
 from pipeline.stages import LoGoStage
@@ -90,6 +91,7 @@ def compute_statistics(config: JobConfig) -> dict:
 
     ensure_ray(config)
     cpus, gpus = actor_resources(config)
+    resources.check_cluster(1, cpus, gpus, 0, ray.nodes())
     try:
         return ray.get(ray.remote(job_statistics).options(num_cpus=cpus, num_gpus=gpus).remote(config))
     except ray.exceptions.RayTaskError as err:
@@ -152,15 +154,18 @@ def run_dataflow(config: JobConfig, files: list[inputs.InputFile], units: list[i
     started = time.monotonic()
     cpus, gpus = actor_resources(config)
     res = config.resources
+    resources.check_cluster(res.actors, cpus, gpus, IO_CPUS, ray.nodes())
     data_uri = storage.join(config.output.uri, outputs.DATA_DIR)
     blocks = sum(len(u.slices) for u in units)
     ds = ray.data.read_datasource(PromptSource(units, config), override_num_blocks=len(units), num_cpus=IO_CPUS)
     # a read task's slices would be merged into one block of up to 128 MiB: keep blocks slice-sized
     ds = ds.repartition(target_num_rows_per_block=max(s.rows for u in units for s in u.slices))
     stage_args = {"config": config, "calibration": calibration}
-    ds = ds.map_batches(LoGoStage, fn_constructor_kwargs=stage_args, batch_size=res.batch_size,
-                        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=res.actors),
-                        num_cpus=cpus, num_gpus=gpus)
+    with warnings.catch_warnings():  # Ray 2.60 names max_restarts only among its deprecated **ray_remote_args
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+        ds = ds.map_batches(LoGoStage, fn_constructor_kwargs=stage_args, batch_size=res.batch_size,
+                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=res.actors),
+                            num_cpus=cpus, num_gpus=gpus, **resources.ACTOR_OPTIONS)
     names = tuple(f.name for f in files)
     ds = ds.map_batches(outputs.write_part, batch_size=None, batch_format="pyarrow", num_cpus=IO_CPUS,
                         fn_kwargs={"data_uri": data_uri, "config": config.storage, "attempt": attempt,

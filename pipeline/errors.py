@@ -1,4 +1,8 @@
-"""Failures of a running dataflow (kept apart from `dataflow` so callers need not import Ray)."""
+"""The pipeline's errors (kept apart from `dataflow` so callers need not import Ray)."""
+
+
+class InputError(ValueError):
+    """The input cannot be processed as configured; the message names the file and the fix."""
 
 
 class StageError(RuntimeError):

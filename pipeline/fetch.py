@@ -28,6 +28,8 @@ from pipeline import storage
 from pipeline.config import StorageConfig
 
 LISTING = ".logo-batch-listing.json"
+DOWNLOADS = ".downloads"
+"""Suffix of the file beside a cached copy that gets one line per download of it on this node."""
 
 
 class FetchError(RuntimeError):
@@ -74,6 +76,8 @@ def local_copy(uri: str, config: StorageConfig) -> str:
         try:
             if not _cached(target, listing):
                 _download(uri, listing, target, config)
+                with open(root / f"{tag}{DOWNLOADS}", "a") as record:  # one line per download, for operators
+                    record.write(f"{uri} pid {os.getpid()}\n")
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return str(target / objects[0].key) if single is not None else str(target)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pipeline.config import INTERNAL_PREFIX, InputConfig
-from pipeline.inputs import InputError
+from pipeline.errors import InputError
 
 
 def check_input_schema(names: Sequence[str], cfg: InputConfig, uri: str) -> None:

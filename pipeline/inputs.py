@@ -24,15 +24,12 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline import guards, storage
 from pipeline.config import InputConfig, StorageConfig
+from pipeline.errors import InputError
 
 INPUT_ERROR = "_logo_input_error"
 """Internal column: why a row cannot be processed before the model sees it (null when fine)."""
-
-
-class InputError(ValueError):
-    """The input cannot be processed as configured; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +96,7 @@ def discover(cfg: InputConfig, config: StorageConfig) -> list[InputFile]:
         except Exception as err:
             raise InputError(f"{uri}: cannot read it as Parquet ({err}); fix or remove the file") from None
         schema = meta.schema_arrow
+        guards.check_input_schema(schema.names, cfg, uri)
         wanted = [("input.prompt_column", cfg.prompt_column)]
         wanted += [("input.id_column", cfg.id_column)] if cfg.id_column else []
         wanted += [("input.passthrough", name) for name in cfg.passthrough]
@@ -323,8 +321,8 @@ def _with_prompt(table: pa.Table, ids: pa.Array, uri: str, cfg: InputConfig) -> 
     prompt = table.column(cfg.prompt_column)
     errors = pa.nulls(n, pa.string())
     if not _is_string(prompt.type):
-        message = (f"prompt column {cfg.prompt_column!r} in {uri} has type {prompt.type}, not string; "
-                   "store prompts as strings")
+        message = (f"prompt is {prompt.type} in {uri}, not string; store column "
+                   f"{cfg.prompt_column!r} as strings")
         errors = pa.array([message] * n, pa.string())
         prompt = pa.nulls(n, pa.string())
     columns = {"id": ids, cfg.prompt_column: prompt.cast(pa.string())}

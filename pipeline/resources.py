@@ -13,11 +13,12 @@ from collections.abc import Mapping, Sequence
 
 from pipeline.config import ConfigError
 
-MAX_ACTOR_RESTARTS = 3
-"""Times one LoGo actor is started again after it died (a crash, an out-of-memory kill)."""
-ACTOR_OPTIONS = {"max_restarts": MAX_ACTOR_RESTARTS, "max_task_retries": MAX_ACTOR_RESTARTS}
-"""Ray actor options for the LoGo stage (`map_batches(..., **ACTOR_OPTIONS)`): finite restarts, and
-a batch whose actor died is retried on the restarted actor at most this often."""
+MAX_ACTOR_RESTARTS = 0
+"""Times one LoGo actor is started again after it died (a crash, an out-of-memory kill): none. Ray
+cannot restart an actor whose constructor arguments live in the object store (it logs an error-level
+line on every run saying so, ray-project/ray#57733); a failed run is rerun instead, and resumes."""
+ACTOR_OPTIONS = {"max_restarts": MAX_ACTOR_RESTARTS}
+"""Ray actor options for the LoGo stage (`map_batches(..., **ACTOR_OPTIONS)`): finite restarts."""
 
 
 def _describe(node: Mapping[str, float]) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import commit, inputs, outputs, storage
-from pipeline.config import ConfigError, JobConfig
+from pipeline.config import ConfigError, JobConfig, check_actor_options
 from pipeline.outputs import PartFile
 from pipeline.report import ProgressLine, RunReport, build_manifest, build_report, report_from_manifest
 
@@ -135,6 +135,7 @@ def run_job(config: JobConfig, *, fail_after_files: int | None = None, progress:
     """
     started = time.time()
     attempt = new_attempt_id()
+    check_actor_options(config)  # what the actors would refuse, found before any work
     if not config.output.overwrite:
         committed = commit.committed_manifest(config)
         if committed is not None:
@@ -174,4 +175,16 @@ def run_job(config: JobConfig, *, fail_after_files: int | None = None, progress:
                                    "score": config.routing.calibration_score, "source": stats["source"],
                                    "prompts": stats["count"], "seed": stats["seed"]}
     commit.commit(config, manifest)
+    _write_run_report(config)
     return report
+
+
+def _write_run_report(config: JobConfig) -> None:
+    """The committed run's report and plots (`pipeline.run_report`); the run stands without them."""
+    from pipeline.run_report import write_run_report
+
+    try:
+        write_run_report(config.output.uri, config.storage)
+    except Exception as err:  # the data is committed; a report can be redrawn with `logo-batch report`
+        log.warning("the run is committed but its report was not written (%s); "
+                    "rerun `logo-batch report %s`", err, config.output.uri)

@@ -13,10 +13,8 @@ each probe setting is probed once and its scores reused across k.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime as dt
-import json
 import platform
 import time
 from collections.abc import Callable
@@ -31,9 +29,8 @@ from jobs.demo.arrow import arrow_generate, arrow_model
 from jobs.demo.calibration_study import StudyConfig, run_study, skewed_rows
 from jobs.demo.data import SplitConfig, check_row, suite_split
 from jobs.demo.methods import ProbeSetting, fixed_routing, probe_scores, random_routings, select
-from jobs.demo.report import markdown_report, plot_heatmap
 from jobs.demo.tasks import TASK_NAMES, extract_answer
-from jobs.demo.train import ADAPTER_DIR
+from jobs.demo import ADAPTER_DIR
 
 LAST = ProbeSetting("last")
 
@@ -207,29 +204,3 @@ def run_benchmark(model: nn.Module, tokenizer, cfg: EvalConfig = EvalConfig(),
         "routing_accuracy": routing_accuracy, "heatmaps": heatmaps, "heatmap_tasks": list(cfg.tasks),
         "calibration": calibration,
     }
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("runs/demo-eval"),
-                        help="directory for results.json, results.md and heatmap.png")
-    parser.add_argument("--adapters", type=Path, default=ADAPTER_DIR, help="adapter pool directory")
-    parser.add_argument("--per-task", type=int, default=EvalConfig.per_task, help="test prompts per task")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-
-
-def main(args: argparse.Namespace) -> int:
-    from actors.base import load_base
-    from jobs.demo.model import ensure_demo_model
-
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    model, tokenizer = load_base(ensure_demo_model(), torch.float32, torch.device("cpu"))
-    results = run_benchmark(model, tokenizer, EvalConfig(per_task=args.per_task), args.adapters)
-    results["total_seconds"] = round(time.perf_counter() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "results.md").write_text(markdown_report(results))
-    plot_heatmap(results, args.out / "heatmap.png")
-    print(markdown_report(results))
-    print(f"wrote {args.out}/results.json, results.md, heatmap.png in {results['total_seconds']:.0f}s")
-    return 0

@@ -9,19 +9,18 @@
    routes every prompt with LoGo (scores calibrated on a seeded sample of the input, the setting the
    quality benchmark recommends; `--calibration none` for the paper's raw scores), generates with
    its adapter mixture and commits the run;
-4. prints the run's summary (rows, errors, rows/s, adapter usage) and the exact match of the
-   outputs against the prompts' known answers.
+4. prints the run's summary (rows, errors, rows/s, adapter usage), a per-task table (exact match
+   against the prompts' known answers, how often the task's own adapter was weighted highest) and
+   where the output, manifest and report are.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+from collections import Counter
 from pathlib import Path
 
-from jobs.demo.data import check_row, suite_split
-from jobs.demo.tasks import extract_answer
-from jobs.demo.train import ADAPTER_DIR
+from jobs.demo import ADAPTER_DIR
 
 PROMPTS = Path(__file__).resolve().parent / "prompts.parquet"
 PROMPTS_PER_TASK = 8
@@ -32,6 +31,8 @@ def write_prompts(path: Path = PROMPTS, per_task: int = PROMPTS_PER_TASK) -> Pat
 
     Columns: id, task, prompt, answer, payload (the answer's structured source, as JSON).
     """
+    from jobs.demo.data import suite_split
+
     table = suite_split("test", per_task, shuffle_seed=7)
     table = table.add_column("id", [f"demo-{i:04d}" for i in range(len(table))])
     table.select_columns(["id", "task", "prompt", "answer", "payload"]).to_parquet(str(path))
@@ -56,12 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import logging
 
+    from jobs.cli import local_ray_defaults
     from jobs.demo.model import ensure_demo_model
     from pipeline import config_from_dict, read_output, run_job
     from pipeline.config import PAPER_ROUTING
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, single-user Ray
+    local_ray_defaults(None)
     print("logo-batch demo: preparing SmolLM2-135M-Instruct (converted once, then cached)", flush=True)
     model_dir = ensure_demo_model()
     prompts = Path(args.prompts)
@@ -87,9 +89,31 @@ def main(args: argparse.Namespace) -> int:
     report = run_job(config)
     print(report.format())
     rows = read_output(output).to_pylist()
-    scored = [r for r in rows if r["error"] is None]
-    hits = sum(check_row(r, extract_answer(r["output"] or "")) for r in scored)
-    print(f"  exact match against the known answers: {hits}/{len(rows)}"
-          f" ({100 * hits / max(len(rows), 1):.0f}%)")
-    print(f"  outputs: {output}/data/*.parquet   manifest: {output}/_manifest.json")
+    print(task_table(rows))
+    print(f"  outputs: {output}/data/*.parquet\n  manifest: {output}/_manifest.json\n"
+          f"  report: {output}/report.md (plots: {output}/report/*.png; `logo-batch report {output}`)")
     return 0 if report.errors == 0 else 1
+
+
+def task_table(rows: list[dict]) -> str:
+    """Per task: rows, error rows, exact match against the known answers, and how often the
+    adapter weighted highest was the task's own, as a Markdown table with a total line."""
+    from jobs.demo.data import check_row
+    from jobs.demo.tasks import extract_answer
+
+    stats: dict[str, Counter] = {}
+    for row in rows:
+        c = stats.setdefault(row["task"], Counter())
+        c["rows"] += 1
+        if row["error"] is not None:
+            c["errors"] += 1
+            continue
+        c["exact"] += bool(check_row(row, extract_answer(row["output"] or "")))
+        c["own"] += bool(row["adapters"]) and row["adapters"][0] == row["task"]
+    total = sum(stats.values(), Counter())
+    lines = ["| task | rows | errors | exact match | own adapter first |", "|---|---:|---:|---:|---:|"]
+    for name, c in [*sorted(stats.items()), ("all", total)]:
+        n = max(c["rows"], 1)
+        lines.append(f"| {name} | {c['rows']} | {c['errors']} | {c['exact']} ({100 * c['exact'] / n:.0f}%) "
+                     f"| {c['own']} ({100 * c['own'] / n:.0f}%) |")
+    return "\n".join(lines)

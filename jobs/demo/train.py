@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from jobs.demo import ADAPTER_DIR
 from jobs.demo.data import SplitConfig, check_row, task_seed, task_split
 from jobs.demo.model import ensure_demo_model
 from jobs.demo.tasks import TASK_NAMES, extract_answer
 
-ADAPTER_DIR = Path(__file__).resolve().parent / "adapters"
 REPORT_NAME = "training_report.json"
 BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 

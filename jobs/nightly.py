@@ -1,0 +1,124 @@
+"""`logo-batch nightly`: one night of a dated labelling job.
+
+    logo-batch nightly --config nightly.yaml                     # yesterday (UTC)
+    logo-batch nightly --config nightly.yaml --date 2026-11-28   # that night
+    logo-batch nightly --config nightly.yaml --date 2026-11-28 --force
+
+The configuration is a job file (as for `logo-batch run`) whose values may contain `{date}`,
+replaced by the night's date (YYYY-MM-DD), e.g.
+
+    input:  {uri: "s3://prompts/nightly/{date}/"}
+    output: {uri: "s3://results/logo/nightly/{date}"}
+
+A night whose output is already committed is skipped (exit 0, saying so) before anything else is
+read; one committed with another configuration is refused (exit 2); `--force` deletes it and
+computes it again. A night that was interrupted resumes: only its
+missing rows are computed. Exit status as for `run`: 0 when the night is committed (now or
+before), 2 for a configuration, input or output problem, 1 for other failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from typing import Any
+
+DATE_FIELD = "{date}"
+
+
+def yesterday_utc() -> str:
+    return (dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=1)).isoformat()
+
+
+def parse_date(text: str) -> str:
+    """`YYYY-MM-DD`, checked (an argparse type)."""
+    try:
+        if len(text) == 10:
+            return dt.date.fromisoformat(text).isoformat()
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not a date written YYYY-MM-DD, e.g. 2026-11-28")
+
+
+def fill_date(value: Any, date: str) -> Any:
+    """`value` (YAML data) with `{date}` replaced by `date` in every string."""
+    if isinstance(value, str):
+        return value.replace(DATE_FIELD, date)
+    if isinstance(value, dict):
+        return {key: fill_date(item, date) for key, item in value.items()}
+    if isinstance(value, list):
+        return [fill_date(item, date) for item in value]
+    return value
+
+
+def night_config(path: str, date: str, overrides: dict | None = None):
+    """The job of one night: the file's and the overrides' `{date}` filled in, then checked."""
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline import ConfigError, config_from_dict
+    from pipeline.config_io import apply_overrides
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    data = apply_overrides(data, overrides or {})
+    if DATE_FIELD not in str((data.get("output") or {}).get("uri", "")):
+        raise ConfigError(f"output.uri: has no {DATE_FIELD} field, so every night would write (and find "
+                          f"committed) the same output; write it as e.g. s3://bucket/prefix/{DATE_FIELD}")
+    return config_from_dict(fill_date(data, date))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="job file (YAML) whose values may contain {date}")
+    parser.add_argument("--date", type=parse_date, default=None,
+                        help="the night to run, YYYY-MM-DD (None: yesterday, UTC)")
+    parser.add_argument("--force", action="store_true", help="recompute a night that is already committed")
+    parser.add_argument("--set", dest="set_items", action="append", default=[], metavar="KEY=VALUE",
+                        help="set any configuration key ({date} filled in too), e.g. --set resources.actors=8")
+
+
+def main(args: argparse.Namespace) -> int:
+    import logging
+
+    from jobs.cli import local_ray_defaults
+    from pipeline import ConfigError, InputError, OutputError, StageError, run_job, storage
+    from pipeline.config_io import config_hash, parse_set
+    from pipeline.outputs import MANIFEST, SUCCESS, read_json
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    date = args.date or yesterday_utc()
+    try:
+        config = night_config(args.config, date, parse_set(args.set_items))
+        out = config.output.uri
+        if storage.read_bytes(storage.join(out, SUCCESS), config.storage) is not None and not args.force:
+            committed = read_json(storage.join(out, MANIFEST), config.storage) or {}
+            if committed.get("config_hash") != config_hash(config):
+                raise OutputError(f"{date} is committed at {out} by a job with another configuration (hash "
+                                  f"{str(committed.get('config_hash'))[:12]}, this one {config_hash(config)[:12]}); "
+                                  "pass --force to compute the night again with this one")
+            print(f"logo-batch nightly: {date} is already committed at {out}; nothing to do "
+                  "(--force computes it again)")
+            return 0
+        if args.force:
+            import dataclasses
+
+            config = dataclasses.replace(config, output=dataclasses.replace(config.output, overwrite=True))
+        print(f"logo-batch nightly: {date}: {config.input.uri} -> {out}", flush=True)
+        local_ray_defaults(config.resources.ray_address)
+        report = run_job(config)
+    except (ConfigError, InputError, OutputError) as err:
+        print(f"logo-batch nightly: {err}", file=sys.stderr)
+        return 2
+    except StageError as err:
+        print(f"logo-batch nightly: {err}", file=sys.stderr)
+        return 1
+    print(report.format())
+    return 0

@@ -1,0 +1,42 @@
+"""`logo-batch report`: (re)write the report of a committed run and print where it is.
+
+    logo-batch report runs/2026-11-28                      # local output directory
+    logo-batch report s3://results/logo/2026-11-28 --endpoint http://127.0.0.1:8333
+
+Writes `report.json`, `report.md` and `report/*.png` beside the run's data (see
+`pipeline/run_report.py` for what each holds). `logo-batch run` writes them after every commit;
+this command redraws them, e.g. for a run committed by an older version. Exit status 2 when
+there is no committed run at OUTPUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output", metavar="OUTPUT", help="output directory or s3:// prefix of a committed run")
+    parser.add_argument("--endpoint", default=None, help="S3 endpoint URL (None: AWS_ENDPOINT_URL, else AWS)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipeline import StorageConfig
+    from pipeline.run_report import PLOT_DIR, REPORT_JSON, REPORT_MD, write_run_report
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        report = write_run_report(args.output, StorageConfig(endpoint=args.endpoint))
+    except FileNotFoundError as err:
+        print(f"logo-batch report: {err}", file=sys.stderr)
+        return 2
+    except (BotoCoreError, ClientError) as err:
+        print(f"logo-batch report: {args.output}: {err}; check the URI, --endpoint and the credentials",
+              file=sys.stderr)
+        return 2
+    base = args.output.rstrip("/")
+    print(f"logo-batch report: {report['rows']} rows, {report['errors']} errors, "
+          f"{len(report['adapters'])} adapters selected\n  {base}/{REPORT_MD}\n  {base}/{REPORT_JSON}\n"
+          f"  {base}/{PLOT_DIR}/*.png")
+    return 0

@@ -1,0 +1,229 @@
+"""The report of a committed run: `report.json`, `report.md` and PNG plots, beside its data.
+
+    <output>/report.json      every number below, recomputable from the data files
+    <output>/report.md        the same as tables, with the plots linked
+    <output>/report/*.png     adapters.png, top_weight.png, throughput.png, errors.png,
+                              tokens.png, groups.png
+
+Everything is computed from the files `_manifest.json` lists, one file at a time, into counters
+whose size depends on the pool and the token lengths, never on the number of rows:
+
+- adapter selection counts (rows that selected it) and mean weight (over those rows);
+- the distribution of each row's top weight (in steps of 0.01);
+- rows/s over time: each data file's write time (its modification time) against the start of the
+  attempt that wrote it (the attempt id is its start time);
+- error rows by reason (`outputs.error_reason`: numbers blanked);
+- prompt and output token histograms (rows without an error);
+- group union sizes: for every batch of `resources.batch_size` consecutive rows of a data file, the
+  union of its selections (what the batch reads with grouping off), and `actors.grouping` replayed
+  with the job's grouping settings on an even sample of at most `REPLAY_BATCHES` batches (the
+  decode groups an actor forms for such a batch; the output holds selections, not the groups).
+"""
+
+from __future__ import annotations
+
+import calendar
+import importlib.util
+import io
+import json
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.config import StorageConfig
+from pipeline.outputs import MANIFEST, SUCCESS, attempt_of, error_reason, read_json
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+PLOT_DIR = "report"
+TOP_WEIGHT_STEP = 0.01
+"""Width of the top-weight histogram's bins."""
+REPLAY_BATCHES = 2000
+"""Most batches whose grouping is replayed (an even sample; the replay costs about 1 ms a batch)."""
+_COLUMNS = ["adapters", "weights", "error", "prompt_tokens", "output_tokens"]
+# defaults of the grouping settings (actors.engine.GenerationConfig), for manifests that lack them
+_GROUPING_DEFAULTS = {"grouping": True, "max_groups": 8, "group_overhead": 8.0, "decode_union_cost": 8.0}
+
+
+@dataclass
+class Tally:
+    """Counters over a run's rows, filled one data file at a time."""
+
+    rows: int = 0
+    errors: int = 0
+    warnings: int = 0
+    selections: Counter = field(default_factory=Counter)  # adapter -> rows that selected it
+    weight_sums: Counter = field(default_factory=Counter)  # adapter -> sum of its weights over those rows
+    top_weight: Counter = field(default_factory=Counter)  # bin index (top weight / step) -> rows
+    error_reasons: Counter = field(default_factory=Counter)
+    prompt_tokens: Counter = field(default_factory=Counter)  # tokens -> rows (rows without an error)
+    output_tokens: Counter = field(default_factory=Counter)
+    batch_unions: Counter = field(default_factory=Counter)  # union size of a whole batch -> batches
+    batches: int = 0  # batches seen (for the replay's sample)
+    union_sizes: Counter = field(default_factory=Counter)  # decode-group union size -> groups (replayed)
+    group_rows: Counter = field(default_factory=Counter)  # decode-group union size -> rows in such groups
+
+
+def grouping_settings(config: dict) -> dict:
+    """The job's grouping settings from the manifest's configuration, wherever its sections hold them."""
+    out = dict(_GROUPING_DEFAULTS)
+    for section in ("routing", "generation"):
+        for key in out:
+            if key in config.get(section, {}):
+                out[key] = config[section][key]
+    return out
+
+
+def _grouping_module():
+    """`actors/grouping.py` (pure Python) loaded alone: `actors/__init__` would load torch into the
+    driver, which needs none of it (and a late torch load there has failed to find its libraries)."""
+    spec = importlib.util.find_spec("actors")  # locates the package without running its __init__
+    assert spec is not None and spec.submodule_search_locations, "the actors package is not importable"
+    path = f"{list(spec.submodule_search_locations)[0]}/grouping.py"
+    name = "logo_batch_report_grouping"
+    if name not in sys.modules:
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        module_spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _replay_groups(selections: list[list[str]], batch_size: int, settings: dict, stride: int, tally: Tally,
+                   grouping) -> None:
+    index: dict[str, int] = {}
+    for start in range(0, len(selections), batch_size):
+        batch = [[index.setdefault(a, len(index)) for a in names] for names in selections[start:start + batch_size]]
+        tally.batch_unions[len(set().union(*map(set, batch)))] += 1
+        tally.batches += 1
+        if (tally.batches - 1) % stride:
+            continue
+        if settings["grouping"]:
+            groups = grouping.group_rows(batch, int(settings["max_groups"]), float(settings["group_overhead"]),
+                                         float(settings["decode_union_cost"]))
+        else:
+            groups = grouping.single_group(batch)
+        for group in groups:
+            tally.union_sizes[len(group.union)] += 1
+            tally.group_rows[len(group.union)] += len(group.rows)
+
+
+def tally_file(table, batch_size: int, settings: dict, tally: Tally, stride: int = 1, grouping=None) -> None:
+    """Add one data file's rows (a pyarrow table with `_COLUMNS`) to the counters."""
+    selected = []
+    for names, weights, error, prompt, output in zip(*(table.column(c).to_pylist() for c in _COLUMNS)):
+        tally.rows += 1
+        if error is not None:
+            tally.errors += 1
+            tally.error_reasons[error_reason(error)] += 1
+            continue
+        tally.prompt_tokens[int(prompt)] += 1
+        tally.output_tokens[int(output)] += 1
+        if names:
+            for name, weight in zip(names, weights):
+                tally.selections[name] += 1
+                tally.weight_sums[name] += float(weight)
+            tally.top_weight[min(int(max(weights) / TOP_WEIGHT_STEP + 1e-6), round(1 / TOP_WEIGHT_STEP))] += 1
+            selected.append(names)
+    _replay_groups(selected, batch_size, settings, stride, tally, grouping or _grouping_module())
+
+
+def _stats(hist: Counter) -> dict:
+    """Count, mean, quantiles and the histogram (value -> rows) of an integer histogram."""
+    n = sum(hist.values())
+    if n == 0:
+        return {"rows": 0, "mean": None, "p50": None, "p90": None, "p99": None, "max": None, "histogram": {}}
+    values = sorted(hist)
+
+    def quantile(q: float) -> int:
+        seen, rank = 0, q * (n - 1)
+        for v in values:
+            seen += hist[v]
+            if seen > rank:
+                return v
+        return values[-1]
+
+    return {"rows": n, "mean": round(sum(v * c for v, c in hist.items()) / n, 3), "p50": quantile(0.5),
+            "p90": quantile(0.9), "p99": quantile(0.99), "max": values[-1],
+            "histogram": {str(v): hist[v] for v in values}}
+
+
+def _attempt_start(attempt: str) -> float:
+    return float(calendar.timegm(time.strptime(attempt.split("-")[0], "%Y%m%dT%H%M%SZ")))
+
+
+def throughput(files: list[dict], mtimes: list[float]) -> list[dict]:
+    """Per attempt: (seconds since its start, rows written so far) after each of its files."""
+    out: dict[str, dict] = {}
+    for entry, mtime in sorted(zip(files, mtimes), key=lambda pair: pair[1]):
+        attempt = entry.get("attempt") or attempt_of(entry["path"].rsplit("/", 1)[-1])
+        record = out.setdefault(attempt, {"attempt": attempt, "points": [], "rows": 0})
+        record["rows"] += entry["rows"]
+        record["points"].append([round(max(mtime - _attempt_start(attempt), 0.0), 3), record["rows"]])
+    for record in out.values():
+        last = record["points"][-1][0]
+        record["rows_per_second"] = round(record["rows"] / last, 3) if last > 0 else None
+    return sorted(out.values(), key=lambda r: r["attempt"])
+
+
+def compute_run_report(output_uri: str, storage_cfg: StorageConfig) -> dict:
+    """The report's numbers for the committed run at `output_uri` (reads its data files once)."""
+    if storage.read_bytes(storage.join(output_uri, SUCCESS), storage_cfg) is None:
+        raise FileNotFoundError(f"{output_uri}: no {SUCCESS} marker; the run is not committed (run the job first)")
+    manifest = read_json(storage.join(output_uri, MANIFEST), storage_cfg) or {}
+    config = manifest.get("config", {})
+    batch_size = int(config.get("resources", {}).get("batch_size", 16))
+    settings = grouping_settings(config)
+    fs, root = storage.filesystem(output_uri, storage_cfg)
+    files = manifest["output"]["files"]
+    tally = Tally()
+    grouping = _grouping_module()
+    stride = max(1, math.ceil(sum(math.ceil(f["rows"] / batch_size) for f in files) / REPLAY_BATCHES))
+    for entry in files:
+        table = pq.read_table(f"{root}/{entry['path']}", filesystem=fs, columns=[*_COLUMNS, "warning"])
+        tally.warnings += table.num_rows - table.column("warning").null_count
+        tally_file(table, batch_size, settings, tally, stride, grouping)
+    mtimes = [info.mtime.timestamp() if info.mtime else 0.0
+              for info in fs.get_file_info([f"{root}/{f['path']}" for f in files])]
+    adapters = [{"adapter": name, "rows": count, "mean_weight": round(tally.weight_sums[name] / count, 6)}
+                for name, count in sorted(tally.selections.items(), key=lambda kv: (-kv[1], kv[0]))]
+    steps = round(1 / TOP_WEIGHT_STEP)
+    return {
+        "output_uri": output_uri,
+        "config_hash": manifest.get("config_hash"),
+        "rows": tally.rows, "errors": tally.errors, "warnings": tally.warnings,
+        "files": len(files),
+        "seconds": manifest.get("timings", {}).get("seconds"),
+        "rows_per_second": manifest.get("timings", {}).get("rows_per_second"),
+        "adapters": adapters,
+        "top_weight": {"step": TOP_WEIGHT_STEP, "rows": sum(tally.top_weight.values()),
+                       "histogram": {f"{b / steps:.2f}": tally.top_weight[b] for b in sorted(tally.top_weight)}},
+        "throughput": throughput(files, mtimes),
+        "errors_by_reason": dict(sorted(tally.error_reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "prompt_tokens": _stats(tally.prompt_tokens),
+        "output_tokens": _stats(tally.output_tokens),
+        "groups": {"batch_size": batch_size, **settings, "batches": tally.batches,
+                   "batch_union_size": _stats(tally.batch_unions),
+                   "replayed_batches": len(range(0, tally.batches, stride)),
+                   "groups": sum(tally.union_sizes.values()), "union_size": _stats(tally.union_sizes),
+                   "rows_by_union_size": {str(k): tally.group_rows[k] for k in sorted(tally.group_rows)}},
+    }
+
+
+def write_run_report(output_uri: str, storage_cfg: StorageConfig) -> dict:
+    """Compute the report of the committed run at `output_uri` and write it beside the run."""
+    from pipeline.run_report_plots import PLOTS, markdown
+
+    report = compute_run_report(output_uri, storage_cfg)
+    for name, draw in PLOTS.items():
+        buffer = io.BytesIO()
+        draw(report).savefig(buffer, format="png", dpi=100)
+        storage.write_bytes(storage.join(output_uri, PLOT_DIR, f"{name}.png"), buffer.getvalue(), storage_cfg)
+    storage.write_bytes(storage.join(output_uri, REPORT_JSON), json.dumps(report, indent=1).encode(), storage_cfg)
+    storage.write_bytes(storage.join(output_uri, REPORT_MD), markdown(report).encode(), storage_cfg)
+    return report

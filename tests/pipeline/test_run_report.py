@@ -1,0 +1,107 @@
+"""The report beside a committed run: its numbers recomputed from the Parquet files, valid PNGs,
+and `logo-batch report` redrawing it (or refusing an output that is not committed)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.cli import main
+from pipeline import run_job
+from pipeline.run_report import PLOT_DIR, REPORT_JSON, REPORT_MD
+from pipeline.run_report_plots import PLOTS
+from tests.pipeline.conftest import ADAPTERS, job, prompt
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def committed(ray_runtime, tiny_assets, tmp_path_factory):
+    model, pool = tiny_assets
+    root = tmp_path_factory.mktemp("report")
+    (root / "in").mkdir()
+    prompts = [prompt(i) for i in range(30)]
+    prompts[3] = ""  # an error row
+    prompts[17] = None  # another, of another kind
+    pq.write_table(pa.table({"prompt": pa.array(prompts, pa.string())}), root / "in" / "p.parquet")
+    config = job(model, pool, str(root / "in"), str(root / "out"), resources={"rows_per_block": 8})
+    run_job(config, progress=False)
+    return root / "out"
+
+
+def test_report_numbers_are_those_of_the_parquet_files(committed):
+    report = json.loads((committed / REPORT_JSON).read_text())
+    table = pads.dataset(str(committed / "data"), format="parquet").to_table()
+    rows = table.to_pylist()
+    ok = [r for r in rows if r["error"] is None]
+    assert report["rows"] == len(rows) == 30 and report["errors"] == 2 == len(rows) - len(ok)
+    counts, sums = Counter(), Counter()
+    for r in ok:
+        for name, weight in zip(r["adapters"], r["weights"]):
+            counts[name] += 1
+            sums[name] += weight
+    assert {a["adapter"]: a["rows"] for a in report["adapters"]} == dict(counts)
+    assert set(counts) <= set(ADAPTERS) and sum(counts.values()) == 2 * len(ok)  # k = 2
+    for a in report["adapters"]:
+        assert math.isclose(a["mean_weight"], sums[a["adapter"]] / counts[a["adapter"]], rel_tol=1e-5)
+    tops = Counter(f"{math.floor(max(r['weights']) * 100 + 1e-6) / 100:.2f}" for r in ok)
+    assert report["top_weight"]["histogram"] == dict(tops)
+    assert sum(report["errors_by_reason"].values()) == 2 and len(report["errors_by_reason"]) == 2
+    for column in ("prompt_tokens", "output_tokens"):
+        hist = Counter(str(r[column]) for r in ok)
+        assert report[column]["histogram"] == dict(hist)
+        assert report[column]["max"] == max(r[column] for r in ok)
+        assert report[column]["mean"] == round(sum(r[column] for r in ok) / len(ok), 3)
+    groups = report["groups"]
+    unions = Counter()
+    for entry in json.loads((committed / "_manifest.json").read_text())["output"]["files"]:
+        selected = [r["adapters"] for r in pq.read_table(committed / entry["path"]).to_pylist() if r["error"] is None]
+        for start in range(0, len(selected), groups["batch_size"]):
+            unions[str(len(set().union(*selected[start:start + groups["batch_size"]])))] += 1
+    assert groups["batch_union_size"]["histogram"] == dict(unions)
+    assert groups["replayed_batches"] == groups["batches"] == sum(unions.values())  # few: all replayed
+    assert sum(groups["rows_by_union_size"].values()) == len(ok)
+    sizes = [int(s) for s in groups["union_size"]["histogram"]]
+    assert min(sizes) >= 2 and max(sizes) <= len(ADAPTERS)
+    assert sum(t["rows"] for t in report["throughput"]) == 30
+    for record in report["throughput"]:
+        assert [p[1] for p in record["points"]] == sorted(p[1] for p in record["points"])
+
+
+def test_pngs_are_valid_images_and_markdown_links_them(committed):
+    import matplotlib.image
+
+    markdown = (committed / REPORT_MD).read_text()
+    for name in PLOTS:
+        path = committed / PLOT_DIR / f"{name}.png"
+        assert path.read_bytes()[:8] == PNG
+        height, width, _ = matplotlib.image.imread(path).shape
+        assert height > 100 and width > 100
+        assert f"({PLOT_DIR}/{name}.png)" in markdown
+
+
+def test_report_command_redraws_and_refuses_uncommitted(committed, tmp_path, capsys):
+    (committed / REPORT_JSON).unlink()
+    assert main(["report", str(committed)]) == 0
+    assert json.loads((committed / REPORT_JSON).read_text())["rows"] == 30
+    assert f"{committed}/{REPORT_MD}" in capsys.readouterr().out
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no _SUCCESS marker" in capsys.readouterr().err
+
+
+def test_report_computation_loads_no_torch(committed):
+    """The driver computes reports without torch (and its libraries) in its process."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.config import StorageConfig; from pipeline.run_report import compute_run_report; "
+            f"r = compute_run_report({str(committed)!r}, StorageConfig()); assert r['groups']['groups'] > 0; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
