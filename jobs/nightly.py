@@ -54,22 +54,10 @@ def fill_date(value: Any, date: str) -> Any:
 
 def night_config(path: str, date: str, overrides: dict | None = None):
     """The job of one night: the file's and the overrides' `{date}` filled in, then checked."""
-    from pathlib import Path
-
-    import yaml
-
     from pipeline import ConfigError, config_from_dict
-    from pipeline.config_io import apply_overrides
+    from pipeline.config_io import apply_overrides, read_yaml
 
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: configuration file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    data = apply_overrides(data, overrides or {})
+    data = apply_overrides(read_yaml(path), overrides or {})
     if DATE_FIELD not in str((data.get("output") or {}).get("uri", "")):
         raise ConfigError(f"output.uri: has no {DATE_FIELD} field, so every night would write (and find "
                           f"committed) the same output; write it as e.g. s3://bucket/prefix/{DATE_FIELD}")

@@ -149,18 +149,22 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return result
 
 
+def read_yaml(path: str | Path) -> Mapping:
+    """A job file's sections as read, before any check of their keys and values."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> JobConfig:
     """Read a YAML job file (optional), apply dotted overrides, and build a checked `JobConfig`."""
-    data: Any = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: configuration file not found") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    data: Any = {} if path is None else read_yaml(path)
     try:
         return config_from_dict(apply_overrides(data, overrides or {}))
     except ConfigError as err:
