@@ -233,7 +233,9 @@ class Router:
         """LOGO_SPEC 1.5-1.6: top k by score (ties to the earlier name), weights s_i / sum_S s_j.
 
         Adapters informative at no pair rank after all others. Negative (z-)scores count as 0 in the
-        weights; if every selected score is <= 0, weights are uniform.
+        weights; if every selected score is <= 0, weights are uniform; a selected score that is not
+        finite (factors too large for float32) gets weight NaN, the others 0 (the engine makes such a
+        row an error naming those adapters).
         """
         # Pool index order is name order and the sort is stable, so equal scores keep name order.
         scores = scores.double()
@@ -245,6 +247,8 @@ class Router:
             total = sum(s)
             fallback = total <= 0.0
             weights = [1.0 / len(s)] * len(s) if fallback else [v / total for v in s]
+            if not math.isfinite(total):  # a score overflowed: only its own weight says so (NaN)
+                weights = [0.0 if math.isfinite(v) else math.nan for v in s]
             routings.append(Routing(indices=tuple(idx), adapters=tuple(self.pool.names[i] for i in idx),
                                     weights=tuple(weights), uniform_fallback=fallback))
         return routings

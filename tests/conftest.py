@@ -129,3 +129,21 @@ def s3_server(s3_credentials, tmp_path_factory) -> S3Server:
         yield server
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def ray_runtime(s3_credentials):
+    """One local Ray for the whole session (2 CPUs; S3 test credentials in its environment): whoever
+    asks first starts it (or a job run earlier in this process did)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    if started:
+        ray.shutdown()

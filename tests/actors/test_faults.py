@@ -52,8 +52,10 @@ def test_overflowing_row_is_an_error_and_its_batch_mates_are_untouched(tiny_dir,
 
 def test_non_finite_routing_scores_become_row_errors(tiny_dir, pool_dir, tmp_path):
     huge = scaled_adapter(pool_dir / "b_qv", tmp_path / "huge", 1e18)  # adapts the probe module
+    # raw scores (the paper's): the huge adapter's score overflows float32; calibrated z-scores divide
+    # the gain out, and the overflow is then caught in generation (the test above)
     predictor = LoGoPredictor(model=tiny_dir, adapters={"a": pool_dir / "a_attn", "huge": huge}, k=2,
-                              max_new_tokens=4, device="cpu")
+                              max_new_tokens=4, device="cpu", calibration_score="raw")
     out = predictor({"prompt": np.array(PROMPTS, dtype=object)})
     for row in range(len(PROMPTS)):
         assert "routing weights are not finite (adapters ['huge']" in out["error"][row]

@@ -12,7 +12,7 @@ from jobs.cli import main
 from jobs.nightly import night_config, parse_date, yesterday_utc
 from pipeline import run_job
 from pipeline.errors import InjectedFault
-from tests.pipeline.conftest import write_prompts
+from tests.pipeline.conftest import settle, write_prompts
 
 NIGHT = "2026-11-27"
 
@@ -29,7 +29,7 @@ def manifest(path) -> dict:
     return json.loads((path / "_manifest.json").read_text())
 
 
-def test_same_night_twice_computes_once_and_force_recomputes(local_ray, tiny_assets, tmp_path, capsys):
+def test_same_night_twice_computes_once_and_force_recomputes(ray_runtime, tiny_assets, tmp_path, capsys):
     model, pool = tiny_assets
     write_prompts(tmp_path / "in" / NIGHT, (5, 4))
     config = nightly_file(tmp_path, model, pool, f"{tmp_path}/in/{{date}}", f"{tmp_path}/out/{{date}}")
@@ -55,13 +55,13 @@ def test_same_night_twice_computes_once_and_force_recomputes(local_ray, tiny_ass
     assert len(again["attempts"]) == 1  # the earlier files were deleted, not mixed in
 
 
-def test_an_interrupted_night_resumes(local_ray, tiny_assets, tmp_path):
+def test_an_interrupted_night_resumes(ray_runtime, tiny_assets, tmp_path):
     model, pool = tiny_assets
     write_prompts(tmp_path / "in" / NIGHT, (20, 20))  # 10 blocks: the fault comes well before the last
     config = nightly_file(tmp_path, model, pool, f"{tmp_path}/in/{{date}}", f"{tmp_path}/out/{{date}}")
     with pytest.raises(InjectedFault):
         run_job(night_config(config, NIGHT), fail_after_files=1, progress=False)
-
+    settle(tmp_path / "out" / NIGHT / "data")
     assert main(["nightly", "--config", config, "--date", NIGHT]) == 0
     done = manifest(tmp_path / "out" / NIGHT)
     assert done["output"]["rows"] == 40 and len(done["attempts"]) == 2
@@ -69,7 +69,7 @@ def test_an_interrupted_night_resumes(local_ray, tiny_assets, tmp_path):
     assert done["report"]["rows_resumed"] == 40 - done["report"]["rows_computed"]
 
 
-def test_templated_s3_uris_against_seaweedfs(local_ray, tiny_assets, s3_server, tmp_path, capsys):
+def test_templated_s3_uris_against_seaweedfs(ray_runtime, tiny_assets, s3_server, tmp_path, capsys):
     model, pool = tiny_assets
     write_prompts(tmp_path / "in", (6,))
     s3_server.upload_dir(tmp_path / "in", f"nightly/prompts/{NIGHT}")

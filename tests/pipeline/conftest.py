@@ -3,7 +3,6 @@ files, job configurations, and the in-process reference the pipeline's rows are 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -30,20 +29,6 @@ def tiny_assets(tmp_path_factory) -> tuple[Path, Path]:
     for seed, name in enumerate(ADAPTERS, start=1):
         tiny_adapter(model, root / "pool" / name, r=2, seed=seed)
     return model, root / "pool"
-
-
-@pytest.fixture(scope="session")
-def ray_runtime(s3_credentials):
-    """One local Ray for the whole session (2 CPUs; S3 test credentials in its environment)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
 
 
 def prompt(i: int) -> str:
@@ -91,3 +76,17 @@ def assert_matches_reference(table: pa.Table, ref: dict, order: list[str]) -> No
         assert row["adapters"] == list(ref["adapters"][i]), row_id
         np.testing.assert_allclose(row["weights"], ref["weights"][i], rtol=0, atol=1e-5, err_msg=row_id)
         assert row["prompt_tokens"] == ref["prompt_tokens"][i]
+
+
+def settle(directory: Path, quiet: float = 2.0) -> None:
+    """Wait until the files in `directory` stop changing: after a fault injected in this process,
+    writes the stopped dataflow had in flight land first (a crashed driver's job would be gone)."""
+    import time
+
+    last = None
+    while True:
+        now = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+        if now == last:
+            return
+        last = now
+        time.sleep(quiet)

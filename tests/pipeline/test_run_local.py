@@ -12,7 +12,8 @@ import pytest
 from actors import LoGoPredictor
 from pipeline import ConfigError, InputError, read_output, run_job
 from pipeline.errors import InjectedFault, StageError
-from tests.pipeline.conftest import OPTIONS, SIZES, assert_matches_reference, job, reference, write_prompts
+from tests.pipeline.conftest import (OPTIONS, SIZES, assert_matches_reference, job, reference, settle,
+                                     write_prompts)
 
 
 def test_local_end_to_end_matches_in_process_predictor(ray_runtime, tiny_assets, tmp_path):
@@ -88,7 +89,7 @@ def test_resume_with_slice_boundaries_inside_row_groups(ray_runtime, tiny_assets
     with pytest.raises(InjectedFault):
         run_job(config, fail_after_files=2, progress=False)
     out = tmp_path / "out"
-    _settle(out / "data")  # writes still in flight when the driver stopped land first
+    settle(out / "data")  # writes still in flight when the driver stopped land first
     report = run_job(config, progress=False)
     manifest = json.loads((out / "_manifest.json").read_text())
     first, second = manifest["attempts"]
@@ -101,19 +102,6 @@ def test_resume_with_slice_boundaries_inside_row_groups(ray_runtime, tiny_assets
     # decoded: the rows computed now, plus at most one 50-row group per boundary of earlier work
     boundaries = sum(2 * len(r["ranges"]) for r in _records(out, manifest, report.attempt, other=True))
     assert report.rows_computed <= report.rows_decoded <= report.rows_computed + 50 * boundaries
-
-
-def _settle(directory, quiet: float = 2.0) -> None:
-    """Wait until the files in `directory` stop changing."""
-    import time
-
-    last = None
-    while True:
-        now = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
-        if now == last:
-            return
-        last = now
-        time.sleep(quiet)
 
 
 def _records(out, manifest, attempt, other=False):
