@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import posixpath
 import secrets
 import sys
 import time
@@ -50,7 +52,14 @@ def check_sources(config: JobConfig) -> None:
 
 
 def _normal(uri: str) -> str:
-    return uri.rstrip("/") if storage.is_s3(uri) else str(Path(uri).expanduser().absolute()).rstrip("/")
+    """The place a URI names, for comparing two of them: a local path with every symlink and `..`
+    resolved (also below a part that does not exist yet); an S3 key with `.`, `..` and repeated
+    slashes collapsed, as the path-style clients that build keys from paths do."""
+    if storage.is_s3(uri):
+        bucket, key = storage.split_s3(uri)
+        key = posixpath.normpath("/" + key).lstrip("/")
+        return f"s3://{bucket}/{key}".rstrip("/")
+    return os.path.realpath(Path(uri).expanduser()).rstrip("/")
 
 
 def run_statistics(config: JobConfig) -> dict | None:

@@ -237,6 +237,29 @@ def test_output_inside_input_is_refused(tiny_assets, tmp_path):
     assert not (tmp_path / "in" / "out").exists()
 
 
+@pytest.mark.parametrize("spelling", ["symlink", "dotdot", "symlinked-input"])
+def test_output_inside_input_is_refused_through_symlinks_and_dotdot(tiny_assets, tmp_path, spelling):
+    model, pool = tiny_assets
+    write_prompts(tmp_path / "in", (3,))
+    (tmp_path / "link").symlink_to(tmp_path / "in", target_is_directory=True)
+    inp, out = {"symlink": (tmp_path / "in", tmp_path / "link" / "out"),
+                "dotdot": (tmp_path / "in", tmp_path / "in" / ".." / "in" / "x"),
+                "symlinked-input": (tmp_path / "link", tmp_path / "in" / "out")}[spelling]
+    with pytest.raises(ConfigError, match=r"output\.uri .* overlaps input\.uri"):
+        run_job(job(model, pool, str(inp), str(out)), progress=False)
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["part-0.parquet"]
+
+
+def test_s3_output_overlap_compares_normalised_keys(tiny_assets):
+    from pipeline.runner import check_sources
+
+    model, pool = tiny_assets
+    for out in ("s3://b/in/../in/out", "s3://b/in//out", "s3://b/./in/out/"):
+        with pytest.raises(ConfigError, match=r"output\.uri .* overlaps input\.uri"):
+            check_sources(job(model, pool, "s3://b/in", out))
+    check_sources(job(model, pool, "s3://b/in", "s3://b/input-results"))  # a shared prefix is not an overlap
+
+
 def test_actor_resources_share_the_cpus_and_leave_room_for_reads(ray_runtime, tiny_assets, tmp_path):
     from pipeline.dataflow import actor_resources
 
