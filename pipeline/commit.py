@@ -20,13 +20,10 @@ import json
 from pipeline import storage
 from pipeline.config import JobConfig
 from pipeline.config_io import config_hash
+from pipeline.errors import OutputError
 from pipeline.inputs import InputFile
 from pipeline.outputs import CALIBRATION, DATA_DIR, FORMAT, JOB_RECORD, MANIFEST, SUCCESS, PartFile, read_json
 
-
-
-class OutputError(RuntimeError):
-    """The output location holds something this run must not touch or cannot complete."""
 
 
 def _uri(config: JobConfig, name: str) -> str:

@@ -1,4 +1,4 @@
-"""Failures of a running dataflow (kept apart from `dataflow` so callers need not import Ray)."""
+"""Failures of a run (kept apart from `dataflow` so callers need not import Ray)."""
 
 
 class StageError(RuntimeError):
@@ -7,3 +7,7 @@ class StageError(RuntimeError):
 
 class InjectedFault(RuntimeError):
     """Raised by the testing hook `fail_after_files`: the run stops as if the driver had died."""
+
+
+class OutputError(RuntimeError):
+    """The output location holds something this run must not touch or cannot complete."""

@@ -8,10 +8,12 @@
 Every data file records in its Parquet footer (key `logo_batch.part`) which input rows it holds,
 as row ranges per input file, with its counts (rows, errors, warnings, output tokens, adapter
 use, error kinds, rows decoded to produce it). What a run has finished is read from these
-footers alone: `scan` reads each file's footer, deletes a file that does not read (a partial
-write) and a file whose ranges overlap a file kept before it (a straggler of an interrupted
-attempt), and returns the rest. Locally a file is written under a temporary name and renamed;
-an S3 object appears only when its upload completes.
+footers alone: `scan` reads each file's footer, deletes a file that is provably a partial write
+(locally: a temporary name, or no Parquet magic at its end) and a file whose ranges overlap a file
+kept before it (a straggler of an interrupted attempt), and returns the rest. Locally a file is
+written under a temporary name and renamed; an S3 object appears only when its upload completes,
+so on S3 nothing is deleted for failing to read: a read error (a timeout, a throttle, a foreign
+object) is retried, then stops the run naming the file, which is kept.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import bisect
 import json
 import logging
 import re
+import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +35,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import StorageConfig
+from pipeline.errors import OutputError
 from pipeline.inputs import INTERNAL_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -171,30 +175,71 @@ def _overlaps(kept: dict[str, list[tuple[int, int]]], ranges: list[tuple[str, in
     return False
 
 
+READ_ATTEMPTS = 3
+"""Tries to read one data file's footer before a transient storage error stops the run."""
+
+
+def _is_partial_local(path: str) -> bool:
+    """A local file that cannot be a complete Parquet file: shorter than its two magic numbers, or
+    without `PAR1` at its end (a write cut short). Anything else that fails to read is not ours to
+    delete."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            if f.tell() < 12:
+                return True
+            f.seek(-4, 2)
+            return f.read(4) != b"PAR1"
+    except OSError:
+        return False
+
+
+def _read_record(fs, path: str, name: str) -> PartFile:
+    with fs.open_input_file(path) as f:
+        metadata = pq.ParquetFile(f).schema_arrow.metadata or {}
+    if PART_KEY not in metadata:
+        raise ValueError(f"no {PART_KEY.decode()} record in its footer")
+    return PartFile.from_record(name, json.loads(metadata[PART_KEY]))
+
+
 def scan(data_uri: str, config: StorageConfig, repair: bool = True) -> list[PartFile]:
-    """The complete, non-overlapping data files of a run, from their footers only; partial and
-    overlapping ones are deleted (left alone, but not returned, with `repair=False`)."""
+    """The complete, non-overlapping data files of a run, from their footers only. Provably partial
+    files (local only) and overlapping ones are deleted (left alone, but not returned, with
+    `repair=False`); a file that fails to read otherwise raises `OutputError` naming it, and is kept."""
     fs, root = storage.filesystem(data_uri, config)
+    remote = storage.is_s3(data_uri)
     names = []
     for obj in storage.list_objects(data_uri, config):
         if "/" in obj.key:
             continue
         if obj.key.startswith(".tmp-"):
-            if repair:
+            if repair and not remote:
                 storage.delete(storage.join(data_uri, obj.key), config)
         elif obj.key.startswith("part-") and obj.key.endswith(".parquet"):
             names.append(obj.key)
 
     def read(name: str) -> PartFile | None:
-        try:
-            with fs.open_input_file(f"{root}/{name}") as f:
-                record = pq.ParquetFile(f).schema_arrow.metadata[PART_KEY]
-            return PartFile.from_record(name, json.loads(record))
-        except Exception as err:  # unreadable or without a record: a partial write; its rows are redone
-            if repair:
-                log.warning("removing unreadable data file %s (%s); its rows will be recomputed", name, err)
-                storage.delete(storage.join(data_uri, name), config)
-            return None
+        path = f"{root}/{name}"
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                return _read_record(fs, path, name)
+            except FileNotFoundError:
+                return None  # gone since the listing: nothing of it to count
+            except Exception as err:
+                if not remote and _is_partial_local(path):
+                    if repair:
+                        log.warning("removing partial data file %s (%s); its rows will be recomputed", name, err)
+                        storage.delete(storage.join(data_uri, name), config)
+                    return None
+                if remote and isinstance(err, OSError) and attempt + 1 < READ_ATTEMPTS:
+                    time.sleep(0.5 * 2 ** attempt)  # a timeout or throttle: try again
+                    continue
+                reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+                raise OutputError(
+                    f"cannot read data file {storage.join(data_uri, name)} ({reason}); it was "
+                    "not deleted. If storage was unavailable, rerun the job; if the file is not this run's, move "
+                    "it out of the output; --overwrite starts the run again") from None
+        raise AssertionError("unreachable")
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         parts = [p for p in pool.map(read, sorted(names)) if p is not None]

@@ -56,6 +56,20 @@ def test_scan_reads_footers_keeps_complete_files_and_removes_partial_and_overlap
     assert outputs.done_ranges(parts) == {"x.parquet": [(0, 3), (5, 6)], "y.parquet": [(3, 4)]}
 
 
+def test_scan_keeps_a_complete_file_it_cannot_read_and_names_it(tmp_path):
+    foreign = pa.BufferOutputStream()
+    pq.write_table(pa.table({"a": [1]}), foreign)  # a whole Parquet file, but not one of this run's
+    ended = b"PAR1" + b"\0" * 40 + (8).to_bytes(4, "little") + b"PAR1"  # ends like Parquet: not cut short
+    for index, content in enumerate((foreign.getvalue().to_pybytes(), ended)):
+        data = str(tmp_path / f"data{index}")
+        put(data, [0, 1], "x-1")
+        bad = tmp_path / f"data{index}" / "part-x-2-0.parquet"
+        bad.write_bytes(content)
+        with pytest.raises(OutputError, match=r"cannot read data file .*part-x-2-0\.parquet .*it was not deleted"):
+            scan(data, S)
+        assert bad.read_bytes() == content
+
+
 def test_verify_requires_every_row_exactly_once_per_range(tmp_path):
     data = str(tmp_path / "data")
     put(data, [0, 1], "x-1")
@@ -125,10 +139,16 @@ def test_s3_data_files_scan_and_clear(s3_server):
     cfg = StorageConfig(endpoint=s3_server.endpoint)
     data = f"s3://{s3_server.bucket}/scan-test/data"
     put(data, [0, 1], "x-1", cfg=cfg)
-    s3_server.client().put_object(Bucket=s3_server.bucket, Key="scan-test/data/part-y-2-0.parquet", Body=b"junk")
     parts = scan(data, cfg)
     assert [p.ranges for p in parts] == [[("x.parquet", 0, 2)]]
     assert [o.key for o in storage.list_objects(data, cfg)] == [parts[0].name]
+    # An S3 object is never partial: one that does not read stops the scan, named, and is kept.
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key="scan-test/data/part-y-2-0.parquet", Body=b"junk")
+    with pytest.raises(OutputError, match=r"cannot read data file s3://.*/scan-test/data/part-y-2-0\.parquet .*"
+                                          r"not deleted"):
+        scan(data, cfg)
+    assert [o.key for o in storage.list_objects(data, cfg)] == sorted([parts[0].name, "part-y-2-0.parquet"])
+    storage.delete(f"{data}/part-y-2-0.parquet", cfg)
     fs, path = storage.filesystem(f"{data}/{parts[0].name}", cfg)
     assert pq.read_table(path, filesystem=fs).schema.names[:4] == ["id", "output", "adapters", "weights"]
     assert outputs.error_reason("prompt has 812 tokens, more than 64") == "prompt has N tokens, more than N"
