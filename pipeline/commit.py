@@ -3,7 +3,8 @@
 1. `committed_manifest` first, before the input is read: `_SUCCESS` and `_job.json` of the same
    configuration mean "nothing to do"; of another configuration, the output is refused.
 2. `open_run` before any work: an output of another job (different configuration hash, layout
-   version or input files) is refused. An uncommitted output is claimed by writing `_job.json`
+   version or input files) is refused, and so is one whose input, model or adapter files were
+   replaced since it started (`pins`: sizes, modification times, ETags and digests). An uncommitted output is claimed by writing `_job.json`
    only if absent (S3: a conditional put), or, if present, checked to be the same job, which
    makes this run a resume of it.
 3. The data files' footers are scanned (`outputs.scan`), the row ranges no file holds are
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline import storage
+from pipeline import pins, storage
 from pipeline.config import JobConfig
 from pipeline.config_io import config_hash
 from pipeline.errors import OutputError
@@ -35,6 +36,7 @@ def job_record(config: JobConfig, files: list[InputFile]) -> dict:
         "format": FORMAT,
         "config_hash": config_hash(config),
         "input_files": [{"uri": f.uri, "rows": f.rows} for f in files],
+        "contents": pins.pins(config, files),
     }
 
 
@@ -47,6 +49,12 @@ def _same_job(record: dict, theirs: dict, where: str) -> None:
             f"{where} belongs to a different job (configuration hash {str(theirs.get('config_hash'))[:12]}, this "
             f"job {record['config_hash'][:12]}); rerun with the original configuration to resume it, pass "
             "--overwrite to replace it, or choose another output.uri")
+    changed = (pins.changes(theirs["contents"], record["contents"])
+               if "contents" in theirs and "contents" in record else [])
+    if changed:
+        raise OutputError(
+            f"{where} was computed from other contents than are there now: {'; '.join(changed)}. Resuming would "
+            "mix results of old and new files: restore the original files, or pass --overwrite to start again")
     if theirs.get("input_files") != record["input_files"]:
         raise OutputError(
             f"{where} was made from different input files or row counts than the input now has; pass "

@@ -153,3 +153,58 @@ def test_s3_data_files_scan_and_clear(s3_server):
     assert pq.read_table(path, filesystem=fs).schema.names[:4] == ["id", "output", "adapters", "weights"]
     assert outputs.error_reason("prompt has 812 tokens, more than 64") == "prompt has N tokens, more than N"
     assert storage.delete_prefix(data, cfg) == 1 and storage.list_objects(data, cfg) == []
+
+
+def test_resume_refuses_input_model_or_adapter_files_replaced_at_the_same_path(tiny_assets, tmp_path):
+    import shutil
+
+    from pipeline import inputs
+    from tests.pipeline.conftest import job, write_prompts
+
+    model, pool = (shutil.copytree(p, tmp_path / p.name) for p in tiny_assets)
+    write_prompts(tmp_path / "in", (6, 4))
+
+    def claim(out: str):
+        config = job(model, pool, str(tmp_path / "in"), str(tmp_path / out))
+        commit.open_run(config, inputs.discover(config.input, config.storage))
+        return config
+
+    claim("out1")
+    write_prompts(tmp_path / "in", (6, 4), row_group_size=2)  # same rows, new file
+    with pytest.raises(OutputError, match=r"other contents .*input file part-0\.parquet changed \(size:.*; "
+                                          r"input file part-1\.parquet changed.*--overwrite"):
+        claim("out1")
+    claim("out2")
+    weights = pool / "copy" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight, same size
+    weights.write_bytes(bytes(data))
+    with pytest.raises(OutputError, match=r"adapter file copy/adapter_model\.safetensors changed \(sha256:"):
+        claim("out2")
+    claim("out3")
+    (pool / "spell").rename(tmp_path / "spell")
+    (model / "config.json").write_text((model / "config.json").read_text() + " ")
+    with pytest.raises(OutputError, match=r"model file config\.json changed.*adapter file spell/"
+                                          r"adapter_config\.json was removed"):
+        claim("out3")
+    record = json.loads((tmp_path / "out3" / "_job.json").read_text())
+    assert set(record["contents"]) == {"input", "model", "adapters"}
+    assert set(record["contents"]["input"]) == {"part-0.parquet", "part-1.parquet"}
+
+
+def test_resume_refuses_an_s3_input_object_replaced_at_the_same_key(tiny_assets, s3_server, tmp_path):
+    from pipeline import inputs
+    from tests.pipeline.conftest import job, write_prompts
+
+    model, pool = tiny_assets
+    write_prompts(tmp_path / "in", (5,))
+    prefix = f"s3://{s3_server.bucket}/pins-test"
+    key = "pins-test/in/part-0.parquet"
+    s3_server.client().upload_file(str(tmp_path / "in" / "part-0.parquet"), s3_server.bucket, key)
+    config = job(model, pool, f"{prefix}/in", f"{prefix}/out", storage={"endpoint": s3_server.endpoint})
+    commit.open_run(config, inputs.discover(config.input, config.storage))
+    commit.open_run(config, inputs.discover(config.input, config.storage))  # unchanged: a resume
+    write_prompts(tmp_path / "in", (5,), row_group_size=1)
+    s3_server.client().upload_file(str(tmp_path / "in" / "part-0.parquet"), s3_server.bucket, key)
+    with pytest.raises(OutputError, match=r"input file part-0\.parquet changed \(size:\d+,etag:\w+ -> "):
+        commit.open_run(config, inputs.discover(config.input, config.storage))
