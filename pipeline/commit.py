@@ -88,6 +88,12 @@ def open_run(config: JobConfig, files: list[InputFile]) -> None:
                           "tool can resume; pass --overwrite to replace them, or choose another output.uri")
 
 
+def uncommit(config: JobConfig) -> None:
+    """Make a committed run a partial one again (marker first, so no reader sees a changing run)."""
+    for name in (SUCCESS, MANIFEST):
+        storage.delete(_uri(config, name), config.storage)
+
+
 def clear(config: JobConfig) -> int:
     """Delete a run's files at the output (marker first, so no reader sees a half-deleted run)."""
     cfg = config.storage

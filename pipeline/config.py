@@ -245,6 +245,22 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class RunConfig:
+    section: ClassVar[str] = "run"
+
+    max_error_fraction: float = 0.01
+    """Most rows, as a fraction of the input, that may end with an error (of any kind, bad input
+    included) for the run to commit. Above it the run stops before committing, naming the most
+    common error, and keeps every row written: rerun with `--retry-errors` once the cause is
+    fixed, or raise this value to accept the errors. Not part of the job's hash: it may change
+    between attempts."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.max_error_fraction <= 1, "run.max_error_fraction",
+               f"must be between 0 and 1; got {self.max_error_fraction}")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     model: ModelConfig
     """The base model."""
@@ -262,6 +278,8 @@ class JobConfig:
     """Actors, batch size and per-actor resources."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Object-storage endpoint, region and local cache."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """When a finished run may commit."""
 
     def predictor_options(self) -> dict:
         """Keyword arguments for `actors.LoGoPredictor`, less `model`, `adapters` and the calibration
@@ -278,4 +296,4 @@ class JobConfig:
 
 
 SECTIONS = (ModelConfig, AdaptersConfig, RoutingConfig, GenerationConfig, InputConfig, OutputConfig,
-            ResourcesConfig, StorageConfig)
+            ResourcesConfig, StorageConfig, RunConfig)

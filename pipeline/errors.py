@@ -11,3 +11,8 @@ class InjectedFault(RuntimeError):
 
 class OutputError(RuntimeError):
     """The output location holds something this run must not touch or cannot complete."""
+
+
+class TooManyErrors(RuntimeError):
+    """Every row is accounted for, but more of them failed than `run.max_error_fraction` allows:
+    the run is not committed and its rows are kept (rerun with `--retry-errors` once fixed)."""

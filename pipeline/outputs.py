@@ -93,18 +93,23 @@ class PartFile:
     """Adapter name -> rows that selected it."""
     error_reasons: Counter = field(default_factory=Counter)
     """Error kind (numbers blanked) -> rows."""
+    error_ranges: list[tuple[str, int, int]] | None = field(default_factory=list)
+    """Input rows of the error rows, as row ranges like `ranges` (None in files of older versions)."""
 
     def record(self) -> dict:
         return {"ranges": [list(r) for r in self.ranges], "rows": self.rows, "errors": self.errors,
                 "warnings": self.warnings, "output_tokens": self.output_tokens, "decoded": self.decoded,
-                "adapter_use": dict(self.adapter_use), "error_reasons": dict(self.error_reasons)}
+                "adapter_use": dict(self.adapter_use), "error_reasons": dict(self.error_reasons),
+                "error_ranges": [list(r) for r in self.error_ranges or []]}
 
     @classmethod
     def from_record(cls, name: str, record: dict) -> PartFile:
         return cls(name, attempt_of(name), [(str(f), int(a), int(b)) for f, a, b in record["ranges"]],
                    rows=int(record["rows"]), errors=int(record["errors"]), warnings=int(record["warnings"]),
                    output_tokens=int(record["output_tokens"]), decoded=int(record["decoded"]),
-                   adapter_use=Counter(record["adapter_use"]), error_reasons=Counter(record["error_reasons"]))
+                   adapter_use=Counter(record["adapter_use"]), error_reasons=Counter(record["error_reasons"]),
+                   error_ranges=None if "error_ranges" not in record else
+                   [(str(f), int(a), int(b)) for f, a, b in record["error_ranges"]])
 
 
 def part_name(attempt: str) -> str:
@@ -133,6 +138,9 @@ def summarize(name: str, table: pa.Table, names: tuple[str, ...]) -> PartFile:
     part = PartFile(name, attempt_of(name), row_ranges(table.column("_logo_file").to_numpy(),
                                                        table.column("_logo_row").to_numpy(), names))
     part.rows = table.num_rows
+    failed = pc.is_valid(table.column("error")).to_numpy(zero_copy_only=False)
+    part.error_ranges = row_ranges(table.column("_logo_file").to_numpy()[failed],
+                                   table.column("_logo_row").to_numpy()[failed], names)
     errors = [e for e in table.column("error").to_pylist() if e is not None]
     part.errors = len(errors)
     part.error_reasons.update(error_reason(e) for e in errors)
@@ -149,21 +157,67 @@ def write_part(table: pa.Table, *, data_uri: str, config: StorageConfig, attempt
                names: tuple[str, ...]) -> pa.Table:
     """Write one block of results as a new data file with its record in the footer; return a
     one-row summary (for progress)."""
-    name = part_name(attempt)
-    part = summarize(name, table, names)
-    table = table.drop_columns([c for c in INTERNAL_COLUMNS if c in table.column_names])
+    part = summarize(part_name(attempt), table, names)
+    _write(table.drop_columns([c for c in INTERNAL_COLUMNS if c in table.column_names]), part, data_uri, config)
+    return pa.table({"file": [part.name], "rows": [part.rows], "errors": [part.errors], "decoded": [part.decoded]})
+
+
+def _write(table: pa.Table, part: PartFile, data_uri: str, config: StorageConfig) -> None:
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            PART_KEY: json.dumps(part.record()).encode()})
     fs, root = storage.filesystem(data_uri, config)
-    final = f"{root}/{name}"
+    final = f"{root}/{part.name}"
     if storage.is_s3(data_uri):
         pq.write_table(table, final, filesystem=fs)
     else:
         fs.create_dir(root, recursive=True)
-        tmp = f"{root}/.tmp-{name}"
+        tmp = f"{root}/.tmp-{part.name}"
         pq.write_table(table, tmp, filesystem=fs)
         fs.move(tmp, final)
-    return pa.table({"file": [name], "rows": [part.rows], "errors": [part.errors], "decoded": [part.decoded]})
+
+
+def subtract(ranges: list[tuple[str, int, int]], minus: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """Row ranges less other row ranges (both sorted, `minus` within `ranges`)."""
+    out = []
+    for name, start, stop in ranges:
+        position = start
+        for m_name, m_start, m_stop in minus:
+            if m_name == name and m_start < stop and m_stop > start:
+                if m_start > position:
+                    out.append((name, position, m_start))
+                position = max(position, m_stop)
+        if position < stop:
+            out.append((name, position, stop))
+    return out
+
+
+def drop_error_rows(data_uri: str, parts: list[PartFile], config: StorageConfig) -> int:
+    """Take the error rows out of the run, so that the next plan computes them again: each data
+    file with errors is replaced by a new file of its other rows, under the same attempt (written
+    before the old one is deleted; if a crash leaves both, `scan` keeps one of them and the plan
+    computes whatever rows that leaves out). Returns the rows taken out."""
+    fs, root = storage.filesystem(data_uri, config)
+    dropped = 0
+    for part in parts:
+        if not part.errors:
+            continue
+        if part.error_ranges is None:
+            raise OutputError(f"data file {part.name} was written by an older version that does not record where "
+                              "its error rows are; --retry-errors cannot recompute them; pass --overwrite instead")
+        table = pq.read_table(f"{root}/{part.name}", filesystem=fs)
+        keep = table.filter(pc.is_null(table.column("error")))
+        if keep.num_rows:
+            new = PartFile(part_name(part.attempt), part.attempt, subtract(part.ranges, part.error_ranges), rows=keep.num_rows,
+                           warnings=keep.num_rows - keep.column("warning").null_count,
+                           output_tokens=int(pc.sum(keep.column("output_tokens")).as_py() or 0), decoded=part.decoded)
+            flat = pc.list_flatten(keep.column("adapters"))
+            for item in pc.value_counts(flat).to_pylist() if len(flat) else []:
+                new.adapter_use[item["values"]] += item["counts"]
+            assert sum(b - a for _, a, b in new.ranges) == new.rows, "error ranges disagree with the error column"
+            _write(keep, new, data_uri, config)
+        storage.delete(storage.join(data_uri, part.name), config)
+        dropped += part.errors
+    return dropped
 
 
 def _overlaps(kept: dict[str, list[tuple[int, int]]], ranges: list[tuple[str, int, int]]) -> bool:

@@ -21,11 +21,13 @@ import posixpath
 import secrets
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import commit, inputs, outputs, storage
 from pipeline.config import ConfigError, JobConfig
+from pipeline.errors import TooManyErrors
 from pipeline.outputs import PartFile
 from pipeline.report import ProgressLine, RunReport, build_manifest, build_report, report_from_manifest
 
@@ -136,17 +138,34 @@ def plan(config: JobConfig, files: list[inputs.InputFile], *, repair: bool = Tru
     return Plan(files, parts, inputs.plan_reads(files, done, rows_per_block), rows_per_block)
 
 
-def run_job(config: JobConfig, *, fail_after_files: int | None = None, progress: bool = True) -> RunReport:
+def check_errors(config: JobConfig, parts: list[PartFile], total: int) -> None:
+    """Raise `TooManyErrors` when more than `run.max_error_fraction` of the rows are error rows."""
+    errors = sum(p.errors for p in parts)
+    limit = config.run.max_error_fraction
+    if total and errors / total > limit:
+        reasons = sum((p.error_reasons for p in parts), start=Counter())
+        reason, count = reasons.most_common(1)[0]
+        raise TooManyErrors(
+            f"{errors:,} of {total:,} rows ({errors / total:.1%}) have an error, more than run.max_error_fraction="
+            f"{limit}; the run is not committed and every row written is kept. Most common ({count:,} rows): "
+            f"{reason!r}. Fix the cause and rerun with --retry-errors to recompute only the error rows, or accept "
+            "them with --set run.max_error_fraction=<higher>")
+
+
+def run_job(config: JobConfig, *, fail_after_files: int | None = None, progress: bool = True,
+            retry_errors: bool = False) -> RunReport:
     """Run (or resume, or confirm) the job; return its report once the output is committed.
 
-    `fail_after_files` is a testing hook: the run stops with `InjectedFault` once that many data
-    files were written, leaving a partial output for a rerun to resume.
+    `retry_errors` computes the error rows of the run again (committed or not; a committed run is
+    uncommitted first), each exactly once, keeping every other row. `fail_after_files` is a
+    testing hook: the run stops with `InjectedFault` once that many data files were written,
+    leaving a partial output for a rerun to resume.
     """
     started = time.time()
     attempt = new_attempt_id()
     if not config.output.overwrite:
         committed = commit.committed_manifest(config)
-        if committed is not None:
+        if committed is not None and not retry_errors:
             print(f"logo-batch: {config.output.uri} is already committed; nothing to do", file=sys.stderr)
             return report_from_manifest(committed, started, attempt)
     files = inputs.discover(config.input, config.storage)
@@ -156,6 +175,11 @@ def run_job(config: JobConfig, *, fail_after_files: int | None = None, progress:
         removed = commit.clear(config)
         log.info("overwrite: removed %d data files at %s", removed, config.output.uri)
     commit.open_run(config, files)
+    if retry_errors:
+        commit.uncommit(config)
+        data_uri = storage.join(config.output.uri, outputs.DATA_DIR)
+        dropped = outputs.drop_error_rows(data_uri, outputs.scan(data_uri, config.storage), config.storage)
+        print(f"logo-batch: retrying {dropped:,} error rows", file=sys.stderr, flush=True)
     work = plan(config, files)
     phases = {"plan_seconds": round(time.time() - started, 3)}
     computed = 0
@@ -175,6 +199,7 @@ def run_job(config: JobConfig, *, fail_after_files: int | None = None, progress:
         phases["first_file_seconds"] = done.first_file_seconds
     parts = outputs.scan(storage.join(config.output.uri, outputs.DATA_DIR), config.storage)
     commit.verify(parts, files)
+    check_errors(config, parts, inputs.total_rows(files))
     report = build_report(config, parts, attempt, started, computed)
     manifest = build_manifest(config, files, parts, report, started)
     manifest["timings"].update(phases)

@@ -208,3 +208,21 @@ def test_resume_refuses_an_s3_input_object_replaced_at_the_same_key(tiny_assets,
     s3_server.client().upload_file(str(tmp_path / "in" / "part-0.parquet"), s3_server.bucket, key)
     with pytest.raises(OutputError, match=r"input file part-0\.parquet changed \(size:\d+,etag:\w+ -> "):
         commit.open_run(config, inputs.discover(config.input, config.storage))
+
+
+def test_drop_error_rows_keeps_the_other_rows_and_records_where_errors_were(tmp_path):
+    data = str(tmp_path / "data")
+    put(data, [0, 1, 2, 5], "20260101T000000Z-aaaaaa", errors=2)  # rows 0 and 1 failed
+    put(data, [3], "20260102T000000Z-bbbbbb", file=1, errors=1)  # the whole file failed
+    put(data, [7], "20260103T000000Z-cccccc")
+    parts = scan(data, S)
+    assert [p.error_ranges for p in parts] == [[("x.parquet", 0, 2)], [("y.parquet", 3, 4)], []]
+    old = sorted(p.name for p in (tmp_path / "data").iterdir())
+    assert outputs.drop_error_rows(data, parts, S) == 3
+    after = scan(data, S)
+    assert sorted(p.ranges for p in after) == [[("x.parquet", 2, 3), ("x.parquet", 5, 6)], [("x.parquet", 7, 8)]]
+    assert sum(p.errors for p in after) == 0 and sorted(p.attempt for p in after) == ["20260101T000000Z-aaaaaa",
+                                                                                      "20260103T000000Z-cccccc"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) != old
+    assert pq.read_table(tmp_path / "data" / after[0].name).column("error").null_count == after[0].rows
+    assert outputs.subtract([("x", 0, 10)], [("x", 2, 4), ("x", 6, 10)]) == [("x", 0, 2), ("x", 4, 6)]

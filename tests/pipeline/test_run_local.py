@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,8 @@ import pytest
 
 from actors import LoGoPredictor
 from pipeline import ConfigError, InputError, read_output, run_job
-from pipeline.errors import InjectedFault, StageError
+from pipeline.config import RunConfig
+from pipeline.errors import InjectedFault, StageError, TooManyErrors
 from tests.pipeline.conftest import OPTIONS, SIZES, assert_matches_reference, job, reference, write_prompts
 
 
@@ -132,7 +134,14 @@ def test_bad_rows_become_error_rows_and_are_counted(ray_runtime, tiny_assets, tm
     pq.write_table(pa.table({"prompt": [1, 2]}), tmp_path / "in" / "b.parquet")  # not strings
     config = job(model, pool, str(tmp_path / "in"), str(tmp_path / "out"),
                  generation={"overlong": "error", "max_prompt_tokens": 64}, resources={"actors": 1})
+    # 5 of 11 rows fail: above the default run.max_error_fraction the run keeps its rows, uncommitted
+    with pytest.raises(TooManyErrors, match=r"5 of 11 rows \(45\.5%\) have an error, more than "
+                                            r"run\.max_error_fraction=0\.01; the run is not committed.*--retry-errors"):
+        run_job(config, progress=False)
+    assert not (tmp_path / "out" / "_SUCCESS").exists() and list((tmp_path / "out" / "data").iterdir())
+    config = dataclasses.replace(config, run=RunConfig(max_error_fraction=0.5))
     report = run_job(config, progress=False)
+    assert report.rows_computed == 0 and report.rows_resumed == 11  # accepted: nothing computed again
     rows = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
     assert len(rows) == 11 and report.errors == 5
     assert "null" in rows["a.parquet:3"]["error"]
@@ -146,6 +155,16 @@ def test_bad_rows_become_error_rows_and_are_counted(ray_runtime, tiny_assets, tm
         assert rows[row_id]["output"] is None and rows[row_id]["adapters"] == []
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["errors"]["rows"] == 5 and sum(manifest["errors"]["by_reason"].values()) == 5
+    # --retry-errors on the committed run: only the 5 error rows are computed again, each once
+    before = {name.name for name in (tmp_path / "out" / "data").iterdir()}
+    retried = run_job(config, progress=False, retry_errors=True)
+    assert retried.rows_computed == 5 and retried.rows_resumed == 6 and retried.errors == 5
+    again = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
+    assert sorted(again) == sorted(rows)
+    assert {i: r["output"] for i, r in again.items()} == {i: r["output"] for i, r in rows.items()}
+    assert not before & {name.name for name in (tmp_path / "out" / "data").iterdir()}  # every file had an error row
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["output"]["rows"] == 11 and manifest["errors"]["rows"] == 5
 
 
 def test_missing_prompt_column_fails_before_any_work(tiny_assets, tmp_path):
