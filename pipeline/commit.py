@@ -4,9 +4,9 @@
    configuration mean "nothing to do"; of another configuration, the output is refused.
 2. `open_run` before any work: an output of another job (different configuration hash, layout
    version or input files) is refused, and so is one whose input, model or adapter files were
-   replaced since it started (`pins`: sizes, modification times, ETags and digests). An uncommitted output is claimed by writing `_job.json`
-   only if absent (S3: a conditional put), or, if present, checked to be the same job, which
-   makes this run a resume of it.
+   replaced since it started (`pins`: sizes, modification times, ETags and digests). An
+   uncommitted output is claimed by writing `_job.json` only if absent (S3: a conditional put),
+   or, if present, checked to be the same job, which makes this run a resume of it.
 3. The data files' footers are scanned (`outputs.scan`), the row ranges no file holds are
    computed, and the footers scanned again; `verify` then checks, per input file, that the
    files' row ranges cover every row exactly once and nothing else.

@@ -207,7 +207,8 @@ def drop_error_rows(data_uri: str, parts: list[PartFile], config: StorageConfig)
         table = pq.read_table(f"{root}/{part.name}", filesystem=fs)
         keep = table.filter(pc.is_null(table.column("error")))
         if keep.num_rows:
-            new = PartFile(part_name(part.attempt), part.attempt, subtract(part.ranges, part.error_ranges), rows=keep.num_rows,
+            new = PartFile(part_name(part.attempt), part.attempt, subtract(part.ranges, part.error_ranges),
+                           rows=keep.num_rows,
                            warnings=keep.num_rows - keep.column("warning").null_count,
                            output_tokens=int(pc.sum(keep.column("output_tokens")).as_py() or 0), decoded=part.decoded)
             flat = pc.list_flatten(keep.column("adapters"))
