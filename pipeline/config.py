@@ -254,8 +254,12 @@ class RunConfig:
     common error, and keeps every row written: rerun with `--retry-errors` once the cause is
     fixed, or raise this value to accept the errors. Not part of the job's hash: it may change
     between attempts."""
+    lease_timeout_s: float = 120.0
+    """A driver renews its lease on the output every fifth of this; a lease not renewed for this
+    long belongs to a dead driver and may be taken over by a new one."""
 
     def __post_init__(self) -> None:
+        _check(self.lease_timeout_s > 0, "run.lease_timeout_s", f"must be > 0; got {self.lease_timeout_s}")
         _check(0 <= self.max_error_fraction <= 1, "run.max_error_fraction",
                f"must be between 0 and 1; got {self.max_error_fraction}")
 

@@ -2,6 +2,7 @@
 
     committed already? (`_SUCCESS`, `_job.json`)       -> nothing else is read
     check input (files, columns, ids) and sources      -> nothing runs if any is wrong
+    take the output's lease                            -> `lease.Lease`: one driver per output
     claim the output (another job? resume?)            -> `commit.open_run`
     read the data files' footers                       -> the row ranges already written
     plan read units and slices for the rest            -> `inputs.plan_reads`, from metadata only
@@ -28,6 +29,7 @@ from pathlib import Path
 from pipeline import commit, inputs, outputs, storage
 from pipeline.config import ConfigError, JobConfig
 from pipeline.errors import TooManyErrors
+from pipeline.lease import Lease
 from pipeline.outputs import PartFile
 from pipeline.report import ProgressLine, RunReport, build_manifest, build_report, report_from_manifest
 
@@ -171,6 +173,17 @@ def run_job(config: JobConfig, *, fail_after_files: int | None = None, progress:
     files = inputs.discover(config.input, config.storage)
     check_ids(config, files)
     check_sources(config)
+    held = Lease(config, attempt)
+    held.acquire()  # before anything at the output is written or deleted
+    try:
+        return _run(config, files, attempt, started, held, retry_errors=retry_errors,
+                    fail_after_files=fail_after_files, progress=progress)
+    finally:
+        held.release()
+
+
+def _run(config: JobConfig, files: list[inputs.InputFile], attempt: str, started: float, held: Lease, *,
+         retry_errors: bool, fail_after_files: int | None, progress: bool) -> RunReport:
     if config.output.overwrite:
         removed = commit.clear(config)
         log.info("overwrite: removed %d data files at %s", removed, config.output.uri)
@@ -207,5 +220,6 @@ def run_job(config: JobConfig, *, fail_after_files: int | None = None, progress:
         manifest["calibration"] = {"file": outputs.CALIBRATION, "setting": config.routing.calibration,
                                    "score": config.routing.calibration_score, "source": stats["source"],
                                    "prompts": stats["count"], "seed": stats["seed"]}
+    held.check()
     commit.commit(config, manifest)
     return report

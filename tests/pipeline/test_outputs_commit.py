@@ -226,3 +226,54 @@ def test_drop_error_rows_keeps_the_other_rows_and_records_where_errors_were(tmp_
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) != old
     assert pq.read_table(tmp_path / "data" / after[0].name).column("error").null_count == after[0].rows
     assert outputs.subtract([("x", 0, 10)], [("x", 2, 4), ("x", 6, 10)]) == [("x", 0, 2), ("x", 4, 6)]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_lease_keeps_a_second_driver_out_and_a_stale_one_is_taken_over(tmp_path, s3_server, where, caplog):
+    from pipeline.lease import LEASE, Lease
+
+    out = str(tmp_path / "out") if where == "local" else f"s3://{s3_server.bucket}/lease-test"
+    data = {"model": {"path": "m"}, "adapters": {"path": "a"}, "input": {"uri": "i"}, "output": {"uri": out},
+            "run": {"lease_timeout_s": 1.0}, "storage": {"endpoint": s3_server.endpoint}}
+    config = config_from_dict(data)
+    first, second = Lease(config, "attempt-1"), Lease(config, "attempt-2")
+    first.acquire()
+    uri = storage.join(out, LEASE)
+    beat = json.loads(storage.read_bytes(uri, config.storage))["heartbeat"]
+    with pytest.raises(OutputError, match=r"being run by another driver \(.*:attempt-1, heartbeat 0 s ago\)"):
+        second.acquire()
+    import time
+
+    time.sleep(0.5)
+    assert json.loads(storage.read_bytes(uri, config.storage))["heartbeat"] > beat  # renewed while it runs
+    first._stop.set()  # the first driver dies: no more heartbeats
+    first._thread.join()
+    time.sleep(1.2)
+    second.acquire()  # stale: taken over
+    assert "taking over the lease" in caplog.text
+    with pytest.raises(OutputError, match=r"lost the lease .* to .*:attempt-2; this driver stops without committing"):
+        first.check()
+    first.release()  # not its lease any more: left alone
+    assert json.loads(storage.read_bytes(uri, config.storage))["owner"].endswith(":attempt-2")
+    second.release()
+    assert storage.read_bytes(uri, config.storage) is None
+
+
+def test_run_refuses_an_output_another_driver_holds_before_touching_it(tiny_assets, tmp_path):
+    from pipeline import run_job
+    from pipeline.lease import Lease
+    from tests.pipeline.conftest import job, write_prompts
+
+    model, pool = tiny_assets
+    write_prompts(tmp_path / "in", (4,))
+    config = job(model, pool, str(tmp_path / "in"), str(tmp_path / "out"), output={"overwrite": True})
+    put(str(tmp_path / "out" / "data"), [0], "x-1")
+    other = Lease(config, "other-driver")
+    other.acquire()
+    try:
+        with pytest.raises(OutputError, match=r"being run by another driver \(.*:other-driver"):
+            run_job(config, progress=False)
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_lease.json", "data"]
+        assert len(list((tmp_path / "out" / "data").iterdir())) == 1  # --overwrite did not delete its files
+    finally:
+        other.release()

@@ -1,0 +1,103 @@
+"""One driver per output: a lease (`<output>/_lease.json`: owner and heartbeat) taken before the
+driver touches anything there, renewed while it runs, and given back at the end.
+
+    acquire   create `_lease.json` only if absent (S3: a conditional put; locally: an exclusive
+              create); if present and its heartbeat is fresh, refuse naming its owner; if it is
+              older than `run.lease_timeout_s` (its driver died), take it over
+    renew     a thread rewrites the heartbeat every `lease_timeout_s / 5` seconds, after checking
+              the lease is still this driver's; if another driver took it, `check` raises
+    release   delete the lease if it is still this driver's
+
+Two drivers that both find a stale lease may both write one; each re-reads it afterwards and only
+the one whose write is there goes on (`check` before deleting files and before the commit).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+
+from pipeline import storage
+from pipeline.config import JobConfig
+from pipeline.errors import OutputError
+
+log = logging.getLogger(__name__)
+
+LEASE = "_lease.json"
+
+
+class Lease:
+    """This driver's hold on an output (see the module docstring)."""
+
+    def __init__(self, config: JobConfig, attempt: str):
+        self.uri = storage.join(config.output.uri, LEASE)
+        self.storage = config.storage
+        self.timeout = config.run.lease_timeout_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{attempt}"
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> bytes:
+        return json.dumps({"owner": self.owner, "heartbeat": time.time(), "timeout_s": self.timeout}).encode()
+
+    def _read(self) -> dict | None:
+        data = storage.read_bytes(self.uri, self.storage)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError:
+            return {"owner": "unknown (unreadable lease)", "heartbeat": 0}
+
+    def acquire(self) -> None:
+        """Take the lease, or raise `OutputError` naming the driver that holds it."""
+        if not storage.write_if_absent(self.uri, self._record(), self.storage):
+            held = self._read() or {}
+            age = time.time() - float(held.get("heartbeat", 0))
+            if held and age < self.timeout:
+                raise OutputError(
+                    f"the output {self.uri.rsplit('/', 1)[0]} is being run by another driver ({held.get('owner')}, "
+                    f"heartbeat {age:.0f} s ago); wait for it to finish, or, if it died, rerun after its lease "
+                    f"is older than run.lease_timeout_s={self.timeout:g} s")
+            log.warning("taking over the lease of %s from %s (heartbeat %.0f s ago)", self.uri, held.get("owner"), age)
+            storage.write_bytes(self.uri, self._record(), self.storage)
+            time.sleep(min(1.0, self.timeout / 10))  # let a concurrent taker's write land, then see who won
+        self.check()
+        self._thread = threading.Thread(target=self._renew, name="logo-batch-lease", daemon=True)
+        self._thread.start()
+
+    def check(self) -> None:
+        """Raise `OutputError` if this driver no longer holds the lease."""
+        if self.lost is None:
+            held = self._read()
+            if held is None or held.get("owner") != self.owner:
+                self.lost = str((held or {}).get("owner", "nobody"))
+        if self.lost is not None:
+            raise OutputError(f"lost the lease of {self.uri} to {self.lost}; this driver stops without committing "
+                              "(the other driver carries on with the same output)")
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.timeout / 5):
+            try:
+                held = self._read()
+                if held is None or held.get("owner") != self.owner:
+                    self.lost = str((held or {}).get("owner", "nobody"))
+                    log.error("lost the lease of %s to %s", self.uri, self.lost)
+                    return
+                storage.write_bytes(self.uri, self._record(), self.storage)
+            except Exception as err:  # a storage hiccup: try again at the next beat
+                log.warning("could not renew the lease %s: %s", self.uri, err)
+
+    def release(self) -> None:
+        """Stop renewing; delete the lease if it is still this driver's."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        held = self._read()
+        if held is not None and held.get("owner") == self.owner:
+            storage.delete(self.uri, self.storage)
