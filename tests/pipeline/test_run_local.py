@@ -301,3 +301,29 @@ def test_bad_adapter_stops_the_job_with_the_actors_reason(ray_runtime, tiny_asse
     with pytest.raises(StageError, match=r"a LoGo actor could not start: .*adapter 'copy'"):
         run_job(config, progress=False)
     assert not (tmp_path / "out" / "data").exists() and not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_hostile_input_files_give_error_rows_not_a_dead_job(ray_runtime, tiny_assets, tmp_path):
+    from tests.pipeline.test_inputs import corrupt_first_row_group
+
+    model, pool = tiny_assets
+    (tmp_path / "in").mkdir()
+    text = pa.array([b"fine 0", b"\xff\xfe not utf-8", b"fine 2"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"prompt": text, "task": ["a", "b", "c"]}), tmp_path / "in" / "a.parquet")
+    pq.write_table(pa.table({"prompt": pa.array(["d0", "d1"]).dictionary_encode(),
+                             "task": pa.array(["x", "y"]).dictionary_encode()}), tmp_path / "in" / "b.parquet")
+    pq.write_table(pa.table({"prompt": pa.array(["v0", "v1"], pa.string_view()),
+                             "task": pa.array(["v", "w"], pa.string_view())}), tmp_path / "in" / "c.parquet")
+    pq.write_table(pa.table({"prompt": [f"long prompt text number {i}" * 4 for i in range(8)], "task": ["t"] * 8}),
+                   tmp_path / "in" / "d.parquet", row_group_size=4, compression="snappy", use_dictionary=False)
+    corrupt_first_row_group(tmp_path / "in" / "d.parquet")
+    config = job(model, pool, str(tmp_path / "in"), str(tmp_path / "out"), input={"passthrough": ["task"]},
+                 resources={"actors": 1}, run={"max_error_fraction": 0.5})
+    report = run_job(config, progress=False)
+    rows = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
+    assert len(rows) == 15 and report.errors == 5
+    assert "not valid UTF-8 (row 1 of" in rows["a.parquet:1"]["error"]
+    assert all("row group 0 of" in rows[f"d.parquet:{i}"]["error"] for i in range(4))
+    good = [i for i, r in rows.items() if r["error"] is None]
+    assert len(good) == 10 and all(rows[i]["output"] is not None for i in good)
+    assert [rows[f"{f}.parquet:1"]["task"] for f in "bc"] == ["y", "w"]
