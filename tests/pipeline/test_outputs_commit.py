@@ -277,3 +277,76 @@ def test_run_refuses_an_output_another_driver_holds_before_touching_it(tiny_asse
         assert len(list((tmp_path / "out" / "data").iterdir())) == 1  # --overwrite did not delete its files
     finally:
         other.release()
+
+
+class ThrottlingProxy:
+    """An HTTP proxy in front of the real S3 server that answers 503 SlowDown to every read of a
+    data file (HEAD or GET of `.../data/part-*`) and forwards everything else unchanged (signed
+    requests stay valid: the Host header is passed through)."""
+
+    def __init__(self, backend: str):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        target = urlparse(backend)
+        proxy = self
+        self.refused = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command in ("GET", "HEAD") and "/data/part-" in self.path:
+                    proxy.refused += 1
+                    reply = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(reply)))
+                    self.end_headers()
+                    if self.command == "GET":
+                        self.wfile.write(reply)
+                    return
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                answer = conn.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_s3_throttled_reads_never_delete_good_data_files(s3_server):
+    direct = StorageConfig(endpoint=s3_server.endpoint)
+    data = f"s3://{s3_server.bucket}/throttle-test/data"
+    put(data, [0, 1], "x-1", cfg=direct)
+    put(data, [2], "x-2", cfg=direct)
+    before = storage.list_objects(data, direct)
+    proxy = ThrottlingProxy(s3_server.endpoint)
+    try:
+        with pytest.raises(OutputError, match=r"cannot read data file s3://.*/throttle-test/data/part-x-.*it was "
+                                              r"not deleted\. If storage was unavailable, rerun the job"):
+            scan(data, StorageConfig(endpoint=proxy.endpoint))
+        assert proxy.refused >= outputs.READ_ATTEMPTS  # it did try again
+    finally:
+        proxy.close()
+    assert storage.list_objects(data, direct) == before  # both good files are still there
+    assert [p.ranges for p in scan(data, direct)] == [[("x.parquet", 0, 2)], [("x.parquet", 2, 3)]]
