@@ -249,8 +249,12 @@ def test_lease_keeps_a_second_driver_out_and_a_stale_one_is_taken_over(tmp_path,
     first._stop.set()  # the first driver dies: no more heartbeats
     first._thread.join()
     time.sleep(1.2)
+    stale_etag = second._read()[1]
     second.acquire()  # stale: taken over
     assert "taking over the lease" in caplog.text
+    if where == "s3":  # a third driver that saw the same stale lease cannot take it too (If-Match)
+        assert not Lease(config, "attempt-3")._replace(stale_etag)
+        assert json.loads(storage.read_bytes(uri, config.storage))["owner"].endswith(":attempt-2")
     with pytest.raises(OutputError, match=r"lost the lease .* to .*:attempt-2; this driver stops without committing"):
         first.check()
     first.release()  # not its lease any more: left alone
