@@ -3,14 +3,15 @@
     logo-batch run --config job.yaml [--set routing.k=5 ...]
     logo-batch run --model M --adapters A --input I --output O [--k K] [--signal S]
                    [--calibration input|reference|FILE|none] [--paper]
-                   [--max-new-tokens N] [--actors N] [--batch-size B] [--overwrite]
+                   [--max-new-tokens N] [--actors N] [--batch-size B] [--overwrite] [--retry-errors]
 
 Flags override the file's values; a flag left out (shown as default None) keeps the file's value,
 else the key's default (every key and its default: `pipeline/config.py`). `--address` runs the
 driver here against a running Ray cluster (`logo-batch submit` runs it on the cluster).
 Exit status: 0 when the output is committed (now or before), 2 for a configuration, input or
-output problem (nothing was computed), 1 when an actor refused the model or adapters, or for
-other failures.
+output problem (nothing was computed), 3 when more rows failed than `run.max_error_fraction`
+allows (not committed; rows kept for `--retry-errors`), 1 when an actor refused the model or
+adapters, or for other failures.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="route exactly as the LoGo paper: raw norm score at q_proj of the last block, k=20, "
                              "no calibration (flags and --set given with it still apply)")
     parser.add_argument("--overwrite", action="store_true", help="delete an earlier run at the output first")
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="compute the error rows of the run at the output again (committed or not), "
+                             "keeping every other row")
     parser.add_argument("--set", dest="set_items", action="append", default=[], metavar="KEY=VALUE",
                         help="set any configuration key, e.g. --set generation.stop_at_newline=true")
 
@@ -75,12 +79,16 @@ def main(args: argparse.Namespace) -> int:
 
     from jobs.cli import local_ray_defaults
     from pipeline import ConfigError, InputError, OutputError, StageError, run_job
+    from pipeline.errors import TooManyErrors
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = job_config(args)
         local_ray_defaults(config.resources.ray_address)
-        report = run_job(config)
+        report = run_job(config, retry_errors=args.retry_errors)
+    except TooManyErrors as err:
+        print(f"logo-batch run: {err}", file=sys.stderr)
+        return 3
     except (ConfigError, InputError, OutputError) as err:
         print(f"logo-batch run: {err}", file=sys.stderr)
         return 2

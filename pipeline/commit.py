@@ -3,9 +3,10 @@
 1. `committed_manifest` first, before the input is read: `_SUCCESS` and `_job.json` of the same
    configuration mean "nothing to do"; of another configuration, the output is refused.
 2. `open_run` before any work: an output of another job (different configuration hash, layout
-   version or input files) is refused. An uncommitted output is claimed by writing `_job.json`
-   only if absent (S3: a conditional put), or, if present, checked to be the same job, which
-   makes this run a resume of it.
+   version or input files) is refused, and so is one whose input, model or adapter files were
+   replaced since it started (`pins`: sizes, modification times, ETags and digests). An
+   uncommitted output is claimed by writing `_job.json` only if absent (S3: a conditional put),
+   or, if present, checked to be the same job, which makes this run a resume of it.
 3. The data files' footers are scanned (`outputs.scan`), the row ranges no file holds are
    computed, and the footers scanned again; `verify` then checks, per input file, that the
    files' row ranges cover every row exactly once and nothing else.
@@ -17,16 +18,13 @@ from __future__ import annotations
 
 import json
 
-from pipeline import storage
+from pipeline import pins, storage
 from pipeline.config import JobConfig
 from pipeline.config_io import config_hash
+from pipeline.errors import OutputError
 from pipeline.inputs import InputFile
 from pipeline.outputs import CALIBRATION, DATA_DIR, FORMAT, JOB_RECORD, MANIFEST, SUCCESS, PartFile, read_json
 
-
-
-class OutputError(RuntimeError):
-    """The output location holds something this run must not touch or cannot complete."""
 
 
 def _uri(config: JobConfig, name: str) -> str:
@@ -38,6 +36,7 @@ def job_record(config: JobConfig, files: list[InputFile]) -> dict:
         "format": FORMAT,
         "config_hash": config_hash(config),
         "input_files": [{"uri": f.uri, "rows": f.rows} for f in files],
+        "contents": pins.pins(config, files),
     }
 
 
@@ -50,6 +49,12 @@ def _same_job(record: dict, theirs: dict, where: str) -> None:
             f"{where} belongs to a different job (configuration hash {str(theirs.get('config_hash'))[:12]}, this "
             f"job {record['config_hash'][:12]}); rerun with the original configuration to resume it, pass "
             "--overwrite to replace it, or choose another output.uri")
+    changed = (pins.changes(theirs["contents"], record["contents"])
+               if "contents" in theirs and "contents" in record else [])
+    if changed:
+        raise OutputError(
+            f"{where} was computed from other contents than are there now: {'; '.join(changed)}. Resuming would "
+            "mix results of old and new files: restore the original files, or pass --overwrite to start again")
     if theirs.get("input_files") != record["input_files"]:
         raise OutputError(
             f"{where} was made from different input files or row counts than the input now has; pass "
@@ -81,6 +86,12 @@ def open_run(config: JobConfig, files: list[InputFile]) -> None:
         storage.delete(_uri(config, JOB_RECORD), cfg)
         raise OutputError(f"{config.output.uri} has files under {DATA_DIR}/ but no {JOB_RECORD}: not a run this "
                           "tool can resume; pass --overwrite to replace them, or choose another output.uri")
+
+
+def uncommit(config: JobConfig) -> None:
+    """Make a committed run a partial one again (marker first, so no reader sees a changing run)."""
+    for name in (SUCCESS, MANIFEST):
+        storage.delete(_uri(config, name), config.storage)
 
 
 def clear(config: JobConfig) -> int:

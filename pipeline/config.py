@@ -267,6 +267,26 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class RunConfig:
+    section: ClassVar[str] = "run"
+
+    max_error_fraction: float = 0.01
+    """Most rows, as a fraction of the input, that may end with an error (of any kind, bad input
+    included) for the run to commit. Above it the run stops before committing, naming the most
+    common error, and keeps every row written: rerun with `--retry-errors` once the cause is
+    fixed, or raise this value to accept the errors. Not part of the job's hash: it may change
+    between attempts."""
+    lease_timeout_s: float = 120.0
+    """A driver renews its lease on the output every fifth of this; a lease not renewed for this
+    long belongs to a dead driver and may be taken over by a new one."""
+
+    def __post_init__(self) -> None:
+        _check(self.lease_timeout_s > 0, "run.lease_timeout_s", f"must be > 0; got {self.lease_timeout_s}")
+        _check(0 <= self.max_error_fraction <= 1, "run.max_error_fraction",
+               f"must be between 0 and 1; got {self.max_error_fraction}")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     model: ModelConfig
     """The base model."""
@@ -284,6 +304,8 @@ class JobConfig:
     """Actors, batch size and per-actor resources."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Object-storage endpoint, region and local cache."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """When a finished run may commit."""
 
     def predictor_options(self) -> dict:
         """Keyword arguments for `actors.LoGoPredictor`, less `model`, `adapters` and the calibration
@@ -324,4 +346,4 @@ def check_actor_options(config: JobConfig) -> None:
 
 
 SECTIONS = (ModelConfig, AdaptersConfig, RoutingConfig, GenerationConfig, InputConfig, OutputConfig,
-            ResourcesConfig, StorageConfig)
+            ResourcesConfig, StorageConfig, RunConfig)

@@ -1,4 +1,4 @@
-"""The pipeline's errors (kept apart from `dataflow` so callers need not import Ray)."""
+"""Failures of a run (kept apart from `dataflow` so callers need not import Ray)."""
 
 
 class InputError(ValueError):
@@ -11,3 +11,12 @@ class StageError(RuntimeError):
 
 class InjectedFault(RuntimeError):
     """Raised by the testing hook `fail_after_files`: the run stops as if the driver had died."""
+
+
+class OutputError(RuntimeError):
+    """The output location holds something this run must not touch or cannot complete."""
+
+
+class TooManyErrors(RuntimeError):
+    """Every row is accounted for, but more of them failed than `run.max_error_fraction` allows:
+    the run is not committed and its rows are kept (rerun with `--retry-errors` once fixed)."""

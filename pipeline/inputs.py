@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import guards, storage
+from pipeline.columns import is_text as _is_string, plain, plain_type, utf8_errors
 from pipeline.config import InputConfig, StorageConfig
 from pipeline.errors import InputError
 
@@ -43,7 +44,7 @@ class InputFile:
     row_groups: tuple[int, ...]
     """Rows per Parquet row group, in order."""
     prompt_type: str
-    """Arrow type of the prompt column in this file."""
+    """Arrow type of the prompt column in this file (a dictionary or string_view as `string`)."""
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,6 @@ class Slice:
     """Row positions within the file, ascending."""
     ids: tuple[str, ...]
     """The rows' ids, same order."""
-
-
-def _is_string(tp: pa.DataType) -> bool:
-    return pa.types.is_string(tp) or pa.types.is_large_string(tp)
 
 
 def list_files(cfg: InputConfig, config: StorageConfig) -> list[tuple[str, str, str]]:
@@ -104,10 +101,20 @@ def discover(cfg: InputConfig, config: StorageConfig) -> list[InputFile]:
             if column not in schema.names:
                 raise InputError(f"{uri}: no column {column!r} ({key}); columns there: {', '.join(schema.names)}")
         groups = tuple(meta.metadata.row_group(i).num_rows for i in range(meta.metadata.num_row_groups))
-        return InputFile(uri, rel, meta.metadata.num_rows, groups, str(schema.field(cfg.prompt_column).type))
+        kept = {name: plain_type(schema.field(name).type) for name in cfg.passthrough}
+        prompt_type = str(plain_type(schema.field(cfg.prompt_column).type))
+        return InputFile(uri, rel, meta.metadata.num_rows, groups, prompt_type), kept
 
     with ThreadPoolExecutor(max_workers=16) as pool:
-        return list(pool.map(inspect, list_files(cfg, config)))
+        found = list(pool.map(inspect, list_files(cfg, config)))
+    first_file, first = found[0]
+    for f, types in found[1:]:
+        for name, tp in types.items():
+            if tp != first[name]:
+                raise InputError(f"pass-through column {name!r} (input.passthrough) has type {first[name]} in "
+                                 f"{first_file.uri} but {tp} in {f.uri}; give it one type in every file, or leave "
+                                 "it out of input.passthrough")
+    return [f for f, _ in found]
 
 
 def check_nulls(files: list[InputFile], cfg: InputConfig, config: StorageConfig) -> None:
@@ -261,12 +268,36 @@ INTERNAL_COLUMNS = ("_logo_file", "_logo_row", "_logo_decoded")
 (the written data files record their row ranges from them) and the rows decoded to produce it."""
 
 
+DECODE_ERROR = "_logo_decode_error"
+"""Column of a decoded batch: why its row group could not be decoded (null when it was)."""
+
+
+def _decode_group(parquet: pq.ParquetFile, unit: ReadUnit, group: int, columns: list[str],
+                  cfg: InputConfig) -> list[pa.RecordBatch]:
+    """One row group's batches, or, if it does not decode (a corrupt page under a valid footer), one
+    batch of its rows with every value null and DECODE_ERROR set: those rows become error rows.
+    With an id column the rows' ids are unknown, so the run stops instead, naming the file."""
+    try:
+        batches = list(parquet.iter_batches(batch_size=65536, row_groups=[group], columns=columns))
+        return [b.append_column(DECODE_ERROR, pa.nulls(b.num_rows, pa.string())) for b in batches]
+    except Exception as err:
+        reason = (f"row group {group} of {unit.file.uri} cannot be decoded "
+                  f"({type(err).__name__}: {' '.join(str(err).split())})")
+        if cfg.id_column:
+            raise InputError(f"{reason}; its rows' ids are unknown: fix or replace the file") from None
+        n = unit.file.row_groups[group]
+        schema = parquet.schema_arrow
+        arrays = [pa.nulls(n, schema.field(c).type) for c in columns]
+        arrays.append(pa.array([f"{reason}; fix or replace the file"] * n, pa.string()))
+        return [pa.RecordBatch.from_arrays(arrays, names=columns + [DECODE_ERROR])]
+
+
 def read_unit(unit: ReadUnit, cfg: InputConfig, config: StorageConfig) -> Iterator[pa.Table]:
-    """Decode the unit's row groups once, streaming, and yield one table per slice (see `_finish`)."""
+    """Decode the unit's row groups once, one at a time, and yield one table per slice (see `_finish`)."""
     fs, path = storage.filesystem(unit.file.uri, config)
     parquet = pq.ParquetFile(fs.open_input_file(path))
     columns = _columns(cfg) + ([cfg.id_column] if cfg.id_column and cfg.id_column not in _columns(cfg) else [])
-    batches = parquet.iter_batches(batch_size=65536, row_groups=list(unit.groups), columns=columns)
+    batches = (b for g in unit.groups for b in _decode_group(parquet, unit, g, columns, cfg))
     pending: list[pa.RecordBatch] = []
     pending_start = position = unit.first_row  # file positions of pending[0]'s first row and the next row
     for piece in unit.slices:
@@ -289,7 +320,7 @@ def _finish(table: pa.Table, unit: ReadUnit, piece: RowRange, cfg: InputConfig, 
         ids = pc.cast(table.column(cfg.id_column), pa.string())
     else:
         ids = pa.array([f"{unit.file.name}:{row}" for row in range(piece.start, piece.stop)], pa.string())
-    out = _with_prompt(table, ids, unit.file.uri, cfg)
+    out = _with_prompt(table, ids, unit.file.uri, cfg, piece.start)
     out = out.append_column("_logo_file", pa.array(np.full(n, unit.index, np.int32)))
     out = out.append_column("_logo_row", pa.array(np.arange(piece.start, piece.stop, dtype=np.int64)))
     decoded_column = np.zeros(n, np.int64)
@@ -316,20 +347,28 @@ def read_slice(piece: Slice, cfg: InputConfig, config: StorageConfig) -> pa.Tabl
     return _with_prompt(table.take(pa.array(local, pa.int64())), pa.array(piece.ids, pa.string()), piece.file.uri, cfg)
 
 
-def _with_prompt(table: pa.Table, ids: pa.Array, uri: str, cfg: InputConfig) -> pa.Table:
+def _with_prompt(table: pa.Table, ids: pa.Array, uri: str, cfg: InputConfig, first_row: int = 0) -> pa.Table:
     n = table.num_rows
     prompt = table.column(cfg.prompt_column)
-    errors = pa.nulls(n, pa.string())
+    errors = [None] * n
     if not _is_string(prompt.type):
         message = (f"prompt is {prompt.type} in {uri}, not string; store column "
                    f"{cfg.prompt_column!r} as strings")
-        errors = pa.array([message] * n, pa.string())
+        errors = [message] * n
         prompt = pa.nulls(n, pa.string())
+    else:
+        prompt, bad = utf8_errors(plain(prompt))
+        for row in bad:
+            errors[row] = (f"prompt is not valid UTF-8 (row {first_row + row} of {uri}); store the prompt "
+                           "as UTF-8 text")
+    if DECODE_ERROR in table.column_names:
+        for row, message in enumerate(table.column(DECODE_ERROR).to_pylist()):
+            errors[row] = message or errors[row]
     columns = {"id": ids, cfg.prompt_column: prompt.cast(pa.string())}
     for name in cfg.passthrough:
         if name != cfg.prompt_column:
-            columns[name] = table.column(name)
-    columns[INPUT_ERROR] = errors
+            columns[name] = plain(table.column(name))
+    columns[INPUT_ERROR] = pa.array(errors, pa.string())
     return pa.table(columns)
 
 

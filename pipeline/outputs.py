@@ -8,10 +8,12 @@
 Every data file records in its Parquet footer (key `logo_batch.part`) which input rows it holds,
 as row ranges per input file, with its counts (rows, errors, warnings, output tokens, adapter
 use, error kinds, rows decoded to produce it). What a run has finished is read from these
-footers alone: `scan` reads each file's footer, deletes a file that does not read (a partial
-write) and a file whose ranges overlap a file kept before it (a straggler of an interrupted
-attempt), and returns the rest. Locally a file is written under a temporary name and renamed;
-an S3 object appears only when its upload completes.
+footers alone: `scan` reads each file's footer, deletes a file that is provably a partial write
+(locally: a temporary name, or no Parquet magic at its end) and a file whose ranges overlap a file
+kept before it (a straggler of an interrupted attempt), and returns the rest. Locally a file is
+written under a temporary name and renamed; an S3 object appears only when its upload completes,
+so on S3 nothing is deleted for failing to read: a read error (a timeout, a throttle, a foreign
+object) is retried, then stops the run naming the file, which is kept.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import bisect
 import json
 import logging
 import re
+import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +35,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import StorageConfig
+from pipeline.errors import OutputError
 from pipeline.inputs import INTERNAL_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -89,18 +93,23 @@ class PartFile:
     """Adapter name -> rows that selected it."""
     error_reasons: Counter = field(default_factory=Counter)
     """Error kind (numbers blanked) -> rows."""
+    error_ranges: list[tuple[str, int, int]] | None = field(default_factory=list)
+    """Input rows of the error rows, as row ranges like `ranges` (None in files of older versions)."""
 
     def record(self) -> dict:
         return {"ranges": [list(r) for r in self.ranges], "rows": self.rows, "errors": self.errors,
                 "warnings": self.warnings, "output_tokens": self.output_tokens, "decoded": self.decoded,
-                "adapter_use": dict(self.adapter_use), "error_reasons": dict(self.error_reasons)}
+                "adapter_use": dict(self.adapter_use), "error_reasons": dict(self.error_reasons),
+                "error_ranges": [list(r) for r in self.error_ranges or []]}
 
     @classmethod
     def from_record(cls, name: str, record: dict) -> PartFile:
         return cls(name, attempt_of(name), [(str(f), int(a), int(b)) for f, a, b in record["ranges"]],
                    rows=int(record["rows"]), errors=int(record["errors"]), warnings=int(record["warnings"]),
                    output_tokens=int(record["output_tokens"]), decoded=int(record["decoded"]),
-                   adapter_use=Counter(record["adapter_use"]), error_reasons=Counter(record["error_reasons"]))
+                   adapter_use=Counter(record["adapter_use"]), error_reasons=Counter(record["error_reasons"]),
+                   error_ranges=None if "error_ranges" not in record else
+                   [(str(f), int(a), int(b)) for f, a, b in record["error_ranges"]])
 
 
 def part_name(attempt: str) -> str:
@@ -129,6 +138,9 @@ def summarize(name: str, table: pa.Table, names: tuple[str, ...]) -> PartFile:
     part = PartFile(name, attempt_of(name), row_ranges(table.column("_logo_file").to_numpy(),
                                                        table.column("_logo_row").to_numpy(), names))
     part.rows = table.num_rows
+    failed = pc.is_valid(table.column("error")).to_numpy(zero_copy_only=False)
+    part.error_ranges = row_ranges(table.column("_logo_file").to_numpy()[failed],
+                                   table.column("_logo_row").to_numpy()[failed], names)
     errors = [e for e in table.column("error").to_pylist() if e is not None]
     part.errors = len(errors)
     part.error_reasons.update(error_reason(e) for e in errors)
@@ -145,21 +157,68 @@ def write_part(table: pa.Table, *, data_uri: str, config: StorageConfig, attempt
                names: tuple[str, ...]) -> pa.Table:
     """Write one block of results as a new data file with its record in the footer; return a
     one-row summary (for progress)."""
-    name = part_name(attempt)
-    part = summarize(name, table, names)
-    table = table.drop_columns([c for c in INTERNAL_COLUMNS if c in table.column_names])
+    part = summarize(part_name(attempt), table, names)
+    _write(table.drop_columns([c for c in INTERNAL_COLUMNS if c in table.column_names]), part, data_uri, config)
+    return pa.table({"file": [part.name], "rows": [part.rows], "errors": [part.errors], "decoded": [part.decoded]})
+
+
+def _write(table: pa.Table, part: PartFile, data_uri: str, config: StorageConfig) -> None:
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            PART_KEY: json.dumps(part.record()).encode()})
     fs, root = storage.filesystem(data_uri, config)
-    final = f"{root}/{name}"
+    final = f"{root}/{part.name}"
     if storage.is_s3(data_uri):
         pq.write_table(table, final, filesystem=fs)
     else:
         fs.create_dir(root, recursive=True)
-        tmp = f"{root}/.tmp-{name}"
+        tmp = f"{root}/.tmp-{part.name}"
         pq.write_table(table, tmp, filesystem=fs)
         fs.move(tmp, final)
-    return pa.table({"file": [name], "rows": [part.rows], "errors": [part.errors], "decoded": [part.decoded]})
+
+
+def subtract(ranges: list[tuple[str, int, int]], minus: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """Row ranges less other row ranges (both sorted, `minus` within `ranges`)."""
+    out = []
+    for name, start, stop in ranges:
+        position = start
+        for m_name, m_start, m_stop in minus:
+            if m_name == name and m_start < stop and m_stop > start:
+                if m_start > position:
+                    out.append((name, position, m_start))
+                position = max(position, m_stop)
+        if position < stop:
+            out.append((name, position, stop))
+    return out
+
+
+def drop_error_rows(data_uri: str, parts: list[PartFile], config: StorageConfig) -> int:
+    """Take the error rows out of the run, so that the next plan computes them again: each data
+    file with errors is replaced by a new file of its other rows, under the same attempt (written
+    before the old one is deleted; if a crash leaves both, `scan` keeps one of them and the plan
+    computes whatever rows that leaves out). Returns the rows taken out."""
+    fs, root = storage.filesystem(data_uri, config)
+    dropped = 0
+    for part in parts:
+        if not part.errors:
+            continue
+        if part.error_ranges is None:
+            raise OutputError(f"data file {part.name} was written by an older version that does not record where "
+                              "its error rows are; --retry-errors cannot recompute them; pass --overwrite instead")
+        table = pq.read_table(f"{root}/{part.name}", filesystem=fs)
+        keep = table.filter(pc.is_null(table.column("error")))
+        if keep.num_rows:
+            new = PartFile(part_name(part.attempt), part.attempt, subtract(part.ranges, part.error_ranges),
+                           rows=keep.num_rows,
+                           warnings=keep.num_rows - keep.column("warning").null_count,
+                           output_tokens=int(pc.sum(keep.column("output_tokens")).as_py() or 0), decoded=part.decoded)
+            flat = pc.list_flatten(keep.column("adapters"))
+            for item in pc.value_counts(flat).to_pylist() if len(flat) else []:
+                new.adapter_use[item["values"]] += item["counts"]
+            assert sum(b - a for _, a, b in new.ranges) == new.rows, "error ranges disagree with the error column"
+            _write(keep, new, data_uri, config)
+        storage.delete(storage.join(data_uri, part.name), config)
+        dropped += part.errors
+    return dropped
 
 
 def _overlaps(kept: dict[str, list[tuple[int, int]]], ranges: list[tuple[str, int, int]]) -> bool:
@@ -171,30 +230,71 @@ def _overlaps(kept: dict[str, list[tuple[int, int]]], ranges: list[tuple[str, in
     return False
 
 
+READ_ATTEMPTS = 3
+"""Tries to read one data file's footer before a transient storage error stops the run."""
+
+
+def _is_partial_local(path: str) -> bool:
+    """A local file that cannot be a complete Parquet file: shorter than its two magic numbers, or
+    without `PAR1` at its end (a write cut short). Anything else that fails to read is not ours to
+    delete."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            if f.tell() < 12:
+                return True
+            f.seek(-4, 2)
+            return f.read(4) != b"PAR1"
+    except OSError:
+        return False
+
+
+def _read_record(fs, path: str, name: str) -> PartFile:
+    with fs.open_input_file(path) as f:
+        metadata = pq.ParquetFile(f).schema_arrow.metadata or {}
+    if PART_KEY not in metadata:
+        raise ValueError(f"no {PART_KEY.decode()} record in its footer")
+    return PartFile.from_record(name, json.loads(metadata[PART_KEY]))
+
+
 def scan(data_uri: str, config: StorageConfig, repair: bool = True) -> list[PartFile]:
-    """The complete, non-overlapping data files of a run, from their footers only; partial and
-    overlapping ones are deleted (left alone, but not returned, with `repair=False`)."""
+    """The complete, non-overlapping data files of a run, from their footers only. Provably partial
+    files (local only) and overlapping ones are deleted (left alone, but not returned, with
+    `repair=False`); a file that fails to read otherwise raises `OutputError` naming it, and is kept."""
     fs, root = storage.filesystem(data_uri, config)
+    remote = storage.is_s3(data_uri)
     names = []
     for obj in storage.list_objects(data_uri, config):
         if "/" in obj.key:
             continue
         if obj.key.startswith(".tmp-"):
-            if repair:
+            if repair and not remote:
                 storage.delete(storage.join(data_uri, obj.key), config)
         elif obj.key.startswith("part-") and obj.key.endswith(".parquet"):
             names.append(obj.key)
 
     def read(name: str) -> PartFile | None:
-        try:
-            with fs.open_input_file(f"{root}/{name}") as f:
-                record = pq.ParquetFile(f).schema_arrow.metadata[PART_KEY]
-            return PartFile.from_record(name, json.loads(record))
-        except Exception as err:  # unreadable or without a record: a partial write; its rows are redone
-            if repair:
-                log.warning("removing unreadable data file %s (%s); its rows will be recomputed", name, err)
-                storage.delete(storage.join(data_uri, name), config)
-            return None
+        path = f"{root}/{name}"
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                return _read_record(fs, path, name)
+            except FileNotFoundError:
+                return None  # gone since the listing: nothing of it to count
+            except Exception as err:
+                if not remote and _is_partial_local(path):
+                    if repair:
+                        log.warning("removing partial data file %s (%s); its rows will be recomputed", name, err)
+                        storage.delete(storage.join(data_uri, name), config)
+                    return None
+                if remote and isinstance(err, OSError) and attempt + 1 < READ_ATTEMPTS:
+                    time.sleep(0.5 * 2 ** attempt)  # a timeout or throttle: try again
+                    continue
+                reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+                raise OutputError(
+                    f"cannot read data file {storage.join(data_uri, name)} ({reason}); it was "
+                    "not deleted. If storage was unavailable, rerun the job; if the file is not this run's, move "
+                    "it out of the output; --overwrite starts the run again") from None
+        raise AssertionError("unreachable")
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         parts = [p for p in pool.map(read, sorted(names)) if p is not None]

@@ -2,6 +2,7 @@
 
     committed already? (`_SUCCESS`, `_job.json`)       -> nothing else is read
     check input (files, columns, ids) and sources      -> nothing runs if any is wrong
+    take the output's lease                            -> `lease.Lease`: one driver per output
     claim the output (another job? resume?)            -> `commit.open_run`
     read the data files' footers                       -> the row ranges already written
     plan read units and slices for the rest            -> `inputs.plan_reads`, from metadata only
@@ -16,14 +17,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import posixpath
 import secrets
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import commit, inputs, outputs, storage
 from pipeline.config import ConfigError, JobConfig, check_actor_options
+from pipeline.errors import TooManyErrors
+from pipeline.lease import Lease
 from pipeline.outputs import PartFile
 from pipeline.report import ProgressLine, RunReport, build_manifest, build_report, report_from_manifest
 
@@ -50,7 +56,14 @@ def check_sources(config: JobConfig) -> None:
 
 
 def _normal(uri: str) -> str:
-    return uri.rstrip("/") if storage.is_s3(uri) else str(Path(uri).expanduser().absolute()).rstrip("/")
+    """The place a URI names, for comparing two of them: a local path with every symlink and `..`
+    resolved (also below a part that does not exist yet); an S3 key with `.`, `..` and repeated
+    slashes collapsed, as the path-style clients that build keys from paths do."""
+    if storage.is_s3(uri):
+        bucket, key = storage.split_s3(uri)
+        key = posixpath.normpath("/" + key).lstrip("/")
+        return f"s3://{bucket}/{key}".rstrip("/")
+    return os.path.realpath(Path(uri).expanduser()).rstrip("/")
 
 
 def run_statistics(config: JobConfig) -> dict | None:
@@ -127,27 +140,60 @@ def plan(config: JobConfig, files: list[inputs.InputFile], *, repair: bool = Tru
     return Plan(files, parts, inputs.plan_reads(files, done, rows_per_block), rows_per_block)
 
 
-def run_job(config: JobConfig, *, fail_after_files: int | None = None, progress: bool = True) -> RunReport:
+def check_errors(config: JobConfig, parts: list[PartFile], total: int) -> None:
+    """Raise `TooManyErrors` when more than `run.max_error_fraction` of the rows are error rows."""
+    errors = sum(p.errors for p in parts)
+    limit = config.run.max_error_fraction
+    if total and errors / total > limit:
+        reasons = sum((p.error_reasons for p in parts), start=Counter())
+        reason, count = reasons.most_common(1)[0]
+        raise TooManyErrors(
+            f"{errors:,} of {total:,} rows ({errors / total:.1%}) have an error, more than run.max_error_fraction="
+            f"{limit}; the run is not committed and every row written is kept. Most common ({count:,} rows): "
+            f"{reason!r}. Fix the cause and rerun with --retry-errors to recompute only the error rows, or accept "
+            "them with --set run.max_error_fraction=<higher>")
+
+
+def run_job(config: JobConfig, *, fail_after_files: int | None = None, progress: bool = True,
+            retry_errors: bool = False) -> RunReport:
     """Run (or resume, or confirm) the job; return its report once the output is committed.
 
-    `fail_after_files` is a testing hook: the run stops with `InjectedFault` once that many data
-    files were written, leaving a partial output for a rerun to resume.
+    `retry_errors` computes the error rows of the run again (committed or not; a committed run is
+    uncommitted first), each exactly once, keeping every other row. `fail_after_files` is a
+    testing hook: the run stops with `InjectedFault` once that many data files were written,
+    leaving a partial output for a rerun to resume.
     """
     started = time.time()
     attempt = new_attempt_id()
     check_actor_options(config)  # what the actors would refuse, found before any work
     if not config.output.overwrite:
         committed = commit.committed_manifest(config)
-        if committed is not None:
+        if committed is not None and not retry_errors:
             print(f"logo-batch: {config.output.uri} is already committed; nothing to do", file=sys.stderr)
             return report_from_manifest(committed, started, attempt)
     files = inputs.discover(config.input, config.storage)
     check_ids(config, files)
     check_sources(config)
+    held = Lease(config, attempt)
+    held.acquire()  # before anything at the output is written or deleted
+    try:
+        return _run(config, files, attempt, started, held, retry_errors=retry_errors,
+                    fail_after_files=fail_after_files, progress=progress)
+    finally:
+        held.release()
+
+
+def _run(config: JobConfig, files: list[inputs.InputFile], attempt: str, started: float, held: Lease, *,
+         retry_errors: bool, fail_after_files: int | None, progress: bool) -> RunReport:
     if config.output.overwrite:
         removed = commit.clear(config)
         log.info("overwrite: removed %d data files at %s", removed, config.output.uri)
     commit.open_run(config, files)
+    if retry_errors:
+        commit.uncommit(config)
+        data_uri = storage.join(config.output.uri, outputs.DATA_DIR)
+        dropped = outputs.drop_error_rows(data_uri, outputs.scan(data_uri, config.storage), config.storage)
+        print(f"logo-batch: retrying {dropped:,} error rows", file=sys.stderr, flush=True)
     work = plan(config, files)
     phases = {"plan_seconds": round(time.time() - started, 3)}
     computed = 0
@@ -167,6 +213,7 @@ def run_job(config: JobConfig, *, fail_after_files: int | None = None, progress:
         phases["first_file_seconds"] = done.first_file_seconds
     parts = outputs.scan(storage.join(config.output.uri, outputs.DATA_DIR), config.storage)
     commit.verify(parts, files)
+    check_errors(config, parts, inputs.total_rows(files))
     report = build_report(config, parts, attempt, started, computed)
     manifest = build_manifest(config, files, parts, report, started)
     manifest["timings"].update(phases)
@@ -174,6 +221,7 @@ def run_job(config: JobConfig, *, fail_after_files: int | None = None, progress:
         manifest["calibration"] = {"file": outputs.CALIBRATION, "setting": config.routing.calibration,
                                    "score": config.routing.calibration_score, "source": stats["source"],
                                    "prompts": stats["count"], "seed": stats["seed"]}
+    held.check()
     commit.commit(config, manifest)
     _write_run_report(config)
     return report

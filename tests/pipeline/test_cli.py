@@ -1,4 +1,5 @@
-"""`logo-batch run`: flags and config file to a job, refusals with exit status 2, the final report."""
+"""`logo-batch run`: flags and config file to a job, refusals with exit status 2, too many error rows
+with exit status 3, the final report."""
 
 from __future__ import annotations
 
@@ -49,6 +50,20 @@ def test_run_from_flags_then_rerun_says_committed(ray_runtime, tiny_assets, tmp_
     assert sum(manifest["adapter_usage"].values()) == 12 * 3
     assert main(args) == 0
     assert "logo-batch run already_committed" in capsys.readouterr().out
+
+
+def test_too_many_errors_exits_3_and_retry_errors_recomputes_only_them(ray_runtime, tiny_assets, tmp_path, capsys):
+    model, pool = tiny_assets
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"prompt": ["add 1 and 2", None, "add 3 and 4", ""]}), tmp_path / "in" / "p.parquet")
+    args = ["run", "--model", str(model), "--adapters", str(pool), "--input", str(tmp_path / "in"),
+            "--output", str(tmp_path / "out"), "--max-new-tokens", "2", "--actors", "1", "--batch-size", "4"]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "2 of 4 rows (50.0%) have an error, more than run.max_error_fraction=0.01" in err
+    assert not (tmp_path / "out" / "_SUCCESS").exists() and list((tmp_path / "out" / "data").iterdir())
+    assert main(args + ["--retry-errors", "--set", "run.max_error_fraction=0.5"]) == 0
+    assert "rows 4: computed now 2, resumed 2; errors 2" in capsys.readouterr().out
 
 
 def _imports(path: Path) -> set[str]:

@@ -121,3 +121,75 @@ def test_default_block_size_gives_every_actor_several_blocks():
     assert default_rows_per_block(210, actors=2, batch_size=8) == 27
     assert default_rows_per_block(10, actors=4, batch_size=8) == 8
     assert default_rows_per_block(10**7, actors=2, batch_size=8) == 4096
+
+
+def corrupt_first_row_group(path) -> None:
+    """Overwrite the middle of row group 0's prompt pages; the footer stays valid."""
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(0)
+    start = chunk.data_page_offset
+    data = bytearray(path.read_bytes())
+    for at in range(start + 8, start + chunk.total_compressed_size - 2):
+        data[at] = 0xEE
+    path.write_bytes(bytes(data))
+
+
+def rows_of(tmp_path, **cfg) -> list[dict]:
+    config = InputConfig(uri=str(tmp_path), **cfg)
+    files = discover(config, S)
+    return [row for unit in plan_reads(files, {}, 3) for t in read_unit(unit, config, S) for row in t.to_pylist()]
+
+
+def test_hostile_text_columns_and_a_corrupt_page_become_row_errors_naming_the_file(tmp_path):
+    prompts = pa.array([b"fine 0", b"\xff\xfe not utf-8", b"fine 2", b"fine 3", b"\xc3"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"prompt": prompts}), tmp_path / "a-utf8.parquet", row_group_size=2)
+    pq.write_table(pa.table({"prompt": pa.array(["d0", "d1", "d0"]).dictionary_encode(),
+                             "task": pa.array(["t", "u", "t"]).dictionary_encode()}), tmp_path / "b-dict.parquet")
+    pq.write_table(pa.table({"prompt": pa.array(["v0", "v1"], pa.string_view()),
+                             "task": pa.array(["t", "u"], pa.string_view())}), tmp_path / "c-view.parquet")
+    pq.write_table(pa.table({"prompt": [f"long prompt text number {i}" * 4 for i in range(8)]}),
+                   tmp_path / "d-corrupt.parquet", row_group_size=4, compression="snappy",
+                   use_dictionary=False)
+    corrupt_first_row_group(tmp_path / "d-corrupt.parquet")
+    rows = {r["id"]: r for r in rows_of(tmp_path)}
+    assert len(rows) == 18
+    assert rows["a-utf8.parquet:1"]["prompt"] is None
+    assert rows["a-utf8.parquet:1"][INPUT_ERROR].startswith("prompt is not valid UTF-8 (row 1 of ")
+    assert "row 4 of" in rows["a-utf8.parquet:4"][INPUT_ERROR]
+    assert "a-utf8.parquet" in rows["a-utf8.parquet:4"][INPUT_ERROR]
+    assert [rows[f"a-utf8.parquet:{i}"]["prompt"] for i in (0, 2, 3)] == ["fine 0", "fine 2", "fine 3"]
+    assert [rows[f"b-dict.parquet:{i}"]["prompt"] for i in range(3)] == ["d0", "d1", "d0"]
+    assert [rows[f"c-view.parquet:{i}"]["prompt"] for i in range(2)] == ["v0", "v1"]
+    for i in range(4):
+        assert rows[f"d-corrupt.parquet:{i}"]["prompt"] is None
+        assert rows[f"d-corrupt.parquet:{i}"][INPUT_ERROR].startswith("row group 0 of ")
+        assert "d-corrupt.parquet cannot be decoded" in rows[f"d-corrupt.parquet:{i}"][INPUT_ERROR]
+    assert [rows[f"d-corrupt.parquet:{i}"]["prompt"] for i in range(4, 8)] == [f"long prompt text number {i}" * 4
+                                                                                for i in range(4, 8)]
+    assert all(r[INPUT_ERROR] is None for k, r in rows.items() if k[:1] in "bc")
+    # pass-through dictionary and string_view columns arrive as plain strings, the same type from every file
+    (tmp_path / "a-utf8.parquet").unlink()
+    (tmp_path / "d-corrupt.parquet").unlink()
+    config = InputConfig(uri=str(tmp_path), passthrough=("task",))
+    tables = [t for unit in plan_reads(discover(config, S), {}, 3) for t in read_unit(unit, config, S)]
+    assert {t.schema.field("task").type for t in tables} == {pa.string()}
+    assert pa.concat_tables(tables).column("task").to_pylist() == ["t", "u", "t", "t", "u"]
+
+
+def test_corrupt_page_with_an_id_column_stops_naming_the_file(tmp_path):
+    pq.write_table(pa.table({"prompt": [f"long prompt text number {i}" * 4 for i in range(8)], "key": list(range(8))}),
+                   tmp_path / "d.parquet", row_group_size=4, compression="snappy",
+                   use_dictionary=False)
+    corrupt_first_row_group(tmp_path / "d.parquet")
+    with pytest.raises(InputError, match=r"row group 0 of .*d\.parquet cannot be decoded .*ids are unknown"):
+        rows_of(tmp_path, id_column="key")
+
+
+def test_pass_through_types_that_differ_between_files_are_refused_before_work(tmp_path):
+    write(tmp_path / "a.parquet", prompt=["p"] * 2, task=[1, 2])
+    write(tmp_path / "b.parquet", prompt=["p"] * 2, task=["x", "y"])
+    write(tmp_path / "c.parquet", prompt=["p"] * 2, task=pa.array(["x", "y"]).dictionary_encode())
+    with pytest.raises(InputError, match=r"pass-through column 'task' \(input\.passthrough\) has type int64 in "
+                                         r".*a\.parquet but string in .*b\.parquet; give it one type"):
+        discover(InputConfig(uri=str(tmp_path), passthrough=("task",)), S)
+    (tmp_path / "a.parquet").unlink()
+    assert len(discover(InputConfig(uri=str(tmp_path), passthrough=("task",)), S)) == 2  # dictionary == string

@@ -56,6 +56,20 @@ def test_scan_reads_footers_keeps_complete_files_and_removes_partial_and_overlap
     assert outputs.done_ranges(parts) == {"x.parquet": [(0, 3), (5, 6)], "y.parquet": [(3, 4)]}
 
 
+def test_scan_keeps_a_complete_file_it_cannot_read_and_names_it(tmp_path):
+    foreign = pa.BufferOutputStream()
+    pq.write_table(pa.table({"a": [1]}), foreign)  # a whole Parquet file, but not one of this run's
+    ended = b"PAR1" + b"\0" * 40 + (8).to_bytes(4, "little") + b"PAR1"  # ends like Parquet: not cut short
+    for index, content in enumerate((foreign.getvalue().to_pybytes(), ended)):
+        data = str(tmp_path / f"data{index}")
+        put(data, [0, 1], "x-1")
+        bad = tmp_path / f"data{index}" / "part-x-2-0.parquet"
+        bad.write_bytes(content)
+        with pytest.raises(OutputError, match=r"cannot read data file .*part-x-2-0\.parquet .*it was not deleted"):
+            scan(data, S)
+        assert bad.read_bytes() == content
+
+
 def test_verify_requires_every_row_exactly_once_per_range(tmp_path):
     data = str(tmp_path / "data")
     put(data, [0, 1], "x-1")
@@ -125,11 +139,218 @@ def test_s3_data_files_scan_and_clear(s3_server):
     cfg = StorageConfig(endpoint=s3_server.endpoint)
     data = f"s3://{s3_server.bucket}/scan-test/data"
     put(data, [0, 1], "x-1", cfg=cfg)
-    s3_server.client().put_object(Bucket=s3_server.bucket, Key="scan-test/data/part-y-2-0.parquet", Body=b"junk")
     parts = scan(data, cfg)
     assert [p.ranges for p in parts] == [[("x.parquet", 0, 2)]]
     assert [o.key for o in storage.list_objects(data, cfg)] == [parts[0].name]
+    # An S3 object is never partial: one that does not read stops the scan, named, and is kept.
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key="scan-test/data/part-y-2-0.parquet", Body=b"junk")
+    with pytest.raises(OutputError, match=r"cannot read data file s3://.*/scan-test/data/part-y-2-0\.parquet .*"
+                                          r"not deleted"):
+        scan(data, cfg)
+    assert [o.key for o in storage.list_objects(data, cfg)] == sorted([parts[0].name, "part-y-2-0.parquet"])
+    storage.delete(f"{data}/part-y-2-0.parquet", cfg)
     fs, path = storage.filesystem(f"{data}/{parts[0].name}", cfg)
     assert pq.read_table(path, filesystem=fs).schema.names[:4] == ["id", "output", "adapters", "weights"]
     assert outputs.error_reason("prompt has 812 tokens, more than 64") == "prompt has N tokens, more than N"
     assert storage.delete_prefix(data, cfg) == 1 and storage.list_objects(data, cfg) == []
+
+
+def test_resume_refuses_input_model_or_adapter_files_replaced_at_the_same_path(tiny_assets, tmp_path):
+    import shutil
+
+    from pipeline import inputs
+    from tests.pipeline.conftest import job, write_prompts
+
+    model, pool = (shutil.copytree(p, tmp_path / p.name) for p in tiny_assets)
+    write_prompts(tmp_path / "in", (6, 4))
+
+    def claim(out: str):
+        config = job(model, pool, str(tmp_path / "in"), str(tmp_path / out))
+        commit.open_run(config, inputs.discover(config.input, config.storage))
+        return config
+
+    claim("out1")
+    write_prompts(tmp_path / "in", (6, 4), row_group_size=2)  # same rows, new file
+    with pytest.raises(OutputError, match=r"other contents .*input file part-0\.parquet changed \(size:.*; "
+                                          r"input file part-1\.parquet changed.*--overwrite"):
+        claim("out1")
+    claim("out2")
+    weights = pool / "copy" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight, same size
+    weights.write_bytes(bytes(data))
+    with pytest.raises(OutputError, match=r"adapter file copy/adapter_model\.safetensors changed \(sha256:"):
+        claim("out2")
+    claim("out3")
+    (pool / "spell").rename(tmp_path / "spell")
+    (model / "config.json").write_text((model / "config.json").read_text() + " ")
+    with pytest.raises(OutputError, match=r"model file config\.json changed.*adapter file spell/"
+                                          r"adapter_config\.json was removed"):
+        claim("out3")
+    record = json.loads((tmp_path / "out3" / "_job.json").read_text())
+    assert set(record["contents"]) == {"input", "model", "adapters"}
+    assert set(record["contents"]["input"]) == {"part-0.parquet", "part-1.parquet"}
+
+
+def test_resume_refuses_an_s3_input_object_replaced_at_the_same_key(tiny_assets, s3_server, tmp_path):
+    from pipeline import inputs
+    from tests.pipeline.conftest import job, write_prompts
+
+    model, pool = tiny_assets
+    write_prompts(tmp_path / "in", (5,))
+    prefix = f"s3://{s3_server.bucket}/pins-test"
+    key = "pins-test/in/part-0.parquet"
+    s3_server.client().upload_file(str(tmp_path / "in" / "part-0.parquet"), s3_server.bucket, key)
+    config = job(model, pool, f"{prefix}/in", f"{prefix}/out", storage={"endpoint": s3_server.endpoint})
+    commit.open_run(config, inputs.discover(config.input, config.storage))
+    commit.open_run(config, inputs.discover(config.input, config.storage))  # unchanged: a resume
+    write_prompts(tmp_path / "in", (5,), row_group_size=1)
+    s3_server.client().upload_file(str(tmp_path / "in" / "part-0.parquet"), s3_server.bucket, key)
+    with pytest.raises(OutputError, match=r"input file part-0\.parquet changed \(size:\d+,etag:\w+ -> "):
+        commit.open_run(config, inputs.discover(config.input, config.storage))
+
+
+def test_drop_error_rows_keeps_the_other_rows_and_records_where_errors_were(tmp_path):
+    data = str(tmp_path / "data")
+    put(data, [0, 1, 2, 5], "20260101T000000Z-aaaaaa", errors=2)  # rows 0 and 1 failed
+    put(data, [3], "20260102T000000Z-bbbbbb", file=1, errors=1)  # the whole file failed
+    put(data, [7], "20260103T000000Z-cccccc")
+    parts = scan(data, S)
+    assert [p.error_ranges for p in parts] == [[("x.parquet", 0, 2)], [("y.parquet", 3, 4)], []]
+    old = sorted(p.name for p in (tmp_path / "data").iterdir())
+    assert outputs.drop_error_rows(data, parts, S) == 3
+    after = scan(data, S)
+    assert sorted(p.ranges for p in after) == [[("x.parquet", 2, 3), ("x.parquet", 5, 6)], [("x.parquet", 7, 8)]]
+    assert sum(p.errors for p in after) == 0 and sorted(p.attempt for p in after) == ["20260101T000000Z-aaaaaa",
+                                                                                      "20260103T000000Z-cccccc"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) != old
+    assert pq.read_table(tmp_path / "data" / after[0].name).column("error").null_count == after[0].rows
+    assert outputs.subtract([("x", 0, 10)], [("x", 2, 4), ("x", 6, 10)]) == [("x", 0, 2), ("x", 4, 6)]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_lease_keeps_a_second_driver_out_and_a_stale_one_is_taken_over(tmp_path, s3_server, where, caplog):
+    from pipeline.lease import LEASE, Lease
+
+    out = str(tmp_path / "out") if where == "local" else f"s3://{s3_server.bucket}/lease-test"
+    data = {"model": {"path": "m"}, "adapters": {"path": "a"}, "input": {"uri": "i"}, "output": {"uri": out},
+            "run": {"lease_timeout_s": 1.0}, "storage": {"endpoint": s3_server.endpoint}}
+    config = config_from_dict(data)
+    first, second = Lease(config, "attempt-1"), Lease(config, "attempt-2")
+    first.acquire()
+    uri = storage.join(out, LEASE)
+    beat = json.loads(storage.read_bytes(uri, config.storage))["heartbeat"]
+    with pytest.raises(OutputError, match=r"being run by another driver \(.*:attempt-1, heartbeat 0 s ago\)"):
+        second.acquire()
+    import time
+
+    time.sleep(0.5)
+    assert json.loads(storage.read_bytes(uri, config.storage))["heartbeat"] > beat  # renewed while it runs
+    first._stop.set()  # the first driver dies: no more heartbeats
+    first._thread.join()
+    time.sleep(1.2)
+    stale_etag = second._read()[1]
+    second.acquire()  # stale: taken over
+    assert "taking over the lease" in caplog.text
+    if where == "s3":  # a third driver that saw the same stale lease cannot take it too (If-Match)
+        assert not Lease(config, "attempt-3")._replace(stale_etag)
+        assert json.loads(storage.read_bytes(uri, config.storage))["owner"].endswith(":attempt-2")
+    with pytest.raises(OutputError, match=r"lost the lease .* to .*:attempt-2; this driver stops without committing"):
+        first.check()
+    first.release()  # not its lease any more: left alone
+    assert json.loads(storage.read_bytes(uri, config.storage))["owner"].endswith(":attempt-2")
+    second.release()
+    assert storage.read_bytes(uri, config.storage) is None
+
+
+def test_run_refuses_an_output_another_driver_holds_before_touching_it(tiny_assets, tmp_path):
+    from pipeline import run_job
+    from pipeline.lease import Lease
+    from tests.pipeline.conftest import job, write_prompts
+
+    model, pool = tiny_assets
+    write_prompts(tmp_path / "in", (4,))
+    config = job(model, pool, str(tmp_path / "in"), str(tmp_path / "out"), output={"overwrite": True})
+    put(str(tmp_path / "out" / "data"), [0], "x-1")
+    other = Lease(config, "other-driver")
+    other.acquire()
+    try:
+        with pytest.raises(OutputError, match=r"being run by another driver \(.*:other-driver"):
+            run_job(config, progress=False)
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_lease.json", "data"]
+        assert len(list((tmp_path / "out" / "data").iterdir())) == 1  # --overwrite did not delete its files
+    finally:
+        other.release()
+
+
+class ThrottlingProxy:
+    """An HTTP proxy in front of the real S3 server that answers 503 SlowDown to every read of a
+    data file (HEAD or GET of `.../data/part-*`) and forwards everything else unchanged (signed
+    requests stay valid: the Host header is passed through)."""
+
+    def __init__(self, backend: str):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        target = urlparse(backend)
+        proxy = self
+        self.refused = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command in ("GET", "HEAD") and "/data/part-" in self.path:
+                    proxy.refused += 1
+                    reply = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(reply)))
+                    self.end_headers()
+                    if self.command == "GET":
+                        self.wfile.write(reply)
+                    return
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                answer = conn.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_s3_throttled_reads_never_delete_good_data_files(s3_server):
+    direct = StorageConfig(endpoint=s3_server.endpoint)
+    data = f"s3://{s3_server.bucket}/throttle-test/data"
+    put(data, [0, 1], "x-1", cfg=direct)
+    put(data, [2], "x-2", cfg=direct)
+    before = storage.list_objects(data, direct)
+    proxy = ThrottlingProxy(s3_server.endpoint)
+    try:
+        with pytest.raises(OutputError, match=r"cannot read data file s3://.*/throttle-test/data/part-x-.*it was "
+                                              r"not deleted\. If storage was unavailable, rerun the job"):
+            scan(data, StorageConfig(endpoint=proxy.endpoint))
+        assert proxy.refused >= outputs.READ_ATTEMPTS  # it did try again
+    finally:
+        proxy.close()
+    assert storage.list_objects(data, direct) == before  # both good files are still there
+    assert [p.ranges for p in scan(data, direct)] == [[("x.parquet", 0, 2)], [("x.parquet", 2, 3)]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,8 @@ import pytest
 
 from actors import LoGoPredictor
 from pipeline import ConfigError, InputError, read_output, run_job
-from pipeline.errors import InjectedFault, StageError
+from pipeline.config import RunConfig
+from pipeline.errors import InjectedFault, StageError, TooManyErrors
 from tests.pipeline.conftest import (OPTIONS, SIZES, assert_matches_reference, job, reference, settle,
                                      write_prompts)
 
@@ -120,7 +122,14 @@ def test_bad_rows_become_error_rows_and_are_counted(ray_runtime, tiny_assets, tm
     pq.write_table(pa.table({"prompt": [1, 2]}), tmp_path / "in" / "b.parquet")  # not strings
     config = job(model, pool, str(tmp_path / "in"), str(tmp_path / "out"),
                  generation={"overlong": "error", "max_prompt_tokens": 64}, resources={"actors": 1})
+    # 5 of 11 rows fail: above the default run.max_error_fraction the run keeps its rows, uncommitted
+    with pytest.raises(TooManyErrors, match=r"5 of 11 rows \(45\.5%\) have an error, more than "
+                                            r"run\.max_error_fraction=0\.01; the run is not committed.*--retry-errors"):
+        run_job(config, progress=False)
+    assert not (tmp_path / "out" / "_SUCCESS").exists() and list((tmp_path / "out" / "data").iterdir())
+    config = dataclasses.replace(config, run=RunConfig(max_error_fraction=0.5))
     report = run_job(config, progress=False)
+    assert report.rows_computed == 0 and report.rows_resumed == 11  # accepted: nothing computed again
     rows = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
     assert len(rows) == 11 and report.errors == 5
     assert "null" in rows["a.parquet:3"]["error"]
@@ -134,6 +143,16 @@ def test_bad_rows_become_error_rows_and_are_counted(ray_runtime, tiny_assets, tm
         assert rows[row_id]["output"] is None and rows[row_id]["adapters"] == []
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["errors"]["rows"] == 5 and sum(manifest["errors"]["by_reason"].values()) == 5
+    # --retry-errors on the committed run: only the 5 error rows are computed again, each once
+    before = {name.name for name in (tmp_path / "out" / "data").iterdir()}
+    retried = run_job(config, progress=False, retry_errors=True)
+    assert retried.rows_computed == 5 and retried.rows_resumed == 6 and retried.errors == 5
+    again = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
+    assert sorted(again) == sorted(rows)
+    assert {i: r["output"] for i, r in again.items()} == {i: r["output"] for i, r in rows.items()}
+    assert not before & {name.name for name in (tmp_path / "out" / "data").iterdir()}  # every file had an error row
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["output"]["rows"] == 11 and manifest["errors"]["rows"] == 5
 
 
 def test_missing_prompt_column_fails_before_any_work(tiny_assets, tmp_path):
@@ -225,6 +244,29 @@ def test_output_inside_input_is_refused(tiny_assets, tmp_path):
     assert not (tmp_path / "in" / "out").exists()
 
 
+@pytest.mark.parametrize("spelling", ["symlink", "dotdot", "symlinked-input"])
+def test_output_inside_input_is_refused_through_symlinks_and_dotdot(tiny_assets, tmp_path, spelling):
+    model, pool = tiny_assets
+    write_prompts(tmp_path / "in", (3,))
+    (tmp_path / "link").symlink_to(tmp_path / "in", target_is_directory=True)
+    inp, out = {"symlink": (tmp_path / "in", tmp_path / "link" / "out"),
+                "dotdot": (tmp_path / "in", tmp_path / "in" / ".." / "in" / "x"),
+                "symlinked-input": (tmp_path / "link", tmp_path / "in" / "out")}[spelling]
+    with pytest.raises(ConfigError, match=r"output\.uri .* overlaps input\.uri"):
+        run_job(job(model, pool, str(inp), str(out)), progress=False)
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["part-0.parquet"]
+
+
+def test_s3_output_overlap_compares_normalised_keys(tiny_assets):
+    from pipeline.runner import check_sources
+
+    model, pool = tiny_assets
+    for out in ("s3://b/in/../in/out", "s3://b/in//out", "s3://b/./in/out/"):
+        with pytest.raises(ConfigError, match=r"output\.uri .* overlaps input\.uri"):
+            check_sources(job(model, pool, "s3://b/in", out))
+    check_sources(job(model, pool, "s3://b/in", "s3://b/input-results"))  # a shared prefix is not an overlap
+
+
 def test_actor_resources_share_the_cpus_and_leave_room_for_reads(ray_runtime, tiny_assets, tmp_path):
     from pipeline.dataflow import actor_resources
 
@@ -247,3 +289,29 @@ def test_bad_adapter_stops_the_job_with_the_actors_reason(ray_runtime, tiny_asse
     with pytest.raises(StageError, match=r"a LoGo actor could not start: .*adapter 'copy'"):
         run_job(config, progress=False)
     assert not (tmp_path / "out" / "data").exists() and not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_hostile_input_files_give_error_rows_not_a_dead_job(ray_runtime, tiny_assets, tmp_path):
+    from tests.pipeline.test_inputs import corrupt_first_row_group
+
+    model, pool = tiny_assets
+    (tmp_path / "in").mkdir()
+    text = pa.array([b"fine 0", b"\xff\xfe not utf-8", b"fine 2"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"prompt": text, "task": ["a", "b", "c"]}), tmp_path / "in" / "a.parquet")
+    pq.write_table(pa.table({"prompt": pa.array(["d0", "d1"]).dictionary_encode(),
+                             "task": pa.array(["x", "y"]).dictionary_encode()}), tmp_path / "in" / "b.parquet")
+    pq.write_table(pa.table({"prompt": pa.array(["v0", "v1"], pa.string_view()),
+                             "task": pa.array(["v", "w"], pa.string_view())}), tmp_path / "in" / "c.parquet")
+    pq.write_table(pa.table({"prompt": [f"long prompt text number {i}" * 4 for i in range(8)], "task": ["t"] * 8}),
+                   tmp_path / "in" / "d.parquet", row_group_size=4, compression="snappy", use_dictionary=False)
+    corrupt_first_row_group(tmp_path / "in" / "d.parquet")
+    config = job(model, pool, str(tmp_path / "in"), str(tmp_path / "out"), input={"passthrough": ["task"]},
+                 resources={"actors": 1}, run={"max_error_fraction": 0.5})
+    report = run_job(config, progress=False)
+    rows = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
+    assert len(rows) == 15 and report.errors == 5
+    assert "not valid UTF-8 (row 1 of" in rows["a.parquet:1"]["error"]
+    assert all("row group 0 of" in rows[f"d.parquet:{i}"]["error"] for i in range(4))
+    good = [i for i, r in rows.items() if r["error"] is None]
+    assert len(good) == 10 and all(rows[i]["output"] is not None for i in good)
+    assert [rows[f"{f}.parquet:1"]["task"] for f in "bc"] == ["y", "w"]
