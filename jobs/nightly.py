@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import sys
 from typing import Any
 
 DATE_FIELD = "{date}"
@@ -74,16 +73,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import logging
-
-    from jobs.cli import local_ray_defaults
-    from pipeline import ConfigError, InputError, OutputError, StageError, run_job, storage
+    from jobs.run import run_to_exit
+    from pipeline import OutputError, storage
     from pipeline.config_io import config_hash, parse_set
     from pipeline.outputs import MANIFEST, SUCCESS, read_json
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     date = args.date or yesterday_utc()
-    try:
+
+    def build():
         config = night_config(args.config, date, parse_set(args.set_items))
         out = config.output.uri
         if storage.read_bytes(storage.join(out, SUCCESS), config.storage) is not None and not args.force:
@@ -100,13 +97,6 @@ def main(args: argparse.Namespace) -> int:
 
             config = dataclasses.replace(config, output=dataclasses.replace(config.output, overwrite=True))
         print(f"logo-batch nightly: {date}: {config.input.uri} -> {out}", flush=True)
-        local_ray_defaults(config.resources.ray_address)
-        report = run_job(config)
-    except (ConfigError, InputError, OutputError) as err:
-        print(f"logo-batch nightly: {err}", file=sys.stderr)
-        return 2
-    except StageError as err:
-        print(f"logo-batch nightly: {err}", file=sys.stderr)
-        return 1
-    print(report.format())
-    return 0
+        return config
+
+    return run_to_exit("nightly", build)

@@ -74,7 +74,10 @@ def job_config(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
-def main(args: argparse.Namespace) -> int:
+def run_to_exit(command: str, build, retry_errors: bool = False) -> int:
+    """Build the job (`build()` returns a `JobConfig`, or an exit status to stop with), run it and
+    print its report; a refusal or failure is printed and mapped to the exit status in this
+    module's docstring. Shared by `run` and `nightly`."""
     import logging
 
     from jobs.cli import local_ray_defaults
@@ -83,17 +86,23 @@ def main(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        config = job_config(args)
+        config = build()
+        if isinstance(config, int):
+            return config
         local_ray_defaults(config.resources.ray_address)
-        report = run_job(config, retry_errors=args.retry_errors)
+        report = run_job(config, retry_errors=retry_errors)
     except TooManyErrors as err:
-        print(f"logo-batch run: {err}", file=sys.stderr)
+        print(f"logo-batch {command}: {err}", file=sys.stderr)
         return 3
     except (ConfigError, InputError, OutputError) as err:
-        print(f"logo-batch run: {err}", file=sys.stderr)
+        print(f"logo-batch {command}: {err}", file=sys.stderr)
         return 2
     except StageError as err:
-        print(f"logo-batch run: {err}", file=sys.stderr)
+        print(f"logo-batch {command}: {err}", file=sys.stderr)
         return 1
     print(report.format())
     return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_to_exit("run", lambda: job_config(args), retry_errors=args.retry_errors)

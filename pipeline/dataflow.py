@@ -85,6 +85,15 @@ def actor_resources(config: JobConfig) -> tuple[float, float]:
     return max(0.05, math.floor(share * 20) / 20), 0.0
 
 
+def slice_sized(ds: "ray.data.Dataset", rows: int) -> "ray.data.Dataset":
+    """`ds` in blocks of at most `rows` rows, split by tasks of IO_CPUS CPUs. Ray 2.60's streaming
+    repartition takes no resource argument and its tasks ask for 1 CPU, which a node whose CPUs
+    the actors hold in fractions never has free: the job would wait for it forever."""
+    ds = ds.repartition(target_num_rows_per_block=rows)
+    ds._logical_plan.dag.ray_remote_args["num_cpus"] = IO_CPUS  # the operator just added
+    return ds
+
+
 def compute_statistics(config: JobConfig) -> dict:
     """Calibration statistics computed once, in one task with an actor's resources (its GPU)."""
     from pipeline.calibration import job_statistics
@@ -159,7 +168,7 @@ def run_dataflow(config: JobConfig, files: list[inputs.InputFile], units: list[i
     blocks = sum(len(u.slices) for u in units)
     ds = ray.data.read_datasource(PromptSource(units, config), override_num_blocks=len(units), num_cpus=IO_CPUS)
     # a read task's slices would be merged into one block of up to 128 MiB: keep blocks slice-sized
-    ds = ds.repartition(target_num_rows_per_block=max(s.rows for u in units for s in u.slices))
+    ds = slice_sized(ds, max(s.rows for u in units for s in u.slices))
     stage_args = {"config": config, "calibration": calibration}
     with warnings.catch_warnings():  # Ray 2.60 names max_restarts only among its deprecated **ray_remote_args
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
