@@ -85,7 +85,7 @@ def settle(directory: Path, quiet: float = 2.0) -> None:
 
     last = None
     while True:
-        now = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+        now = sorted((p.name, p.stat().st_size) for p in directory.iterdir()) if directory.exists() else []
         if now == last:
             return
         last = now

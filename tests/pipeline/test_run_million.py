@@ -12,7 +12,7 @@ import pytest
 from pipeline import StorageConfig, run_job
 from pipeline.errors import InjectedFault
 from pipeline.outputs import scan
-from tests.pipeline.conftest import job
+from tests.pipeline.conftest import job, settle
 
 ROWS, GROUP = 1_000_000, 100_000
 
@@ -28,6 +28,7 @@ def test_million_rows_resume_exactly_once(ray_runtime, tiny_assets, tmp_path):
                  resources={"actors": 1, "batch_size": 512, "rows_per_block": 4096})
     with pytest.raises(InjectedFault):
         run_job(config, fail_after_files=40, progress=False)
+    settle(tmp_path / "out" / "data")  # writes still in flight when the driver stopped land first
     report = run_job(config, progress=False)
     assert report.rows == ROWS and report.rows_resumed + report.rows_computed == ROWS
     earlier = [p for p in scan(str(tmp_path / "out" / "data"), StorageConfig()) if p.attempt != report.attempt]
