@@ -1,0 +1,151 @@
+"""Bounded residency: which adapters' full factors live on the device, loaded on demand, LRU-evicted.
+
+Routing reads the routing index (every adapter's probe factors), so only the mixture needs full
+factors, and only for the adapters a generate call selected. `Residency` keeps at most a bounded
+number (or bytes) of adapters on the device, loads the others one at a time from their files when a
+call needs them, and evicts those used least recently. Which adapters are resident never changes
+an output: a resident adapter's factors are exactly what a fresh load would give.
+
+No torch import at module level: the job configuration validates `max_resident` with
+`parse_max_resident` without loading torch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Generic, Hashable, TypeVar
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ResidencyBound:
+    """At most `adapters` adapters and at most `nbytes` bytes of factors (None: no such bound)."""
+
+    adapters: int | None = None
+    nbytes: int | None = None
+
+    @property
+    def unbounded(self) -> bool:
+        return self.adapters is None and self.nbytes is None
+
+    def admits(self, count: int, nbytes: int) -> bool:
+        return (self.adapters is None or count <= self.adapters) and (self.nbytes is None or nbytes <= self.nbytes)
+
+    def describe(self) -> str:
+        if self.unbounded:
+            return "all"
+        if self.adapters is not None:
+            return f"{self.adapters} adapters"
+        return f"{self.nbytes / 2**20:.1f} MiB"
+
+
+def parse_max_resident(value: int | str | None) -> ResidencyBound:
+    """`max_resident` -> its bound: None (every adapter resident), a number of adapters (int >= 1,
+    or its decimal string), or a size with a unit (`512MiB`, `20GB`, `1.5GiB`)."""
+    if value is None:
+        return ResidencyBound()
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"max_resident={value!r}: give a number of adapters (e.g. 32), a size (e.g. '20GiB') "
+                         "or null for the whole pool")
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"max_resident={value}: must be >= 1 adapter (or null for the whole pool)")
+        return ResidencyBound(adapters=value)
+    match = _SIZE.match(value)
+    if not match:
+        raise ValueError(f"max_resident={value!r}: not a number of adapters nor a size; write e.g. 32, '512MiB' "
+                         "or '20GB'")
+    nbytes = int(float(match.group(1)) * UNITS[match.group(2).lower()])
+    if nbytes < 1:
+        raise ValueError(f"max_resident={value!r}: a size must be positive")
+    return ResidencyBound(nbytes=nbytes)
+
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+@dataclass
+class ResidencyCounts:
+    """Running totals of one residency: adapter loads, hits, evictions and the peak held."""
+
+    loads: int = 0
+    hits: int = 0
+    evictions: int = 0
+    peak_adapters: int = 0
+    peak_bytes: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"loads": self.loads, "hits": self.hits, "evictions": self.evictions,
+                "peak_adapters": self.peak_adapters, "peak_bytes": self.peak_bytes}
+
+
+class Residency(Generic[K, V]):
+    """An LRU set of loaded values under a `ResidencyBound`; `load(key)` makes a value, `size(value)`
+    says its bytes. `acquire(keys)` makes every key resident at once (a generate call needs its whole
+    union), evicting least recently used keys outside `keys`."""
+
+    def __init__(self, bound: ResidencyBound, load: Callable[[K], V], size: Callable[[V], int]):
+        self.bound, self._load, self._size = bound, load, size
+        self.held: OrderedDict[K, V] = OrderedDict()
+        self.nbytes = 0
+        self.counts = ResidencyCounts()
+
+    def acquire(self, keys: list[K]) -> dict[K, V]:
+        """Values of `keys`, all resident on return. The caller keeps the union of one call within
+        the bound (see `split_by_bound`); a single adapter larger than a bytes bound still loads."""
+        wanted = set(keys)
+        out: dict[K, V] = {}
+        for key in keys:
+            if key in self.held:
+                self.held.move_to_end(key)
+                self.counts.hits += 1
+                out[key] = self.held[key]
+        for key in keys:
+            if key in out:
+                continue
+            value = self._load(key)
+            size = self._size(value)
+            while self.held and not self.bound.admits(len(self.held) + 1, self.nbytes + size):
+                victim = next((k for k in self.held if k not in wanted), None)
+                if victim is None:
+                    break
+                self.nbytes -= self._size(self.held.pop(victim))
+                self.counts.evictions += 1
+            self.held[key] = value
+            self.nbytes += size
+            self.counts.loads += 1
+            out[key] = value
+        self.counts.peak_adapters = max(self.counts.peak_adapters, len(self.held))
+        self.counts.peak_bytes = max(self.counts.peak_bytes, self.nbytes)
+        return out
+
+
+def split_by_bound(selections: list[tuple[int, ...]], sizes: list[int], bound: ResidencyBound) -> list[list[int]]:
+    """Rows (each a selection of adapter indices) cut into parts whose union of adapters fits `bound`
+    (`sizes[i]`: adapter i's bytes). Rows with equal selections stay together; parts are filled in
+    order of selection so rows sharing adapters share a part. One part when the union fits."""
+    union = sorted({i for s in selections for i in s})
+    if bound.unbounded or bound.admits(len(union), sum(sizes[i] for i in union)):
+        return [list(range(len(selections)))]
+    order = sorted(range(len(selections)), key=lambda r: (sorted(selections[r]), r))
+    parts: list[list[int]] = []
+    current: list[int] = []
+    held: set[int] = set()
+    for row in order:
+        grown = held | set(selections[row])
+        if current and not bound.admits(len(grown), sum(sizes[i] for i in grown)):
+            parts.append(current)
+            current, grown = [], set(selections[row])
+        current.append(row)
+        held = grown
+    parts.append(current)
+    return [sorted(p) for p in parts]
+
