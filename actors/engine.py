@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import torch
@@ -22,6 +22,7 @@ from actors.base import decoder_blocks
 from actors.grouping import Group, group_rows, length_buckets, single_group
 from actors.mixture import GroupTerm, MixtureState, install_mixture_layers
 from actors.pool import AdapterPool
+from actors.residency import split_by_bound
 from actors.router import Router, Routing, RoutingConfig
 
 
@@ -49,6 +50,10 @@ class GenerationConfig:
     """Fixed cost of one more probe pass, in token slots: the probe runs the batch in buckets of
     similar prompt length, padded per bucket, chosen to minimise padded slots plus this per pass
     (raise it where small passes are inefficient, e.g. on GPUs; `inf`: one pass)."""
+    length_bucket_overhead: float = 8192.0
+    """Fixed cost of one more generate call, in padded prompt-token slots: a batch whose prompt lengths
+    differ widely (one long prompt among short ones) is generated in calls of similar length, chosen
+    to minimise padded slots plus this per call (`inf`: one call per batch; see actors.grouping)."""
     time_groups: bool = False
     """Measure seconds per group in the mixture layers (synchronises the GPU)."""
 
@@ -59,6 +64,8 @@ class GenerationConfig:
             raise ValueError(f"max_groups={self.max_groups!r}: must be an integer >= 1")
         if not self.probe_bucket_overhead >= 0:
             raise ValueError(f"probe_bucket_overhead={self.probe_bucket_overhead!r}: must be a number >= 0")
+        if not self.length_bucket_overhead >= 0:
+            raise ValueError(f"length_bucket_overhead={self.length_bucket_overhead!r}: must be a number >= 0")
         if not self.decode_union_cost >= 0:
             raise ValueError(f"decode_union_cost={self.decode_union_cost!r}: must be a number >= 0")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
@@ -83,6 +90,26 @@ class BatchStats:
     generate_seconds: float = 0.0
     new_tokens: int = 0
     errors: dict[int, str] = field(default_factory=dict)  # row position -> why its output is not kept
+    calls: int = 0  # generate calls (a batch is split by residency bound and by prompt length)
+    loads: int = 0  # adapters read onto the device for this batch
+    hits: int = 0  # adapters it needed that were already resident
+    evictions: int = 0  # adapters dropped to make room
+    grouping_seconds: float = 0.0  # Python time spent forming groups and plans
+    batches: int = 1  # generation batches these stats cover
+
+    def absorb(self, other: "BatchStats", rows: list[int]) -> None:
+        """Add the stats of a batch made of these rows (its positions map to `rows`)."""
+        def mapped(groups):
+            return [tuple(rows[p] for p in g) for g in groups]
+        self.groups += mapped(other.groups)
+        self.union_sizes += other.union_sizes
+        self.decode_groups += mapped(other.decode_groups)
+        self.decode_union_sizes += other.decode_union_sizes
+        if other.group_seconds is not None:
+            self.group_seconds = (self.group_seconds or []) + other.group_seconds
+        self.errors.update({rows[p]: why for p, why in other.errors.items()})
+        for name in ("generate_seconds", "new_tokens", "calls", "loads", "hits", "evictions", "grouping_seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 def end_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -136,6 +163,18 @@ class OverflowWatch(LogitsProcessor):
         return scores
 
 
+def check_bound(pool: AdapterPool, routing: RoutingConfig) -> None:
+    """Refuse a residency bound that cannot hold one row's k adapters at once."""
+    k, bound = min(routing.k, len(pool)), pool.bound
+    if bound.adapters is not None and bound.adapters < k:
+        raise ValueError(f"max_resident={bound.adapters} adapters cannot hold one prompt's k={k} selected adapters "
+                         f"at once; set max_resident >= {k} (or null for the whole pool)")
+    largest = sum(sorted(pool.sizes())[-k:])
+    if bound.nbytes is not None and bound.nbytes < largest:
+        raise ValueError(f"max_resident={bound.describe()} cannot hold the k={k} largest adapters at once "
+                         f"({largest / 2**20:.1f} MiB); raise it to at least that (or null for the whole pool)")
+
+
 class LoGoEngine:
     """A base model with an adapter pool: routes prompts and generates with their mixtures."""
 
@@ -144,6 +183,7 @@ class LoGoEngine:
         self.model, self.tokenizer, self.pool = model, tokenizer, pool
         self.routing, self.generation = routing, generation
         self.router = Router(model, pool, routing, calibration)
+        check_bound(pool, routing)
         self.state = MixtureState(timed=generation.time_groups)
         install_mixture_layers(model, list(pool.modules), self.state)
         self.device = next(model.parameters()).device
@@ -157,6 +197,7 @@ class LoGoEngine:
 
     def set_routing(self, routing: RoutingConfig, calibration=None) -> None:
         """Route with new options (e.g. calibrated scores once statistics exist)."""
+        check_bound(self.pool, routing)
         self.routing, self.router = routing, Router(self.model, self.pool, routing, calibration)
 
     def pad(self, seqs: list[list[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,24 +233,33 @@ class LoGoEngine:
 
     def phase_groups(self, routings: list[Routing]) -> list[tuple[Group, list[Group]]]:
         """Decode groups (reads of the factors shared by overlapping selections), each with the
-        prefill groups it splits into (products alone). Row indices are positions in `routings`."""
+        prefill groups it splits into (products alone). Row indices are positions in `routings`.
+        At most `max_groups` groups in each phase: the decode groups share the bound's prefill
+        groups, each at least one, the rest to the groups with the most rows."""
         selections = [r.indices for r in routings]
         gen = self.generation
         if not gen.grouping:
             (whole,) = single_group(selections)
             return [(whole, [whole])]
+        coarse = group_rows(selections, gen.max_groups, gen.group_overhead, gen.decode_union_cost)
+        budget = [1] * len(coarse)
+        for _ in range(gen.max_groups - len(coarse)):  # each spare group to the most rows per group
+            g = max(range(len(coarse)), key=lambda g: (len(coarse[g].rows) / budget[g], -g))
+            budget[g] += 1
         out = []
-        for coarse in group_rows(selections, gen.max_groups, gen.group_overhead, gen.decode_union_cost):
-            fine = group_rows([selections[r] for r in coarse.rows], gen.max_groups, gen.group_overhead)
-            out.append((coarse, [Group(rows=tuple(coarse.rows[i] for i in f.rows), union=f.union) for f in fine]))
+        for group, most in zip(coarse, budget):
+            fine = group_rows([selections[r] for r in group.rows], most, gen.group_overhead)
+            out.append((group, [Group(rows=tuple(group.rows[i] for i in f.rows), union=f.union) for f in fine]))
         return out
 
-    def plan(self, routings: list[Routing], groups: list[Group]) -> dict[str, list[GroupTerm]]:
-        """Per module, one term per group: its union's stacked factors and its rows' weights.
-
-        Column index tensors depend only on which ranks a module holds, so they are built once per
-        group and distinct layout, not once per module. Consecutive rows are addressed by a slice.
-        """
+    def plan(self, routings: list[Routing], groups: list[Group],
+             factors: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
+             ) -> dict[str, list[GroupTerm]]:
+        """Per module, one term per group: its union's factors (from `factors`, the resident device
+        factors by pool index; default: acquired now) concatenated along the rank axis in pool
+        order, and its rows' weights. Consecutive rows are addressed by a slice."""
+        if factors is None:
+            factors = self.pool.acquire(i for g in groups for i in g.union)
         plan: dict[str, list[GroupTerm]] = {m: [] for m in self.pool.modules}
         for group in groups:
             first, n = group.rows[0], len(group.rows)
@@ -223,18 +273,21 @@ class LoGoEngine:
                 for i, w in zip(routings[row].indices, routings[row].weights):
                     W[b, pos[i]] = w
             W = W.to(device=self.device, dtype=self.pool.dtype)
-            layouts: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-            for module, stacked in self.pool.modules.items():
-                if stacked.ranks not in layouts:
-                    layouts[stacked.ranks] = self.pool.columns(module, list(group.union))
-                cols, owner = layouts[stacked.ranks]
-                if cols.numel() == 0:
+            owners: dict[tuple[tuple[int, int], ...], torch.Tensor] = {}  # (position, rank) per adapter -> owner
+            for module in self.pool.modules:
+                held = [(p, factors[a][module]) for p, a in enumerate(group.union) if module in factors[a]]
+                if not held:
                     continue
-                if cols.numel() == stacked.A.shape[0]:  # the whole stack, in order: no copy
-                    A_U, B_U = stacked.A, stacked.B
+                layout = tuple((p, A.shape[0]) for p, (A, _) in held)
+                if layout not in owners:
+                    owners[layout] = torch.tensor([p for p, r in layout for _ in range(r)], dtype=torch.long,
+                                                  device=self.device)
+                if len(held) == 1:
+                    A_U, B_U = held[0][1]
                 else:
-                    A_U, B_U = stacked.A.index_select(0, cols), stacked.B.index_select(1, cols)
-                plan[module].append(GroupTerm(rows=rows, A=A_U, B=B_U, W=W[:, owner]))  # W: (rows, C)
+                    A_U = torch.cat([A for _, (A, _) in held], dim=0)  # (C, d_in)
+                    B_U = torch.cat([B for _, (_, B) in held], dim=1)  # (d_out, C)
+                plan[module].append(GroupTerm(rows=rows, A=A_U, B=B_U, W=W[:, owners[layout]]))  # W: (rows, C)
         return plan
 
     @contextmanager
@@ -242,23 +295,39 @@ class LoGoEngine:
                decode_groups: list[Group] | None = None) -> Iterator[list[Group]]:
         """Within the block, every forward pass of the model applies row b's mixture `routings[b]`:
         with `groups` (default: `group(routings)`), and in passes of one token per row with
-        `decode_groups` when given. Timed group slots are per position in whichever plan ran."""
+        `decode_groups` when given. Timed group slots are per position in whichever plan ran. The
+        union of all rows must fit the pool's residency bound (see `calls`)."""
         groups = self.group(routings) if groups is None else groups
+        factors = self.pool.acquire(i for r in routings for i in r.indices)
         self.state.group_seconds = [0.0] * max(len(groups), len(decode_groups or ()))
-        self.state.plan = self.plan(routings, groups)
+        self.state.plan = self.plan(routings, groups, factors)
         if decode_groups is not None and decode_groups != groups:
-            self.state.decode_plan = self.plan(routings, decode_groups)
+            self.state.decode_plan = self.plan(routings, decode_groups, factors)
         try:
             yield groups
         finally:
             self.state.plan = self.state.decode_plan = None
+
+    def calls(self, seqs: list[list[int]], routings: list[Routing]) -> list[list[int]]:
+        """A batch cut into generate calls: parts whose union of adapters fits the residency bound
+        (rows sharing adapters together), each cut by prompt length (`length_bucket_overhead`)."""
+        parts = split_by_bound([r.indices for r in routings], self.pool.sizes(), self.pool.bound)
+        overhead = self.generation.length_bucket_overhead
+        out = []
+        for part in parts:
+            if len(part) < 2 or overhead == float("inf"):
+                out.append(part)
+                continue
+            out.extend([part[i] for i in bucket] for bucket in length_buckets([len(seqs[r]) for r in part], overhead))
+        return out
 
     @torch.inference_mode()
     def generate(self, seqs: list[list[int]], routings: list[Routing]) -> tuple[list[str], list[int], BatchStats]:
         """Greedy generation with each row's mixture. Returns texts, new-token counts, stats.
 
         Rows in `stats.errors` (routing weights or logits not finite) have no output: their text
-        is empty and must not be reported as a result.
+        is empty and must not be reported as a result. The batch runs as one generate call or
+        several (`calls`); a row's output does not depend on which.
         """
         stats = BatchStats(rows=len(seqs))
         routings = list(routings)
@@ -270,51 +339,73 @@ class LoGoEngine:
                     "too large for the routing scores; check those adapters' weights (lora_B, lora_alpha)")
                 routings[row] = Routing(indices=routing.indices, adapters=routing.adapters,
                                         weights=(0.0,) * len(routing.weights))  # generate harmlessly
+        counts_before = replace(self.pool.residency.counts)
+        texts, counts = [""] * len(seqs), [0] * len(seqs)
+        t0 = time.perf_counter()
+        for part in self.calls(seqs, routings):
+            part_texts, part_counts = self._generate_call(part, seqs, routings, stats)
+            for row, text, count in zip(part, part_texts, part_counts):
+                texts[row], counts[row] = text, count
+        stats.generate_seconds = time.perf_counter() - t0
+        now = self.pool.residency.counts
+        stats.loads, stats.hits = now.loads - counts_before.loads, now.hits - counts_before.hits
+        stats.evictions = now.evictions - counts_before.evictions
+        stats.new_tokens = sum(counts)
+        return texts, counts, stats
+
+    def _generate_call(self, part: list[int], seqs: list[list[int]], routings: list[Routing],
+                       stats: BatchStats) -> tuple[list[str], list[int]]:
+        """One generate call over rows `part` of the batch; adds its groups and errors to `stats`."""
+        t0 = time.perf_counter()
+        sub = [routings[r] for r in part]
         # Lay rows out decode group after decode group, prefill group after prefill group inside
-        # it, longest first inside that: every group of both phases is a slice of the batch.
-        order: list[int] = []
+        # it, longest first inside that: every group of both phases is a slice of the call.
+        order: list[int] = []  # positions in `part`
         groups, decode_groups = [], []
-        for coarse, fine in self.phase_groups(routings):
+        for coarse, fine in self.phase_groups(sub):
             first = len(order)
             for g in fine:
                 start = len(order)
-                order.extend(sorted(g.rows, key=lambda r: (-len(seqs[r]), r)))
+                order.extend(sorted(g.rows, key=lambda r: (-len(seqs[part[r]]), r)))
                 groups.append(Group(rows=tuple(range(start, len(order))), union=g.union))
             decode_groups.append(Group(rows=tuple(range(first, len(order))), union=coarse.union))
-        ordered = [routings[r] for r in order]
-        stats.groups = [tuple(order[p] for p in g.rows) for g in groups]
-        stats.union_sizes = [len(g.union) for g in groups]
-        stats.decode_groups = [tuple(order[p] for p in g.rows) for g in decode_groups]
-        stats.decode_union_sizes = [len(g.union) for g in decode_groups]
-        input_ids, attention_mask = self.pad([seqs[r] for r in order])
-        t0 = time.perf_counter()
-        watch = OverflowWatch(len(order), self.end_ids[0] if self.end_ids else self.tokenizer.pad_token_id,
+        rows = [part[p] for p in order]  # batch rows in call order
+        ordered = [routings[r] for r in rows]
+        stats.calls += 1
+        stats.groups += [tuple(rows[p] for p in g.rows) for g in groups]
+        stats.union_sizes += [len(g.union) for g in groups]
+        stats.decode_groups += [tuple(rows[p] for p in g.rows) for g in decode_groups]
+        stats.decode_union_sizes += [len(g.union) for g in decode_groups]
+        input_ids, attention_mask = self.pad([seqs[r] for r in rows])
+        watch = OverflowWatch(len(rows), self.end_ids[0] if self.end_ids else self.tokenizer.pad_token_id,
                               input_ids.device)
         handle = self.last_block.register_forward_hook(watch.block_output)
         try:
             with self.mixing(ordered, groups, decode_groups):
+                stats.grouping_seconds += time.perf_counter() - t0
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                           generation_config=self.hf_config, tokenizer=self.tokenizer,
                                           logits_processor=LogitsProcessorList([watch]))
         finally:
             handle.remove()
-        stats.generate_seconds = time.perf_counter() - t0
-        stats.group_seconds = list(self.state.group_seconds) if self.state.timed else None
+        if self.state.timed:
+            stats.group_seconds = (stats.group_seconds or []) + list(self.state.group_seconds)
         new = out[:, input_ids.shape[1]:].tolist()
-        texts, counts = [""] * len(seqs), [0] * len(seqs)
-        first_bad = watch.first_bad
-        for pos, (tokens, row) in enumerate(zip(new, order)):
-            texts[row], counts[row] = self.decode(tokens)
-            step = first_bad[pos]
-            if step is not None and step <= counts[row] and row not in stats.errors:
+        texts, counts = [], []
+        for pos, (tokens, row) in enumerate(zip(new, rows)):
+            text, count = self.decode(tokens)
+            texts.append(text)
+            counts.append(count)
+            step = watch.first_bad[pos]
+            if step is not None and step <= count and row not in stats.errors:
                 r, dtype = routings[row], str(self.pool.dtype).removeprefix("torch.")
                 fix = "check those adapters" + ("" if dtype == "float32" else ", or run with dtype float32")
                 stats.errors[row] = (
                     f"the hidden states or logits overflowed (NaN or inf) at new token {step + 1} with adapters "
                     f"{list(r.adapters)} (weights {[round(w, 4) for w in r.weights]}) in {dtype}: an adapter's "
                     f"weights are too large for the model; {fix}")
-        stats.new_tokens = sum(counts)
-        return texts, counts, stats
+        by_row = dict(zip(rows, zip(texts, counts)))
+        return [by_row[r][0] for r in part], [by_row[r][1] for r in part]
 
     def decode(self, tokens: list[int]) -> tuple[str, int]:
         """New tokens of one row -> (text cut at the first stop, number of tokens generated)."""

@@ -12,15 +12,16 @@ finely). In a decode step each row brings one token and reading the factors domi
 of several rows: rows whose selections overlap share one read, so they should share a group).
 
 Start from one group per distinct selection, then greedily merge the pair whose merge raises the
-cost least, while a merge lowers the cost or there are more than `max_groups` groups. Selections are
-bit masks, so a union is one OR and its size one popcount. Deterministic: ties go to the earliest
-pair in first-appearance order.
+cost least, while a merge lowers the cost or there are more than `max_groups` groups.
+Deterministic: ties go to the earliest pair in first-appearance order.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -44,40 +45,51 @@ def _indices(mask: int) -> tuple[int, ...]:
 
 def group_rows(selections: Sequence[Sequence[int]], max_groups: int = 8, overhead: float = 8.0,
                union_cost: float = 0.0) -> list[Group]:
-    """Split rows (each a selection of adapter indices) into at most `max_groups` groups."""
+    """Split rows (each a selection of adapter indices) into at most `max_groups` groups.
+
+    Clusters are rows of a boolean matrix over the adapters selected anywhere in the batch; the
+    sizes of all pairwise unions come from one integer matrix product (|a u b| = |a| + |b| - |a n b|)
+    kept up to date after each merge, so a merge step costs O(clusters^2) array work, not Python."""
     if max_groups < 1:
         raise ValueError(f"max_groups={max_groups}: must be >= 1")
     if union_cost < 0:
         raise ValueError(f"union_cost={union_cost}: must be >= 0")
-    clusters: list[tuple[list[int], int]] = []  # (rows, union mask), first-appearance order
-    by_mask: dict[int, int] = {}
+    rows: list[list[int]] = []  # per cluster, first-appearance order
+    by_key: dict[tuple[int, ...], int] = {}
     for row, selection in enumerate(selections):
-        m = _mask(selection)
-        if m in by_mask:
-            clusters[by_mask[m]][0].append(row)
+        key = tuple(sorted(set(selection)))
+        if key in by_key:
+            rows[by_key[key]].append(row)
         else:
-            by_mask[m] = len(clusters)
-            clusters.append(([row], m))
-
-    def merge_delta(a: tuple[list[int], int], b: tuple[list[int], int]) -> float:
-        n_a, n_b = len(a[0]), len(b[0])
-        u_a, u_b, u_ab = a[1].bit_count(), b[1].bit_count(), (a[1] | b[1]).bit_count()
-        return (n_a + n_b) * u_ab - n_a * u_a - n_b * u_b + union_cost * (u_ab - u_a - u_b) - overhead
-
-    while len(clusters) > 1:
-        best = None
-        for i in range(len(clusters)):
-            for j in range(i + 1, len(clusters)):
-                d = merge_delta(clusters[i], clusters[j])
-                if best is None or d < best[0]:
-                    best = (d, i, j)
-        delta, i, j = best
-        if delta > 0 and len(clusters) <= max_groups:
+            by_key[key] = len(rows)
+            rows.append([row])
+    adapters = sorted({i for key in by_key for i in key})
+    column = {a: j for j, a in enumerate(adapters)}
+    member = np.zeros((len(rows), max(1, len(adapters))), dtype=np.int32)  # (clusters, adapters)
+    for key, c in by_key.items():
+        member[c, [column[a] for a in key]] = 1
+    n = np.array([len(r) for r in rows], dtype=np.float64)  # rows per cluster
+    u = member.sum(axis=1).astype(np.float64)  # union size per cluster
+    inter = (member @ member.T).astype(np.float64)  # (clusters, clusters) shared adapters
+    while len(rows) > 1:
+        u_ab = u[:, None] + u[None, :] - inter
+        delta = ((n[:, None] + n[None, :]) * u_ab - (n * u)[:, None] - (n * u)[None, :]
+                 + union_cost * (u_ab - u[:, None] - u[None, :]) - overhead)
+        delta[np.tril_indices(len(rows))] = np.inf
+        flat = int(np.argmin(delta))  # row-major: ties go to the earliest pair in first-appearance order
+        i, j = divmod(flat, len(rows))
+        if delta[i, j] > 0 and len(rows) <= max_groups:
             break
-        rows = sorted(clusters[i][0] + clusters[j][0])
-        clusters[i] = (rows, clusters[i][1] | clusters[j][1])
-        del clusters[j]
-    return [Group(rows=tuple(rows), union=_indices(m)) for rows, m in clusters]
+        rows[i] = sorted(rows[i] + rows[j])
+        del rows[j]
+        member[i] |= member[j]
+        member = np.delete(member, j, axis=0)
+        n[i] += n[j]
+        n, u, inter = np.delete(n, j), np.delete(u, j), np.delete(np.delete(inter, j, axis=0), j, axis=1)
+        u[i] = member[i].sum()
+        inter[i, :] = inter[:, i] = member @ member[i]
+    return [Group(rows=tuple(r), union=tuple(adapters[j] for j in np.flatnonzero(member[c])))
+            for c, r in enumerate(rows)]
 
 
 def single_group(selections: Sequence[Sequence[int]]) -> list[Group]:

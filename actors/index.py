@@ -42,30 +42,51 @@ class ProbeFactors:
 
 
 class RoutingIndex:
-    """Float32 probe factors of every adapter at every module whose last name is in `modules`."""
+    """Float32 probe factors of every adapter at every module whose last name is in `modules`.
 
-    def __init__(self, adapters: list[Adapter], modules: tuple[str, ...], with_B: bool, device: torch.device):
-        self.modules, self.with_B = tuple(modules), with_B
-        paths = sorted({p for a in adapters for p in a.factors if p.rsplit(".", 1)[-1] in self.modules})
-        self.factors: dict[str, ProbeFactors] = {p: self._build(adapters, p, device) for p in paths}
+    Built one adapter at a time (`add`, in pool order, then `finish`), so that a pool is never
+    held in memory whole: only the index's share of each adapter stays."""
 
-    def _build(self, adapters: list[Adapter], path: str, device: torch.device) -> ProbeFactors:
-        held = [a.factors.get(path) for a in adapters]
+    def __init__(self, modules: tuple[str, ...], with_B: bool, device: torch.device):
+        self.modules, self.with_B, self.device = tuple(modules), with_B, device
+        self._held: list[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = []
+        self.factors: dict[str, ProbeFactors] = {}
+
+    def add(self, adapter: Adapter) -> None:
+        """Keep `adapter`'s probe factors (the next pool index)."""
+        held = {}
+        for path, f in adapter.factors.items():
+            if path.rsplit(".", 1)[-1] not in self.modules:
+                continue
+            cB = f.B.double() * f.scale  # (d_out, r)
+            held[path] = (f.A.float().clone(), (cB.T @ cB).float(),  # (r, d_in), (r, r) summed in float64
+                          cB.float() if self.with_B else None)
+        self._held.append(held)
+
+    def finish(self) -> "RoutingIndex":
+        """Stack what `add` kept, per module path, zero-padded to its largest rank."""
+        paths = sorted({p for held in self._held for p in held})
+        self.factors = {p: self._stack(p) for p in paths}
+        self._held = []
+        return self
+
+    def _stack(self, path: str) -> ProbeFactors:
+        held = [h.get(path) for h in self._held]
         first = next(f for f in held if f is not None)
-        n, r_max = len(adapters), max(f.rank for f in held if f is not None)
-        d_in, d_out = first.A.shape[1], first.B.shape[0]
+        n, r_max = len(held), max(f[0].shape[0] for f in held if f is not None)
+        d_in = first[0].shape[1]
         A = torch.zeros(n, r_max, d_in)  # (N, r_max, d_in)
         G = torch.zeros(n, r_max, r_max)  # (N, r_max, r_max)
-        B = torch.zeros(n, d_out, r_max) if self.with_B else None  # (N, d_out, r_max)
+        B = torch.zeros(n, first[2].shape[0], r_max) if self.with_B else None  # (N, d_out, r_max)
         for i, f in enumerate(held):
             if f is None:
                 continue
-            cB = f.B.double() * f.scale  # (d_out, r)
-            A[i, : f.rank] = f.A.float()
-            G[i, : f.rank, : f.rank] = (cB.T @ cB).float()  # (r, r), summed in float64
+            r = f[0].shape[0]
+            A[i, :r], G[i, :r, :r] = f[0], f[1]
             if B is not None:
-                B[i, :, : f.rank] = cB.float()
+                B[i, :, :r] = f[2]
         present = torch.tensor([f is not None for f in held])
+        device = self.device
         return ProbeFactors(A=A.to(device), G=G.to(device), B=None if B is None else B.to(device),
                             present=present.to(device))
 

@@ -1,39 +1,46 @@
-"""Adapter residency and stacked storage: the whole pool on one device, laid out for the mixture.
+"""The adapter pool: every adapter's identity and routing factors, and a bounded set of resident factors.
 
-For every base module that at least one adapter adapts, the pool keeps all adapters' factors
-concatenated along the rank axis, with each adapter's scale folded into its B columns:
+Adapters are read one at a time, in name order (index order is name order, which is what makes
+routing ties deterministic): each is validated against the base model, its probe factors go into
+the routing index (float32, small: see `actors.index`), and its full factors are dropped unless the
+residency keeps them. The mixture asks for the full factors of a generate call's union with
+`acquire`; with `max_resident` set, at most that many adapters (or bytes) stay on the device and
+the others are read again from their files on demand, least recently used first out (see
+`actors.residency`). Per adapter and module, the device holds
 
-    A_cat (R, d_in)    rows    [start_i, start_i + r_i) are A_i
-    B_cat (d_out, R)   columns [start_i, start_i + r_i) are c_i * B_i
+    A   (r, d_in)        in the pool's dtype
+    cB  (d_out, r)       B with the adapter's scale folded in, in the pool's dtype
 
-so the delta of adapter i at that module is `B_cat[:, cols_i] @ (A_cat[cols_i] @ x)`. An adapter that
-does not adapt the module has r_i = 0 there. Adapters are kept sorted by name: index order is name
-order, which is what makes routing ties deterministic.
+which is exactly what a fresh read gives, so which adapters happen to be resident never changes
+an output.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from actors.adapters import Adapter, AdapterError, read_adapter, resolve_sources, validate_adapter
 from actors.index import RoutingIndex
+from actors.residency import Residency, ResidencyBound, parse_max_resident
 
 INDEX_MODULES = ("q_proj", "v_proj")  # modules the routing index holds by default (the default probe)
 
+DeviceFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A, cB) on the device
+
 
 @dataclass(frozen=True)
-class StackedModule:
-    """All adapters' factors at one base module, concatenated along the rank axis."""
+class AdapterEntry:
+    """What the pool keeps of every adapter whatever is resident: where it is and its shape."""
 
-    A: torch.Tensor  # (R, d_in)
-    B: torch.Tensor  # (d_out, R), scale folded in
-    ranks: tuple[int, ...]  # per pool adapter; 0 where the adapter does not adapt this module
-    starts: tuple[int, ...]  # per pool adapter; first column of its block
+    name: str
+    path: Path
+    ranks: dict[str, int]  # module path -> rank, for the modules it adapts
+    nbytes: int  # bytes of its full factors in the pool's dtype
 
 
 def _check_range(adapter: Adapter, dtype: torch.dtype) -> None:
@@ -49,35 +56,53 @@ def _check_range(adapter: Adapter, dtype: torch.dtype) -> None:
 
 
 class AdapterPool:
-    """A validated pool of LoRA adapters for one base model, stacked per module on one device."""
+    """A validated pool of LoRA adapters for one base model: routing index plus resident factors."""
 
-    def __init__(self, adapters: list[Adapter], model: nn.Module, dtype: torch.dtype, device: torch.device,
-                 index_modules: tuple[str, ...] = INDEX_MODULES, index_with_B: bool = False):
-        if not adapters:
-            raise AdapterError("the adapter pool is empty; LoGo needs at least one adapter")
+    def __init__(self, adapters: Iterable[Adapter], model: nn.Module, dtype: torch.dtype, device: torch.device,
+                 index_modules: tuple[str, ...] = INDEX_MODULES, index_with_B: bool = False,
+                 max_resident: int | str | ResidencyBound | None = None,
+                 reread: Callable[[AdapterEntry], Adapter] | None = None):
+        """`adapters`: in name order when an iterator (a list is sorted here). `reread`: reads an
+        adapter again for a later load; None keeps the given adapters' host copies for that."""
+        if isinstance(adapters, (list, tuple)):
+            adapters = sorted(adapters, key=lambda a: a.name)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.bound = max_resident if isinstance(max_resident, ResidencyBound) else parse_max_resident(max_resident)
+        self.routing_index = RoutingIndex(tuple(index_modules), index_with_B, self.device)
+        self.entries: list[AdapterEntry] = []
+        self._host: dict[str, Adapter] = {}
+        self._reread = reread
+        self.residency: Residency[int, DeviceFactors] = Residency(self.bound, self._load, _factor_bytes)
+        first: list[DeviceFactors] = []
         for adapter in adapters:
             validate_adapter(adapter, model)
             _check_range(adapter, dtype)
-        adapters = sorted(adapters, key=lambda a: a.name)
-        self.names: tuple[str, ...] = tuple(a.name for a in adapters)
-        self.paths: tuple[Path, ...] = tuple(a.path for a in adapters)
-        self.dtype, self.device = dtype, device
+            if self.entries and adapter.name <= self.entries[-1].name:
+                raise AdapterError(f"adapters must come in name order; {adapter.name!r} follows "
+                                   f"{self.entries[-1].name!r}")
+            self.routing_index.add(adapter)
+            itemsize = torch.tensor([], dtype=dtype).element_size()
+            self.entries.append(AdapterEntry(
+                name=adapter.name, path=adapter.path,
+                ranks={m: f.rank for m, f in adapter.factors.items()},
+                nbytes=sum(f.A.numel() + f.B.numel() for f in adapter.factors.values()) * itemsize))
+            if reread is None:
+                self._host[adapter.name] = adapter
+            if self.bound.unbounded:
+                first.append(self._device_factors(adapter))
+        if not self.entries:
+            raise AdapterError("the adapter pool is empty; LoGo needs at least one adapter")
+        self.routing_index.finish()
+        self.names: tuple[str, ...] = tuple(e.name for e in self.entries)
+        self.paths: tuple[Path, ...] = tuple(e.path for e in self.entries)
         self._index = {name: i for i, name in enumerate(self.names)}
-        self.modules: dict[str, StackedModule] = {}
-        for module in sorted({m for a in adapters for m in a.factors}):
-            ranks = tuple(a.factors[module].rank if module in a.factors else 0 for a in adapters)
-            starts = tuple(sum(ranks[:i]) for i in range(len(ranks)))
-            present = [a.factors[module] for a in adapters if module in a.factors]
-            A = torch.cat([f.A for f in present], dim=0)  # (R, d_in)
-            B = torch.cat([f.B * f.scale for f in present], dim=1)  # (d_out, R)
-            self.modules[module] = StackedModule(
-                A=A.to(device=device, dtype=dtype).contiguous(),
-                B=B.to(device=device, dtype=dtype).contiguous(),
-                ranks=ranks,
-                starts=starts,
-            )
-        # Routing reads float32 factors as read from the files, not the stack's (possibly bf16) copy.
-        self.routing_index = RoutingIndex(adapters, tuple(index_modules), index_with_B, device)
+        self.modules: tuple[str, ...] = tuple(sorted({m for e in self.entries for m in e.ranks}))
+        if first:  # every adapter resident from the start: nothing is ever read again
+            for i, factors in enumerate(first):
+                self.residency.held[i] = factors
+                self.residency.nbytes += _factor_bytes(factors)
+            self.residency.counts.peak_adapters = len(first)
+            self.residency.counts.peak_bytes = self.residency.nbytes
 
     @classmethod
     def load(
@@ -89,14 +114,20 @@ class AdapterPool:
         device: torch.device | str = "cpu",
         index_modules: tuple[str, ...] = INDEX_MODULES,
         index_with_B: bool = False,
+        max_resident: int | str | ResidencyBound | None = None,
     ) -> "AdapterPool":
-        """Read, validate and stack a pool: a directory of adapter directories, or name -> path.
+        """Read, validate and index a pool (a directory of adapter directories, or name -> path),
+        one adapter at a time.
 
         `index_modules`: module names (last path component) whose float32 probe factors the routing
-        index keeps, at every block; `index_with_B`: keep B too (the entropy signal needs it)."""
+        index keeps, at every block; `index_with_B`: keep B too (the entropy signal needs it);
+        `max_resident`: at most this many adapters (or bytes, e.g. '20GiB') of full factors on the
+        device, None for all of them (see `actors.residency`)."""
         sources = resolve_sources(adapters)
-        return cls([read_adapter(name, path, model) for name, path in sources.items()], model, dtype,
-                   torch.device(device), index_modules, index_with_B)
+        ordered = sorted(sources.items())
+        reading = (read_adapter(name, path, model) for name, path in ordered)
+        return cls(reading, model, dtype, torch.device(device), index_modules, index_with_B, max_resident,
+                   reread=lambda entry: read_adapter(entry.name, entry.path, model))
 
     def __len__(self) -> int:
         return len(self.names)
@@ -104,27 +135,44 @@ class AdapterPool:
     def index(self, name: str) -> int:
         return self._index[name]
 
+    def _device_factors(self, adapter: Adapter) -> DeviceFactors:
+        return {m: (f.A.to(device=self.device, dtype=self.dtype).contiguous(),
+                    (f.B * f.scale).to(device=self.device, dtype=self.dtype).contiguous())
+                for m, f in sorted(adapter.factors.items())}
+
+    def _load(self, i: int) -> DeviceFactors:
+        entry = self.entries[i]
+        adapter = self._host[entry.name] if self._reread is None else self._reread(entry)
+        if {m: f.rank for m, f in adapter.factors.items()} != entry.ranks:
+            raise AdapterError(f"adapter {entry.name!r} at {entry.path} changed since the pool was read (its modules "
+                               "or ranks differ); keep adapter files unchanged while a job runs")
+        return self._device_factors(adapter)
+
+    def acquire(self, indices: Iterable[int]) -> dict[int, DeviceFactors]:
+        """The device factors of these adapters, all resident together (loading the others)."""
+        return self.residency.acquire(sorted(set(indices)))
+
+    def sizes(self) -> list[int]:
+        """Bytes of every adapter's full factors in the pool's dtype, by index."""
+        return [e.nbytes for e in self.entries]
+
     @property
     def nbytes(self) -> int:
-        """Device memory held by the stacked factors."""
-        return sum(s.A.nbytes + s.B.nbytes for s in self.modules.values())
+        """Device memory held by resident factors now."""
+        return self.residency.nbytes
+
+    @property
+    def full_nbytes(self) -> int:
+        """Device memory the whole pool's factors would take (every adapter resident)."""
+        return sum(e.nbytes for e in self.entries)
 
     def describe(self) -> str:
-        ranks = sorted({r for s in self.modules.values() for r in s.ranks if r})
-        return (f"{len(self)} adapters over {len(self.modules)} modules, ranks {ranks}, "
-                f"{self.nbytes / 2**20:.1f} MiB on {self.device} ({self.dtype}); routing index "
-                f"{self.routing_index.nbytes / 2**20:.1f} MiB (float32, {', '.join(self.routing_index.modules)})")
+        ranks = sorted({r for e in self.entries for r in e.ranks.values()})
+        return (f"{len(self)} adapters over {len(self.modules)} modules, ranks {ranks}; full factors "
+                f"{self.full_nbytes / 2**20:.1f} MiB on {self.device} ({self.dtype}), resident: "
+                f"{self.bound.describe()}; routing index {self.routing_index.nbytes / 2**20:.1f} MiB "
+                f"(float32, {', '.join(self.routing_index.modules)})")
 
-    def columns(self, module: str, union: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Columns of `module`'s stacked factors that belong to the adapters in `union`.
 
-        Returns `cols` (C,) into A_cat rows / B_cat columns, and `owner` (C,) with, for each column,
-        the position in `union` of the adapter it belongs to. Adapters absent at `module` add none.
-        """
-        s = self.modules[module]
-        cols, owner = [], []
-        for pos, i in enumerate(union):
-            cols.extend(range(s.starts[i], s.starts[i] + s.ranks[i]))
-            owner.extend([pos] * s.ranks[i])
-        return (torch.tensor(cols, dtype=torch.long, device=self.device),
-                torch.tensor(owner, dtype=torch.long, device=self.device))
+def _factor_bytes(factors: DeviceFactors) -> int:
+    return sum(A.nbytes + B.nbytes for A, B in factors.values())

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from actors.base import context_length, load_base, resolve_device, resolve_dtype
+from actors.batching import ORDERINGS, generation_batches
 from actors.calibration import CalibrationStats, compute_stats, reference_prompts
 from actors.engine import BatchStats, GenerationConfig, LoGoEngine
 from actors.pool import AdapterPool
@@ -45,7 +46,16 @@ class PredictorStats:
     new_tokens: int = 0
     seconds: float = 0.0
     groups: int = 0
-    union_sizes: list[int] = field(default_factory=list)
+    union_sum: int = 0  # sum of prefill groups' union sizes
+    decode_groups: int = 0
+    decode_union_sum: int = 0  # sum of decode groups' union sizes
+    generation_batches: int = 0
+    grouping_seconds: float = 0.0
+    generate_seconds: float = 0.0
+    calls: int = 0
+    loads: int = 0
+    hits: int = 0
+    evictions: int = 0
     adapter_use: dict[str, int] = field(default_factory=dict)
 
 
@@ -79,6 +89,10 @@ class LoGoPredictor:
         max_groups: int = 8,
         group_overhead: float = 8.0,
         time_groups: bool = False,
+        length_bucket_overhead: float = 8192.0,
+        max_resident: int | str | None = None,
+        batch_size: int = 16,
+        ordering: str = "selection",
         dtype: str = "auto",
         device: str = "auto",
         prompt_column: str = "prompt",
@@ -87,6 +101,10 @@ class LoGoPredictor:
         if unknown:
             known = sorted(k for k in LoGoPredictor.__init__.__kwdefaults__)
             raise ValueError(f"unknown option(s) {sorted(unknown)}; known options: model, adapters, {', '.join(known)}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1 (rows per generate call)")
+        if ordering not in ORDERINGS:
+            raise ValueError(f"ordering={ordering!r} is not known; use one of {ORDERINGS}")
         if overlong not in OVERLONG:
             raise ValueError(f"overlong={overlong!r} is not known; use one of {OVERLONG}")
         if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
@@ -103,7 +121,9 @@ class LoGoPredictor:
             calibration_prompts = "reference"  # calibrated by default: the shipped set, computed once here
         generation = GenerationConfig(max_new_tokens=max_new_tokens, stop_at_newline=stop_at_newline,
                                       stop_strings=tuple(stop_strings), grouping=grouping, max_groups=max_groups,
-                                      group_overhead=group_overhead, time_groups=time_groups)
+                                      group_overhead=group_overhead, time_groups=time_groups,
+                                      length_bucket_overhead=length_bucket_overhead)
+        self.batch_size, self.ordering = batch_size, ordering
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.overlong, self.prompt_column = overlong, prompt_column
@@ -114,7 +134,8 @@ class LoGoPredictor:
                              f"context of {context_length(base)} tokens")
         self.max_prompt_tokens = min(limit, max_prompt_tokens or limit)
         pool = AdapterPool.load(adapters, base, dtype=self.dtype, device=self.device,
-                                index_modules=routing.probe_modules, index_with_B=signal == "entropy")
+                                index_modules=routing.probe_modules, index_with_B=signal == "entropy",
+                                max_resident=max_resident)
         self.engine = LoGoEngine(base, self.tokenizer, pool, replace(routing, calibration_score="raw"), generation)
         self.calibration = self._calibration(calibration, calibration_prompts)
         if self.calibration is not None or calibration_score != "raw":
@@ -167,12 +188,23 @@ class LoGoPredictor:
         return ids[-limit:], None, f"prompt truncated from the left: {len(ids)} -> {limit} tokens"
 
     def process(self, seqs: list[list[int]]) -> tuple[list[Routing], list[str], list[int], BatchStats]:
-        """Route and generate for tokenised prompts (one probe pass, one generate call)."""
+        """Route tokenised prompts (probe passes of `batch_size` rows), then generate them in batches
+        of `batch_size` formed by `ordering` (see actors.batching). Stats cover all of them, with
+        row positions into `seqs`."""
         t0 = time.perf_counter()
-        routings = self.engine.route(seqs)
-        probe_seconds = time.perf_counter() - t0
-        texts, counts, stats = self.engine.generate(seqs, routings)
-        stats.probe_seconds = probe_seconds
+        routings: list[Routing] = []
+        for start in range(0, len(seqs), self.batch_size):
+            routings += self.engine.route(seqs[start:start + self.batch_size])
+        stats = BatchStats(rows=len(seqs), probe_seconds=time.perf_counter() - t0)
+        texts, counts = [""] * len(seqs), [0] * len(seqs)
+        batches = generation_batches([len(s) for s in seqs], [r.indices for r in routings], self.batch_size,
+                                     self.ordering)
+        for rows in batches:
+            part_texts, part_counts, part = self.engine.generate([seqs[r] for r in rows], [routings[r] for r in rows])
+            for r, text, count in zip(rows, part_texts, part_counts):
+                texts[r], counts[r] = text, count
+            stats.absorb(part, rows)
+        stats.batches = len(batches)
         return routings, texts, counts, stats
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -240,7 +272,26 @@ class LoGoPredictor:
             out[c] = arr.astype(np.int64) if c in ("prompt_tokens", "output_tokens") else arr
         return out
 
+    def batching(self) -> dict[str, float]:
+        """Running totals of how rows were batched and adapters made resident (what a job records
+        per data file): generation batches, generate calls, prefill and decode groups with the sums
+        of their union sizes, adapter loads, hits and evictions, the peak resident, and seconds."""
+        s, counts = self.stats, self.pool.residency.counts
+        return {"batches": s.generation_batches, "calls": s.calls, "groups": s.groups,
+                "union_sum": s.union_sum, "decode_groups": s.decode_groups,
+                "decode_union_sum": s.decode_union_sum, "loads": s.loads, "hits": s.hits,
+                "evictions": s.evictions, "peak_resident": counts.peak_adapters,
+                "peak_resident_bytes": counts.peak_bytes, "grouping_seconds": round(s.grouping_seconds, 6),
+                "generate_seconds": round(s.generate_seconds, 6)}
+
     def _count_batch(self, stats: BatchStats) -> None:
         self.stats.groups += len(stats.groups)
-        self.stats.union_sizes.extend(stats.union_sizes)
+        self.stats.union_sum += sum(stats.union_sizes)
+        self.stats.decode_groups += len(stats.decode_union_sizes)
+        self.stats.decode_union_sum += sum(stats.decode_union_sizes)
+        self.stats.generation_batches += stats.batches
+        self.stats.grouping_seconds += stats.grouping_seconds
+        self.stats.generate_seconds += stats.generate_seconds
+        for name in ("calls", "loads", "hits", "evictions"):
+            setattr(self.stats, name, getattr(self.stats, name) + getattr(stats, name))
         self.stats.new_tokens += stats.new_tokens

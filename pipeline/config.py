@@ -58,8 +58,19 @@ class AdaptersConfig:
     PEFT format (adapter_config.json + adapter_model.safetensors); the sub-directory name is the
     adapter name reported in the output."""
 
+    max_resident: int | str | None = None
+    """Most adapters whose full factors an actor keeps on its device (an int), or most bytes of
+    them (e.g. '20GiB'); the others are read on demand from the node's copy of the pool, least
+    recently used first out. Null: the whole pool. Routing reads the routing index either way."""
+
     def __post_init__(self) -> None:
         _check(bool(self.path), "adapters.path", "is empty; give an adapter directory or s3:// prefix")
+        from actors.residency import parse_max_resident
+
+        try:
+            parse_max_resident(self.max_resident)
+        except ValueError as err:
+            raise ConfigError(f"adapters.max_resident: {err}") from None
 
 
 # The paper's routing (LOGO_SPEC section 1), as `routing` keys: `logo-batch run --paper`.
@@ -145,10 +156,20 @@ class GenerationConfig:
     """A prompt longer than `max_prompt_tokens`: truncate (kept, with a warning) or error (error row)."""
     max_prompt_tokens: int | None = None
     """Longest prompt in tokens; default: the model's context length minus `max_new_tokens`."""
+    ordering: str = "selection"
+    """How an actor forms generation batches of `resources.batch_size` rows from a block it routed:
+    selection (rows sorted by their selected adapters, then prompt length: rows sharing adapters
+    are generated together) or input (input order)."""
+    length_bucket_overhead: float = 8192.0
+    """Cost of one more generate call in padded prompt-token slots: a batch whose prompt lengths
+    differ widely is generated in calls of similar length (inf: one call per batch)."""
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, "generation.max_new_tokens", f"must be >= 1; got {self.max_new_tokens}")
         _one_of(self.overlong, ("truncate", "error"), "generation.overlong")
+        _one_of(self.ordering, ("selection", "input"), "generation.ordering")
+        _check(self.length_bucket_overhead >= 0, "generation.length_bucket_overhead",
+               f"must be a number >= 0 (or inf); got {self.length_bucket_overhead}")
         _check(all(self.stop_strings), "generation.stop_strings",
                f"{list(self.stop_strings)} holds an empty string; remove it")
         if self.max_prompt_tokens is not None:
@@ -215,7 +236,8 @@ class ResourcesConfig:
     actors: int = 1
     """Number of LoGo actors (each holds one model and the adapter pool)."""
     batch_size: int = 16
-    """Rows per actor call."""
+    """Rows per generate call of an actor (it routes a whole block, then generates it in batches
+    of this many rows formed by `generation.ordering`)."""
     gpus_per_actor: float | None = None
     """GPUs reserved per actor. Default: 1 when the Ray cluster has GPUs, else 0."""
     cpus_per_actor: float | None = None
@@ -318,6 +340,8 @@ class JobConfig:
             max_new_tokens=g.max_new_tokens, stop_at_newline=g.stop_at_newline,
             stop_strings=tuple(g.stop_strings), overlong=g.overlong, max_prompt_tokens=g.max_prompt_tokens,
             dtype=self.model.dtype, device=self.model.device, prompt_column=self.input.prompt_column,
+            batch_size=self.resources.batch_size, ordering=g.ordering, length_bucket_overhead=g.length_bucket_overhead,
+            max_resident=self.adapters.max_resident,
         )
 
 

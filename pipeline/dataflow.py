@@ -2,7 +2,9 @@
 
     read    PromptSource: one read task per read unit (`inputs.plan_reads`): it decodes its row
             groups once and yields one block per slice
-    logo    map_batches(LoGoStage, compute=ActorPoolStrategy(size=actors), batch_size, CPUs/GPUs)
+    logo    map_batches(LoGoStage, compute=ActorPoolStrategy(size=actors), CPUs/GPUs): one call per
+            block, which the actor routes whole and generates in batches of `batch_size` rows
+            formed by `generation.ordering` (see actors.batching)
     write   map_batches(outputs.write_part): one new data file per block; yields a summary row
 
 The driver consumes the summary rows as they arrive (progress, and the testing hook that stops
@@ -172,7 +174,7 @@ def run_dataflow(config: JobConfig, files: list[inputs.InputFile], units: list[i
     stage_args = {"config": config, "calibration": calibration}
     with warnings.catch_warnings():  # Ray 2.60 names max_restarts only among its deprecated **ray_remote_args
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
-        ds = ds.map_batches(LoGoStage, fn_constructor_kwargs=stage_args, batch_size=res.batch_size,
+        ds = ds.map_batches(LoGoStage, fn_constructor_kwargs=stage_args, batch_size=None,  # a whole block
                             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=res.actors),
                             num_cpus=cpus, num_gpus=gpus, **resources.ACTOR_OPTIONS)
     names = tuple(f.name for f in files)

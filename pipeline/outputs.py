@@ -65,6 +65,10 @@ def error_reason(message: str) -> str:
     return re.sub(r"\d+", "N", message)[:200]
 
 
+BATCHING_COLUMN = "_logo_batching"
+"""Internal column of a result block: the actor's batching counters for the block (JSON, on its
+first row), recorded in the data file's footer and dropped from its rows."""
+
 PART_KEY = b"logo_batch.part"
 """Parquet footer key of a data file's record (JSON: ranges and counts)."""
 
@@ -91,6 +95,9 @@ class PartFile:
     """Input rows decoded by the read tasks whose blocks this file holds."""
     adapter_use: Counter = field(default_factory=Counter)
     """Adapter name -> rows that selected it."""
+    batching: Counter = field(default_factory=Counter)
+    """How the actor batched these rows: generation batches, generate calls, groups and union-size
+    sums, adapter loads, hits and evictions, peak resident adapters, seconds (`LoGoPredictor.batching`)."""
     error_reasons: Counter = field(default_factory=Counter)
     """Error kind (numbers blanked) -> rows."""
     error_ranges: list[tuple[str, int, int]] | None = field(default_factory=list)
@@ -100,7 +107,7 @@ class PartFile:
         return {"ranges": [list(r) for r in self.ranges], "rows": self.rows, "errors": self.errors,
                 "warnings": self.warnings, "output_tokens": self.output_tokens, "decoded": self.decoded,
                 "adapter_use": dict(self.adapter_use), "error_reasons": dict(self.error_reasons),
-                "error_ranges": [list(r) for r in self.error_ranges or []]}
+                "error_ranges": [list(r) for r in self.error_ranges or []], "batching": dict(self.batching)}
 
     @classmethod
     def from_record(cls, name: str, record: dict) -> PartFile:
@@ -109,7 +116,8 @@ class PartFile:
                    output_tokens=int(record["output_tokens"]), decoded=int(record["decoded"]),
                    adapter_use=Counter(record["adapter_use"]), error_reasons=Counter(record["error_reasons"]),
                    error_ranges=None if "error_ranges" not in record else
-                   [(str(f), int(a), int(b)) for f, a, b in record["error_ranges"]])
+                   [(str(f), int(a), int(b)) for f, a, b in record["error_ranges"]],
+                   batching=Counter(record.get("batching", {})))
 
 
 def part_name(attempt: str) -> str:
@@ -147,6 +155,9 @@ def summarize(name: str, table: pa.Table, names: tuple[str, ...]) -> PartFile:
     part.warnings = table.num_rows - table.column("warning").null_count
     part.output_tokens = int(pc.sum(table.column("output_tokens")).as_py() or 0)
     part.decoded = int(pc.sum(table.column("_logo_decoded")).as_py() or 0)
+    if BATCHING_COLUMN in table.column_names:
+        for value in table.column(BATCHING_COLUMN).drop_null().to_pylist():
+            part.batching.update(json.loads(value))
     flat = pc.list_flatten(table.column("adapters"))
     for item in pc.value_counts(flat).to_pylist() if len(flat) else []:
         part.adapter_use[item["values"]] += item["counts"]
@@ -158,7 +169,8 @@ def write_part(table: pa.Table, *, data_uri: str, config: StorageConfig, attempt
     """Write one block of results as a new data file with its record in the footer; return a
     one-row summary (for progress)."""
     part = summarize(part_name(attempt), table, names)
-    _write(table.drop_columns([c for c in INTERNAL_COLUMNS if c in table.column_names]), part, data_uri, config)
+    internal = (*INTERNAL_COLUMNS, BATCHING_COLUMN)
+    _write(table.drop_columns([c for c in internal if c in table.column_names]), part, data_uri, config)
     return pa.table({"file": [part.name], "rows": [part.rows], "errors": [part.errors], "decoded": [part.decoded]})
 
 

@@ -56,6 +56,10 @@ class RunReport:
     rows_decoded: int = 0
     """Input rows decoded by this call's read tasks: the rows computed, plus at most one row group
     per boundary of earlier attempts' work (0 when already committed)."""
+    batching: dict[str, float] = field(default_factory=dict)
+    """How the actors batched the run's rows, summed over its data files (peaks: the largest):
+    generation batches and calls, groups and mean union sizes, adapter loads (also per 1,000 rows),
+    hits, evictions, the peak resident adapters of an actor, grouping and generation seconds."""
 
     def format(self) -> str:
         lines = [
@@ -67,6 +71,12 @@ class RunReport:
         if self.adapter_usage:
             usage = ", ".join(f"{name} {count}" for name, count in self.adapter_usage.items())
             lines.append(f"  adapter usage (rows): {usage}")
+        b = self.batching
+        if b.get("batches"):
+            lines.append(f"  batches {b['batches']:.0f} ({b['calls']:.0f} generate calls): decode groups {b['decode_groups']:.0f}, "
+                         f"mean union {b['mean_decode_union']:.1f}; adapter loads {b['loads']:.0f} "
+                         f"({b['loads_per_1000_rows']:.1f} per 1,000 rows), evictions {b['evictions']:.0f}, peak "
+                         f"resident {b['peak_resident']:.0f}")
         for reason, count in self.error_reasons.items():
             lines.append(f"  error x{count}: {reason}")
         return "\n".join(lines)
@@ -83,9 +93,12 @@ def build_report(config: JobConfig, parts: list[PartFile], attempt: str, started
     total = sum(p.rows for p in parts)
     usage: Counter = Counter()
     reasons: Counter = Counter()
+    batching: Counter = Counter()
     for part in parts:
         usage.update(part.adapter_use)
         reasons.update(part.error_reasons)
+        for key, value in part.batching.items():
+            batching[key] = max(batching[key], value) if key.startswith("peak") else batching[key] + value
     return RunReport(
         status=status, output_uri=config.output.uri, rows=total, rows_computed=computed,
         rows_resumed=sum(p.rows for p in parts if p.attempt != attempt), errors=sum(p.errors for p in parts),
@@ -94,7 +107,19 @@ def build_report(config: JobConfig, parts: list[PartFile], attempt: str, started
         config_hash=config_hash(config), adapter_usage=dict(usage.most_common(TOP)),
         error_reasons=dict(reasons.most_common(TOP)),
         rows_decoded=sum(p.decoded for p in parts if p.attempt == attempt),
+        batching=batching_summary(batching, sum(p.rows for p in parts if p.batching)),
     )
+
+
+def batching_summary(totals: Counter, rows: int) -> dict[str, float]:
+    """The summed batching counters of data files holding `rows` rows, with their means."""
+    if not totals:
+        return {}
+    out = {k: round(float(v), 3) for k, v in sorted(totals.items())}
+    out["mean_union"] = round(totals["union_sum"] / max(1, totals["groups"]), 3)
+    out["mean_decode_union"] = round(totals["decode_union_sum"] / max(1, totals["decode_groups"]), 3)
+    out["loads_per_1000_rows"] = round(1000 * totals["loads"] / max(1, rows), 3)
+    return out
 
 
 def report_from_manifest(manifest: dict, started: float, attempt: str) -> RunReport:
@@ -127,6 +152,7 @@ def build_manifest(config: JobConfig, files: list[InputFile], parts: list[PartFi
         "warnings": report.warnings,
         "output_tokens": sum(p.output_tokens for p in parts),
         "adapter_usage": report.adapter_usage,
+        "batching": report.batching,
         "attempts": sorted(attempts.values(), key=lambda a: a["attempt"]),
         "timings": {"started": _iso(started), "finished": _iso(time.time()), "seconds": report.seconds,
                     "rows_computed": report.rows_computed, "rows_per_second": report.rows_per_second},

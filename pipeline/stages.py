@@ -11,13 +11,15 @@ URI is downloaded once per node into the cache and verified, see `fetch`), then 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 
 from pipeline import fetch
 from pipeline.config import JobConfig
 from pipeline.inputs import INPUT_ERROR, INTERNAL_COLUMNS
-from pipeline.outputs import OUTPUT_FIELDS
+from pipeline.outputs import BATCHING_COLUMN, OUTPUT_FIELDS
 
 
 def predictor_from_config(config: JobConfig, calibration: dict | None = None):
@@ -58,7 +60,10 @@ class LoGoStage:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         prompt_column = self.config.input.prompt_column
+        before = self.predictor.batching()
         result = self.predictor({prompt_column: _objects(table.column(prompt_column))})
+        after = self.predictor.batching()
+        batching = {k: (v if k.startswith("peak") else round(v - before[k], 6)) for k, v in after.items()}
         errors = list(result["error"])
         for row, message in enumerate(table.column(INPUT_ERROR).to_pylist()):
             if message is not None:  # the file's prompt column is not text: say that, not "null"
@@ -79,4 +84,5 @@ class LoGoStage:
         for name in INTERNAL_COLUMNS:
             if name in table.column_names:
                 columns[name] = table.column(name)
+        columns[BATCHING_COLUMN] = pa.array([json.dumps(batching)] + [None] * (table.num_rows - 1), pa.string())
         return pa.table(columns)

@@ -106,3 +106,36 @@ def tiny_adapter(
                 param.normal_(0.0, 0.3 * b_scale)
     peft_model.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def tiny_pool(model_dir: Path, root: Path, n: int, *, seed: int = 0) -> Path:
+    """Write `n` PEFT-format adapters `p000` .. for the model at `model_dir` directly with
+    safetensors (fast enough for pools of hundreds): ranks 2, 4 or 8, on q_proj and v_proj, some
+    also on k_proj and o_proj, with varied strengths."""
+    import json
+
+    from safetensors.torch import save_file
+
+    config = LlamaConfig.from_pretrained(model_dir)
+    head_dim = config.hidden_size // config.num_attention_heads
+    d_out = {"q_proj": config.hidden_size, "k_proj": config.num_key_value_heads * head_dim,
+             "v_proj": config.num_key_value_heads * head_dim, "o_proj": config.hidden_size}
+    g = torch.Generator().manual_seed(seed)
+    root = Path(root)
+    for i in range(n):
+        r = (2, 4, 8)[i % 3]
+        targets = ("q_proj", "v_proj") if i % 2 else ("q_proj", "k_proj", "v_proj", "o_proj")
+        strength = 0.2 + 0.4 * float(torch.rand(1, generator=g))
+        tensors = {}
+        for layer in range(config.num_hidden_layers):
+            for m in targets:
+                prefix = f"base_model.model.model.layers.{layer}.self_attn.{m}"
+                tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, config.hidden_size, generator=g) * 0.3
+                tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out[m], r, generator=g) * strength
+        out = root / f"p{i:03d}"
+        out.mkdir(parents=True)
+        save_file(tensors, str(out / "adapter_model.safetensors"))
+        (out / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
+            "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none"}))
+    return root

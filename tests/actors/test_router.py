@@ -191,9 +191,10 @@ def test_bfloat16_pool_scores_from_float32_factors(tiny_dir, tmp_path):
               root / "b_y" / "adapter_model.safetensors")
     paper = dict(probe_layers=-1, probe_module="q_proj", calibration_score="raw", k=1)
     predictor = LoGoPredictor(model=tiny_dir, adapters=root, dtype="bfloat16", device="cpu", max_new_tokens=1, **paper)
-    stacked = predictor.pool.modules["model.layers.3.self_attn.q_proj"]
-    assert stacked.B.dtype == torch.bfloat16
-    assert torch.equal(stacked.B[:, :4], stacked.B[:, 4:]), "in bfloat16 the two adapters are the same"
+    held = predictor.pool.acquire([0, 1])
+    (_, B_x), (_, B_y) = (held[i]["model.layers.3.self_attn.q_proj"] for i in (0, 1))
+    assert B_x.dtype == torch.bfloat16
+    assert torch.equal(B_x, B_y), "in bfloat16 the two adapters are the same"
     for prompt in PROMPTS[:6]:
         (routing,) = predictor.engine.route([predictor.encode(prompt)[0]])
         assert routing.adapters == ("b_y",)

@@ -42,9 +42,9 @@ def test_every_adapter_loads_and_fits_smollm2(demo_model):
     # q_proj and v_proj of every block, for every adapter
     for block in range(NUM_LAYERS):
         for module in ("q_proj", "v_proj"):
-            stacked = pool.modules[f"model.layers.{block}.self_attn.{module}"]
-            assert all(r > 0 for r in stacked.ranks)
-            assert stacked.A.shape[1] == HIDDEN_SIZE
+            path = f"model.layers.{block}.self_attn.{module}"
+            assert all(e.ranks.get(path, 0) > 0 for e in pool.entries)
+            assert pool.acquire([0])[0][path][0].shape[1] == HIDDEN_SIZE
     assert all(p.requires_grad is False for p in model.parameters()), "the pool must not touch the model"
 
 

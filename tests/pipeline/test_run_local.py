@@ -151,7 +151,10 @@ def test_bad_rows_become_error_rows_and_are_counted(ray_runtime, tiny_assets, tm
     again = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
     assert sorted(again) == sorted(rows)
     assert {i: r["output"] for i, r in again.items()} == {i: r["output"] for i, r in rows.items()}
-    assert not before & {name.name for name in (tmp_path / "out" / "data").iterdir()}  # every file had an error row
+    after = {name.name for name in (tmp_path / "out" / "data").iterdir()}
+    with_errors = {f["path"].rsplit("/", 1)[-1] for f in manifest["output"]["files"] if f["errors"]}
+    assert with_errors and not with_errors & after  # files with error rows were replaced ...
+    assert before - with_errors <= after  # ... and the others kept
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["output"]["rows"] == 11 and manifest["errors"]["rows"] == 5
 

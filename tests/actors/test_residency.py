@@ -1,0 +1,138 @@
+"""Bounded residency: outputs equal the all-resident pool's, LRU accounting, one adapter read at a time."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+
+import actors.pool
+from actors import AdapterPool, LoGoPredictor
+from actors.base import load_base
+from actors.residency import Residency, ResidencyBound, parse_max_resident, split_by_bound
+from tests.actors.conftest import PROMPTS
+from tests.tiny import tiny_pool
+
+N_ADAPTERS = 64
+ROWS = [f"{p} #{i}" for i in range(2) for p in PROMPTS]  # 32 prompts
+OPTIONS = dict(k=3, max_new_tokens=4, device="cpu", calibration_prompts=PROMPTS[:8])
+
+
+@pytest.fixture(scope="module")
+def big_pool(tiny_dir, tmp_path_factory):
+    return tiny_pool(tiny_dir, tmp_path_factory.mktemp("big-pool"), N_ADAPTERS, seed=7)
+
+
+def _run(predictor, rows=ROWS):
+    import numpy as np
+
+    out = predictor({"prompt": np.array(rows, dtype=object)})
+    return [(o, tuple(a), tuple(w)) for o, a, w in zip(out["output"], out["adapters"], out["weights"])]
+
+
+def test_bounded_residency_gives_the_all_resident_outputs(tiny_dir, big_pool):
+    everything = LoGoPredictor(tiny_dir, big_pool, **OPTIONS)
+    expected = _run(everything)
+    assert all(o for o, _, _ in expected)
+    assert everything.pool.residency.counts.loads == 0  # all resident from the start: nothing read again
+    used = {a for _, adapters, _ in expected for a in adapters}
+    assert len(used) > 8  # the bound below is really exceeded
+
+    bounded = LoGoPredictor(tiny_dir, big_pool, max_resident=8, **OPTIONS)
+    assert _run(bounded) == expected  # row for row: text, adapters and weights
+    counts = bounded.pool.residency.counts
+    assert counts.peak_adapters <= 8 and counts.evictions > 0 and counts.loads >= len(used)
+    assert bounded.stats.loads == counts.loads and bounded.stats.evictions == counts.evictions
+    assert bounded.pool.nbytes <= 8 * max(bounded.pool.sizes())
+    assert bounded.pool.full_nbytes == everything.pool.full_nbytes > 4 * bounded.pool.nbytes
+
+    # the same bound in bytes, and input order instead of selection order: the same outputs again
+    size = f"{8 * max(bounded.pool.sizes()) / 1024:.3f}KiB"
+    by_bytes = LoGoPredictor(tiny_dir, big_pool, max_resident=size, ordering="input", **OPTIONS)
+    assert _run(by_bytes) == expected
+    assert by_bytes.pool.residency.counts.peak_bytes <= parse_max_resident(size).nbytes
+
+
+def test_selection_ordering_shrinks_the_union_per_batch(tiny_dir, big_pool):
+    rows = [p for p in PROMPTS[:4] for _ in range(8)]  # four "tasks", interleaved below
+    rows = [rows[(i % 4) * 8 + i // 4] for i in range(len(rows))]
+    unions = {}
+    for ordering in ("input", "selection"):
+        predictor = LoGoPredictor(tiny_dir, big_pool, ordering=ordering, batch_size=8, **OPTIONS)
+        _run(predictor, rows)
+        unions[ordering] = predictor.stats.decode_union_sum / predictor.stats.generation_batches
+    assert unions["selection"] < unions["input"]
+
+
+def test_a_bound_below_k_is_refused(tiny_dir, big_pool):
+    with pytest.raises(ValueError, match=r"max_resident=2 adapters cannot hold one prompt's k=3"):
+        LoGoPredictor(tiny_dir, big_pool, max_resident=2, **OPTIONS)
+    with pytest.raises(ValueError, match="max_resident="):
+        LoGoPredictor(tiny_dir, big_pool, max_resident="1KiB", **OPTIONS)
+    with pytest.raises(ValueError, match="not a number of adapters nor a size"):
+        LoGoPredictor(tiny_dir, big_pool, max_resident="lots", **OPTIONS)
+
+
+def test_adapters_are_read_one_at_a_time(tiny_dir, big_pool, monkeypatch):
+    model = load_base(tiny_dir, torch.float32, torch.device("cpu"))[0]
+    alive: list[weakref.ref] = []
+    most = []
+    read = actors.pool.read_adapter
+
+    def counting(*args, **kwargs):  # adapters hold no cycles: dropped ones are freed at once
+        most.append(sum(r() is not None for r in alive))
+        adapter = read(*args, **kwargs)
+        alive.append(weakref.ref(adapter))
+        return adapter
+
+    monkeypatch.setattr(actors.pool, "read_adapter", counting)
+    pool = AdapterPool.load(big_pool, model, max_resident=4)
+    assert len(most) == N_ADAPTERS and max(most) <= 1  # never more than the one being indexed
+    assert pool.nbytes == 0 and pool.routing_index.nbytes > 0
+
+
+def test_an_adapter_changed_on_disk_is_refused_when_loaded_again(tiny_dir, tmp_path):
+    root = tiny_pool(tiny_dir, tmp_path / "pool", 6, seed=3)
+    model = load_base(tiny_dir, torch.float32, torch.device("cpu"))[0]
+    pool = AdapterPool.load(root, model, max_resident=2)
+    tiny_pool(tiny_dir, tmp_path / "other", 7, seed=3)
+    (root / "p002").rename(tmp_path / "gone")
+    (tmp_path / "other" / "p001").rename(root / "p002")  # another rank under the same name
+    with pytest.raises(ValueError, match="'p002'.*changed since the pool was read"):
+        pool.acquire([2])
+
+
+def test_residency_is_least_recently_used():
+    loaded = []
+    residency = Residency(ResidencyBound(adapters=3), lambda k: loaded.append(k) or k, lambda v: 10)
+    residency.acquire([1, 2, 3])
+    residency.acquire([1])  # 1 is now the most recent
+    residency.acquire([4, 5])  # evicts 2 and 3
+    assert list(residency.held) == [1, 4, 5] and loaded == [1, 2, 3, 4, 5]
+    assert residency.counts.as_dict() == {"loads": 5, "hits": 1, "evictions": 2, "peak_adapters": 3, "peak_bytes": 30}
+    residency.acquire([1, 4, 5])  # all resident: no load
+    assert residency.counts.loads == 5 and residency.counts.hits == 4
+
+
+def test_split_by_bound_keeps_each_part_within_the_bound():
+    selections = [(0, 1), (2, 3), (0, 1), (1, 2), (4, 5), (0, 5)]
+    parts = split_by_bound(selections, [1] * 6, ResidencyBound(adapters=3))
+    assert sorted(r for p in parts for r in p) == list(range(6))
+    assert all(len({i for r in p for i in selections[r]}) <= 3 for p in parts)
+    assert any(set(p) >= {0, 2} for p in parts)  # equal selections stay together
+    assert split_by_bound(selections, [1] * 6, ResidencyBound()) == [list(range(6))]
+    assert split_by_bound(selections, [5] * 6, ResidencyBound(nbytes=10))[0] == [0, 2]
+
+
+@pytest.mark.parametrize("value, bound", [(8, ResidencyBound(adapters=8)), ("8", ResidencyBound(adapters=8)),
+                                          ("1.5GiB", ResidencyBound(nbytes=3 * 2**29)),
+                                          ("20GB", ResidencyBound(nbytes=20 * 10**9)), (None, ResidencyBound())])
+def test_max_resident_forms(value, bound):
+    assert parse_max_resident(value) == bound
+
+
+@pytest.mark.parametrize("value", [0, -1, True, "0", "12 parsecs", 1.5])
+def test_bad_max_resident_is_refused(value):
+    with pytest.raises(ValueError, match="max_resident"):
+        parse_max_resident(value)
