@@ -50,10 +50,12 @@ class GenerationConfig:
     """Fixed cost of one more probe pass, in token slots: the probe runs the batch in buckets of
     similar prompt length, padded per bucket, chosen to minimise padded slots plus this per pass
     (raise it where small passes are inefficient, e.g. on GPUs; `inf`: one pass)."""
-    length_bucket_overhead: float = 8192.0
-    """Fixed cost of one more generate call, in padded prompt-token slots: a batch whose prompt lengths
-    differ widely (one long prompt among short ones) is generated in calls of similar length, chosen
-    to minimise padded slots plus this per call (`inf`: one call per batch; see actors.grouping)."""
+    generate_step_slots: float = 64.0
+    """What one decode step of a generate call costs, in prompt-token slots of a prefill (a GPU reads
+    every weight once per step: worth a few hundred slots; a CPU: a few dozen). A batch whose prompt
+    lengths differ widely (one long prompt among short ones) is cut into generate calls of similar
+    length, minimising padded prompt slots plus `max_new_tokens` x this per call (`inf`: one call
+    per batch; see actors.grouping.length_buckets)."""
     time_groups: bool = False
     """Measure seconds per group in the mixture layers (synchronises the GPU)."""
 
@@ -64,8 +66,8 @@ class GenerationConfig:
             raise ValueError(f"max_groups={self.max_groups!r}: must be an integer >= 1")
         if not self.probe_bucket_overhead >= 0:
             raise ValueError(f"probe_bucket_overhead={self.probe_bucket_overhead!r}: must be a number >= 0")
-        if not self.length_bucket_overhead >= 0:
-            raise ValueError(f"length_bucket_overhead={self.length_bucket_overhead!r}: must be a number >= 0")
+        if not self.generate_step_slots >= 0:
+            raise ValueError(f"generate_step_slots={self.generate_step_slots!r}: must be a number >= 0")
         if not self.decode_union_cost >= 0:
             raise ValueError(f"decode_union_cost={self.decode_union_cost!r}: must be a number >= 0")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
@@ -310,9 +312,9 @@ class LoGoEngine:
 
     def calls(self, seqs: list[list[int]], routings: list[Routing]) -> list[list[int]]:
         """A batch cut into generate calls: parts whose union of adapters fits the residency bound
-        (rows sharing adapters together), each cut by prompt length (`length_bucket_overhead`)."""
+        (rows sharing adapters together), each cut by prompt length (`generate_step_slots`)."""
         parts = split_by_bound([r.indices for r in routings], self.pool.sizes(), self.pool.bound)
-        overhead = self.generation.length_bucket_overhead
+        overhead = self.generation.generate_step_slots * self.generation.max_new_tokens
         out = []
         for part in parts:
             if len(part) < 2 or overhead == float("inf"):

@@ -89,7 +89,7 @@ class LoGoPredictor:
         max_groups: int = 8,
         group_overhead: float = 8.0,
         time_groups: bool = False,
-        length_bucket_overhead: float = 8192.0,
+        generate_step_slots: float = 64.0,
         max_resident: int | str | None = None,
         batch_size: int = 16,
         ordering: str = "selection",
@@ -122,7 +122,7 @@ class LoGoPredictor:
         generation = GenerationConfig(max_new_tokens=max_new_tokens, stop_at_newline=stop_at_newline,
                                       stop_strings=tuple(stop_strings), grouping=grouping, max_groups=max_groups,
                                       group_overhead=group_overhead, time_groups=time_groups,
-                                      length_bucket_overhead=length_bucket_overhead)
+                                      generate_step_slots=generate_step_slots)
         self.batch_size, self.ordering = batch_size, ordering
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)

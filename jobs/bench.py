@@ -12,6 +12,11 @@ Writes a table to stdout, `bench.json` and `sweep.png` to --out.
 The pipeline benchmark instead: generated inputs through the whole job (driver memory, time to
 the first output file, rows/s against the in-process predictor, rows decoded) and `validate` up to
 10M rows (planning time, driver memory); see `jobs.benchmarks.pipeline`.
+
+    logo-batch bench --residency [--threads 1] [--out runs/bench-residency]
+
+Bounded residency and selection-aware ordering on 1,000 adapters, and one long prompt among short
+ones; see `jobs.benchmarks.residency`.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"),
                         help="weight dtype of the measured models; None: the preset's, auto")
     parser.add_argument("--no-sweep", action="store_true", help="skip the pool-size sweep")
+    parser.add_argument("--residency", action="store_true",
+                        help="only residency {8, 32, all} and selection-aware ordering on 1,000 adapters, and one "
+                             "3,700-token prompt among 200 short ones")
     parser.add_argument("--probe", action="store_true",
                         help="only the routing probe's cost per prompt, paper vs default, at N = 8, 256, 1000")
     pipe = parser.add_argument_group("--pipeline options")
@@ -106,6 +114,20 @@ def main(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     logging.getLogger("peft").setLevel(logging.ERROR)
+    if args.residency:
+        import torch
+
+        from jobs.benchmarks import residency
+
+        torch.set_num_threads(args.threads or 1)
+        result = residency.run(log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        result["machine"], result["threads"] = machine(), torch.get_num_threads()
+        out = args.out if args.out != Path("runs/bench") else Path("runs/bench-residency")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench-residency.json").write_text(json.dumps(result, indent=1))
+        print(f"residency and ordering ({machine()}, {torch.get_num_threads()} thread(s))")
+        print(residency.tables(result))
+        return 0
     if args.probe:
         import torch
 

@@ -160,16 +160,17 @@ class GenerationConfig:
     """How an actor forms generation batches of `resources.batch_size` rows from a block it routed:
     selection (rows sorted by their selected adapters, then prompt length: rows sharing adapters
     are generated together) or input (input order)."""
-    length_bucket_overhead: float = 8192.0
-    """Cost of one more generate call in padded prompt-token slots: a batch whose prompt lengths
-    differ widely is generated in calls of similar length (inf: one call per batch)."""
+    generate_step_slots: float = 64.0
+    """What one decode step costs in prompt-token slots: a batch whose prompt lengths differ widely
+    is generated in calls of similar length when the padding saved exceeds `max_new_tokens` x this
+    per extra call (inf: one call per batch; a few hundred suits GPUs)."""
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, "generation.max_new_tokens", f"must be >= 1; got {self.max_new_tokens}")
         _one_of(self.overlong, ("truncate", "error"), "generation.overlong")
         _one_of(self.ordering, ("selection", "input"), "generation.ordering")
-        _check(self.length_bucket_overhead >= 0, "generation.length_bucket_overhead",
-               f"must be a number >= 0 (or inf); got {self.length_bucket_overhead}")
+        _check(self.generate_step_slots >= 0, "generation.generate_step_slots",
+               f"must be a number >= 0 (or inf); got {self.generate_step_slots}")
         _check(all(self.stop_strings), "generation.stop_strings",
                f"{list(self.stop_strings)} holds an empty string; remove it")
         if self.max_prompt_tokens is not None:
@@ -340,7 +341,7 @@ class JobConfig:
             max_new_tokens=g.max_new_tokens, stop_at_newline=g.stop_at_newline,
             stop_strings=tuple(g.stop_strings), overlong=g.overlong, max_prompt_tokens=g.max_prompt_tokens,
             dtype=self.model.dtype, device=self.model.device, prompt_column=self.input.prompt_column,
-            batch_size=self.resources.batch_size, ordering=g.ordering, length_bucket_overhead=g.length_bucket_overhead,
+            batch_size=self.resources.batch_size, ordering=g.ordering, generate_step_slots=g.generate_step_slots,
             max_resident=self.adapters.max_resident,
         )
 

@@ -29,12 +29,12 @@ def word_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
                                    unk_token="<unk>")
 
 
-def random_model(shape: Shape, seed: int) -> LlamaForCausalLM:
+def random_model(shape: Shape, seed: int, max_positions: int = 2048) -> LlamaForCausalLM:
     """A random-weight Llama of `shape` in eval mode (float32, CPU)."""
     config = LlamaConfig(
         vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=2048, pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=False,
+        max_position_embeddings=max_positions, pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
