@@ -14,7 +14,10 @@ whose size depends on the pool and the token lengths, never on the number of row
   attempt that wrote it (the attempt id is its start time);
 - error rows by reason (`outputs.error_reason`: numbers blanked);
 - prompt and output token histograms (rows without an error);
-- group union sizes: for every batch of `resources.batch_size` consecutive rows of a data file, the
+- batching as the actors measured it (generation batches, groups, mean unions, adapter loads and
+  evictions, peak resident), summed from the data files' records;
+- group union sizes: for every batch of `resources.batch_size` rows of a data file (consecutive, or
+  in the actor's selection order when `generation.ordering` is selection), the
   union of its selections (what the batch reads with grouping off), and `actors.grouping` replayed
   with the job's grouping settings on an even sample of at most `REPLAY_BATCHES` batches (the
   decode groups an actor forms for such a batch; the output holds selections, not the groups).
@@ -47,7 +50,8 @@ REPLAY_BATCHES = 2000
 """Most batches whose grouping is replayed (an even sample; the replay costs about 1 ms a batch)."""
 _COLUMNS = ["adapters", "weights", "error", "prompt_tokens", "output_tokens"]
 # defaults of the grouping settings (actors.engine.GenerationConfig), for manifests that lack them
-_GROUPING_DEFAULTS = {"grouping": True, "max_groups": 8, "group_overhead": 8.0, "decode_union_cost": 8.0}
+_GROUPING_DEFAULTS = {"grouping": True, "max_groups": 8, "group_overhead": 8.0, "decode_union_cost": 8.0,
+                      "ordering": "input"}  # runs that record no ordering batched in input order
 
 
 @dataclass
@@ -129,7 +133,10 @@ def tally_file(table, batch_size: int, settings: dict, tally: Tally, stride: int
                 tally.selections[name] += 1
                 tally.weight_sums[name] += float(weight)
             tally.top_weight[min(int(max(weights) / TOP_WEIGHT_STEP + 1e-6), round(1 / TOP_WEIGHT_STEP))] += 1
-            selected.append(names)
+            selected.append((names, int(prompt)))
+    if settings["ordering"] == "selection":  # as the actor ordered the block this file holds
+        selected.sort(key=lambda pair: (tuple(pair[0]), pair[1]))
+    selected = [names for names, _ in selected]
     _replay_groups(selected, batch_size, settings, stride, tally, grouping or _grouping_module())
 
 
@@ -207,6 +214,7 @@ def compute_run_report(output_uri: str, storage_cfg: StorageConfig) -> dict:
         "errors_by_reason": dict(sorted(tally.error_reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
         "prompt_tokens": _stats(tally.prompt_tokens),
         "output_tokens": _stats(tally.output_tokens),
+        "batching": manifest.get("batching") or manifest.get("report", {}).get("batching", {}),
         "groups": {"batch_size": batch_size, **settings, "batches": tally.batches,
                    "batch_union_size": _stats(tally.batch_unions),
                    "replayed_batches": len(range(0, tally.batches, stride)),

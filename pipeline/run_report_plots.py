@@ -169,11 +169,24 @@ def markdown(report: dict) -> str:
         "| | rows | mean | p50 | p90 | p99 | max |", "|---|---:|---:|---:|---:|---:|---:|",
         _stat_line("prompt tokens", report["prompt_tokens"]), _stat_line("output tokens", report["output_tokens"]),
         "", "## Group union sizes", "", "![groups](report/groups.png)", "",
-        f"Batches of {groups_['batch_size']} consecutive rows of each data file: {groups_['batches']}; "
+        f"Batches of {groups_['batch_size']} rows of each data file ({groups_.get('ordering', 'input')} order): "
+        f"{groups_['batches']}; "
         f"decode groups replayed with `actors.grouping` (grouping {groups_['grouping']}, max_groups "
         f"{groups_['max_groups']}) on {groups_['replayed_batches']} of them: {groups_['groups']} groups.", "",
         "| | count | mean | p50 | p90 | p99 | max |", "|---|---:|---:|---:|---:|---:|---:|",
         _stat_line("batch union size", groups_["batch_union_size"]),
         _stat_line("group union size", groups_["union_size"]), "",
+        *_batching_lines(report.get("batching") or {}),
     ]
     return "\n".join(lines)
+
+
+def _batching_lines(b: dict) -> list[str]:
+    """What the actors measured while batching (absent in runs of older versions)."""
+    if not b.get("batches"):
+        return []
+    return ["## Batching as measured", "",
+            "| generation batches | generate calls | decode groups | mean decode union | adapter loads | "
+            "loads / 1,000 rows | evictions | peak resident adapters |", "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {b['batches']:.0f} | {b['calls']:.0f} | {b['decode_groups']:.0f} | {b['mean_decode_union']:.2f} | "
+            f"{b['loads']:.0f} | {b['loads_per_1000_rows']:.1f} | {b['evictions']:.0f} | {b['peak_resident']:.0f} |", ""]

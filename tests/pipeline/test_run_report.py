@@ -62,7 +62,11 @@ def test_report_numbers_are_those_of_the_parquet_files(committed):
     groups = report["groups"]
     unions = Counter()
     for entry in json.loads((committed / "_manifest.json").read_text())["output"]["files"]:
-        selected = [r["adapters"] for r in pq.read_table(committed / entry["path"]).to_pylist() if r["error"] is None]
+        selected = [(r["adapters"], r["prompt_tokens"]) for r in pq.read_table(committed / entry["path"]).to_pylist()
+                    if r["error"] is None]
+        if groups["ordering"] == "selection":  # the actor's order inside the block this file holds
+            selected.sort(key=lambda pair: (tuple(pair[0]), pair[1]))
+        selected = [names for names, _ in selected]
         for start in range(0, len(selected), groups["batch_size"]):
             unions[str(len(set().union(*selected[start:start + groups["batch_size"]])))] += 1
     assert groups["batch_union_size"]["histogram"] == dict(unions)
@@ -71,6 +75,11 @@ def test_report_numbers_are_those_of_the_parquet_files(committed):
     sizes = [int(s) for s in groups["union_size"]["histogram"]]
     assert min(sizes) >= 2 and max(sizes) <= len(ADAPTERS)
     assert sum(t["rows"] for t in report["throughput"]) == 30
+    measured = report["batching"]  # what the actors recorded: every batch, no adapter read twice
+    files = json.loads((committed / "_manifest.json").read_text())["output"]["files"]
+    assert measured["batches"] >= len(files) and measured["decode_groups"] >= measured["batches"]
+    assert measured["loads"] == 0 and measured["peak_resident"] == len(ADAPTERS)
+    assert 1 <= measured["mean_decode_union"] <= len(ADAPTERS)
     for record in report["throughput"]:
         assert [p[1] for p in record["points"]] == sorted(p[1] for p in record["points"])
 
