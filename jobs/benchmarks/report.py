@@ -23,16 +23,22 @@ def table(report: dict) -> str:
                          f"{r['prompt_min']}-{r['prompt_max']} tokens, {r['new_tokens']} new tokens")
             lines.append("")
             lines.append("| method | prompts/s | tokens/s | x peft-single | weights MiB | work MiB "
-                         "| groups (prefill/decode) | mean union (prefill/decode) | what |")
-            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+                         "| groups (prefill/decode) | mean union (prefill/decode) | roofline 1/(1+|U|f) | "
+                         "x base / roofline | what |")
+            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+            base = next((m["prompts_per_s"] for m in reg["methods"] if m["name"] == "base"), None)
             for m in reg["methods"]:
-                groups = unions = "-"
+                groups = unions = roof = share = "-"
                 if m.get("groups") is not None:
                     groups = f"{m['groups']:.1f} / {m['decode_groups']:.1f}"
                     unions = f"{m['mean_union']:.1f} / {m['decode_mean_union']:.1f}"
+                    # a decode step reads every decode group's union: |U| per batch is their sum
+                    roofline = 1 / (1 + m["decode_groups"] * m["decode_mean_union"] * entry["lora_work_ratio"])
+                    roof = f"{roofline:.3f}"
+                    share = "-" if not base else f"{m['prompts_per_s'] / base / roofline:.2f}"
                 lines.append(f"| {m['name']} | {m['prompts_per_s']:.3f} | {_num(m['tokens_per_s'], '{:.1f}')} | "
                              f"{_num(m.get('x_baseline'))} | {m['weight_mib']:.0f} | {_num(m['work_mib'], '{:.0f}')} | "
-                             f"{groups} | {unions} | {m['note']} |")
+                             f"{groups} | {unions} | {roof} | {share} | {m['note']} |")
             lines.append("")
             lines.append("Summary: " + ", ".join(f"{k} {_fmt(v)}" for k, v in reg["summary"].items()))
             lines.append("")
