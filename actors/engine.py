@@ -21,61 +21,10 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokeniz
 from actors.base import decoder_blocks
 from actors.grouping import Group, group_rows, length_buckets, single_group
 from actors.mixture import GroupTerm, MixtureState, install_mixture_layers
+from actors.options import GenerationConfig, RoutingConfig
 from actors.pool import AdapterPool
 from actors.residency import split_by_bound
-from actors.router import Router, Routing, RoutingConfig
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """How outputs are generated once a batch is routed."""
-
-    max_new_tokens: int = 64
-    """Most new tokens per row (greedy decoding)."""
-    stop_at_newline: bool = False
-    """Stop a row at its first newline and keep only its first line (the paper's evaluation)."""
-    stop_strings: tuple[str, ...] = ()
-    """Stop a row when its output contains one of these; the output is cut before it."""
-    grouping: bool = True
-    """Split each batch into groups of rows with overlapping selections (False: one group)."""
-    max_groups: int = 8
-    """Most groups per batch when grouping."""
-    group_overhead: float = 8.0
-    """Fixed cost of one more group, in row-adapter products (see actors.grouping)."""
-    decode_union_cost: float = 8.0
-    """Cost of reading one adapter's factors in a decode step, in row-adapter products: decode steps
-    use groups formed with it (rows with overlapping selections share one read), and the prompt's
-    prefill splits those groups further, by products alone (see actors.grouping)."""
-    probe_bucket_overhead: float = 64.0
-    """Fixed cost of one more probe pass, in token slots: the probe runs the batch in buckets of
-    similar prompt length, padded per bucket, chosen to minimise padded slots plus this per pass
-    (raise it where small passes are inefficient, e.g. on GPUs; `inf`: one pass)."""
-    generate_step_slots: float = 64.0
-    """What one decode step of a generate call costs, in prompt-token slots of a prefill (a GPU reads
-    every weight once per step: worth a few hundred slots; a CPU: a few dozen). A batch whose prompt
-    lengths differ widely (one long prompt among short ones) is cut into generate calls of similar
-    length, minimising padded prompt slots plus `max_new_tokens` x this per call (`inf`: one call
-    per batch; see actors.grouping.length_buckets)."""
-    time_groups: bool = False
-    """Measure seconds per group in the mixture layers (synchronises the GPU)."""
-
-    def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
-        if not isinstance(self.max_groups, int) or self.max_groups < 1:
-            raise ValueError(f"max_groups={self.max_groups!r}: must be an integer >= 1")
-        if not self.probe_bucket_overhead >= 0:
-            raise ValueError(f"probe_bucket_overhead={self.probe_bucket_overhead!r}: must be a number >= 0")
-        if not self.generate_step_slots >= 0:
-            raise ValueError(f"generate_step_slots={self.generate_step_slots!r}: must be a number >= 0")
-        if not self.decode_union_cost >= 0:
-            raise ValueError(f"decode_union_cost={self.decode_union_cost!r}: must be a number >= 0")
-        if any(not isinstance(s, str) or not s for s in self.stop_strings):
-            raise ValueError(f"stop_strings={self.stop_strings!r}: each must be a non-empty string")
-
-    @property
-    def stops(self) -> tuple[str, ...]:
-        return (("\n",) if self.stop_at_newline else ()) + tuple(self.stop_strings)
+from actors.router import Router, Routing
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """`LoGoPredictor`: the callable class that Ray Data instantiates once per actor (no Ray import).
 
-    predictor = LoGoPredictor(model="path/to/model", adapters="path/to/pool", k=3, max_new_tokens=16)
+    predictor = LoGoPredictor(model="path/to/model", adapters="path/to/pool",
+                              routing=RoutingConfig(k=3), generation=GenerationConfig(max_new_tokens=16))
+    # or the same with keyword shortcuts: LoGoPredictor(..., k=3, max_new_tokens=16)
     out = predictor({"prompt": np.array(["...", "..."], dtype=object)})
     out["output"], out["adapters"], out["weights"], out["error"]
 
@@ -21,18 +23,15 @@ import numpy as np
 import torch
 
 from actors.base import context_length, load_base, resolve_device, resolve_dtype
-from actors.batching import ORDERINGS, generation_batches
+from actors.batching import generation_batches
 from actors.calibration import CalibrationStats, compute_stats, reference_prompts
-from actors.engine import BatchStats, GenerationConfig, LoGoEngine
+from actors.engine import BatchStats, LoGoEngine
+from actors.options import OUTPUT_COLUMNS, GenerationConfig, RoutingConfig, build_options
 from actors.pool import AdapterPool
-from actors.router import Routing, RoutingConfig
-
-DEFAULT_ROUTING = RoutingConfig()
+from actors.router import Routing
 
 log = logging.getLogger(__name__)
 
-OVERLONG = ("truncate", "error")
-OUTPUT_COLUMNS = ("output", "adapters", "weights", "error", "warning", "prompt_tokens", "output_tokens")
 FATAL = (torch.cuda.OutOfMemoryError, MemoryError)
 
 
@@ -71,70 +70,44 @@ class LoGoPredictor:
         model: str | Path,
         adapters: str | Path | Mapping[str, str | Path],
         *,
-        k: int = DEFAULT_ROUTING.k,
-        signal: str = DEFAULT_ROUTING.signal,
-        probe_layers: int | list[int] | str = DEFAULT_ROUTING.probe_layers,
-        probe_layer: int | None = None,
-        probe_module: str | list[str] | tuple[str, ...] = DEFAULT_ROUTING.probe_module,
-        probe_input: str = DEFAULT_ROUTING.probe_input,
+        routing: RoutingConfig | None = None,
+        generation: GenerationConfig | None = None,
         calibration: str | Path | Mapping | CalibrationStats | None = None,
         calibration_prompts: list[str] | str | None = None,
-        calibration_score: str = DEFAULT_ROUTING.calibration_score,
-        max_new_tokens: int = 64,
-        stop_at_newline: bool = False,
-        stop_strings: tuple[str, ...] | list[str] = (),
-        overlong: str = "truncate",
-        max_prompt_tokens: int | None = None,
-        grouping: bool = True,
-        max_groups: int = 8,
-        group_overhead: float = 8.0,
-        time_groups: bool = False,
-        generate_step_slots: float = 64.0,
         max_resident: int | str | None = None,
         batch_size: int = 16,
-        ordering: str = "selection",
         dtype: str = "auto",
         device: str = "auto",
         prompt_column: str = "prompt",
-        **unknown: Any,
+        **shortcuts: Any,
     ):
-        if unknown:
-            known = sorted(k for k in LoGoPredictor.__init__.__kwdefaults__)
-            raise ValueError(f"unknown option(s) {sorted(unknown)}; known options: model, adapters, {', '.join(known)}")
+        """`routing` and `generation` hold the options (actors.options); any of their fields may be
+        given as a keyword instead (`k=3`, `max_new_tokens=16`), but not as both with different
+        values. `max_resident`: at most this many adapters (an int) or bytes ('20GiB') of full factors
+        on the device; None keeps the whole pool resident. `batch_size`: rows per generate call (the
+        rows of a call are formed by `generation.ordering`)."""
+        routing, generation = build_options(routing, generation, shortcuts,
+                                            ("model", "adapters", *LoGoPredictor.__init__.__kwdefaults__))
+        calibration_score = routing.calibration_score
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1 (rows per generate call)")
-        if ordering not in ORDERINGS:
-            raise ValueError(f"ordering={ordering!r} is not known; use one of {ORDERINGS}")
-        if overlong not in OVERLONG:
-            raise ValueError(f"overlong={overlong!r} is not known; use one of {OVERLONG}")
-        if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
-            raise ValueError(f"max_prompt_tokens={max_prompt_tokens!r}: must be None or an integer >= 1")
-        if probe_layer is not None:  # the single-block form of earlier versions
-            if probe_layers != DEFAULT_ROUTING.probe_layers:
-                raise ValueError("pass probe_layers (one block, a list or 'all'), not also probe_layer")
-            probe_layers = probe_layer
-        routing = RoutingConfig(k=k, signal=signal, probe_layers=probe_layers, probe_module=probe_module,
-                                probe_input=probe_input, calibration_score=calibration_score)
         if calibration is not None and calibration_prompts is not None:
             raise ValueError("pass either calibration (statistics) or calibration_prompts, not both")
         if calibration_score != "raw" and calibration is None and calibration_prompts is None:
             calibration_prompts = "reference"  # calibrated by default: the shipped set, computed once here
-        generation = GenerationConfig(max_new_tokens=max_new_tokens, stop_at_newline=stop_at_newline,
-                                      stop_strings=tuple(stop_strings), grouping=grouping, max_groups=max_groups,
-                                      group_overhead=group_overhead, time_groups=time_groups,
-                                      generate_step_slots=generate_step_slots)
-        self.batch_size, self.ordering = batch_size, ordering
+        self.batch_size, self.ordering = batch_size, generation.ordering
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.overlong, self.prompt_column = overlong, prompt_column
+        self.overlong, self.prompt_column = generation.overlong, prompt_column
         base, self.tokenizer = load_base(model, self.dtype, self.device)
+        max_new_tokens = generation.max_new_tokens
         limit = context_length(base) - max_new_tokens
         if limit < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
                              f"context of {context_length(base)} tokens")
-        self.max_prompt_tokens = min(limit, max_prompt_tokens or limit)
+        self.max_prompt_tokens = min(limit, generation.max_prompt_tokens or limit)
         pool = AdapterPool.load(adapters, base, dtype=self.dtype, device=self.device,
-                                index_modules=routing.probe_modules, index_with_B=signal == "entropy",
+                                index_modules=routing.probe_modules, index_with_B=routing.signal == "entropy",
                                 max_resident=max_resident)
         self.engine = LoGoEngine(base, self.tokenizer, pool, replace(routing, calibration_score="raw"), generation)
         self.calibration = self._calibration(calibration, calibration_prompts)

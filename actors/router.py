@@ -15,82 +15,8 @@ from torch import nn
 
 from actors.base import decoder_blocks
 from actors.index import pair_scores
+from actors.options import RoutingConfig
 from actors.pool import AdapterPool
-
-SIGNALS = ("norm", "entropy")
-PROBE_INPUTS = ("residual", "module_input")
-CALIBRATION_SCORES = ("raw", "ratio", "zscore")
-ALL_BLOCKS = "all"
-
-# The paper's method (LOGO_SPEC section 1): raw norm score at q_proj of the last block, k = 20.
-PAPER_ROUTING = dict(k=20, signal="norm", probe_layers=-1, probe_module="q_proj", probe_input="residual",
-                     calibration_score="raw")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class RoutingConfig:
-    """How each prompt is routed. The defaults are the measured best (README, "Calibrated routing");
-    `PAPER_ROUTING` is the paper's method."""
-
-    k: int = 1
-    """Number of adapters mixed per prompt; clamped to the pool size."""
-    signal: str = "norm"
-    """`norm`: s_i = ||o_i||_2. `entropy`: s_i = 1 / (H(softmax(o_i)) + 1e-6)."""
-    probe_layers: int | tuple[int, ...] | str = ALL_BLOCKS
-    """Blocks whose input is probed: one block (an int, negative counts from the end), a list, or
-    `all`. The probe runs no block deeper than the deepest one asked."""
-    probe_module: str | tuple[str, ...] = ("q_proj", "v_proj")
-    """Module(s) of each probed block whose LoRA outputs are scored (last path component). With
-    `probe_layers`, they define the (block, module) pairs whose scores are summed (after
-    calibration, when calibrated); a pair that no adapter adapts is left out."""
-    probe_input: str = "residual"
-    """`residual`: the residual stream entering the block; `module_input`: what the module receives."""
-    calibration_score: str = "zscore"
-    """`raw` (the paper), `ratio` (score / the adapter's mean score) or `zscore` ((score - mean) / std),
-    per pair, with per-adapter statistics from unlabeled prompts (actors.calibration)."""
-
-    def __post_init__(self):
-        if not _is_int(self.k) or self.k < 1:
-            raise ValueError(f"k={self.k!r}: k must be an integer >= 1 (the number of adapters to mix)")
-        if self.signal not in SIGNALS:
-            raise ValueError(f"signal={self.signal!r} is not known; use one of {SIGNALS}")
-        if self.probe_input not in PROBE_INPUTS:
-            raise ValueError(f"probe_input={self.probe_input!r} is not known; use one of {PROBE_INPUTS}")
-        layers = self.probe_layers
-        if isinstance(layers, list):
-            object.__setattr__(self, "probe_layers", layers := tuple(layers))
-        ok = layers == ALL_BLOCKS or _is_int(layers) or (
-            isinstance(layers, tuple) and layers and all(_is_int(b) for b in layers))
-        if not ok:
-            raise ValueError(f"probe_layers={self.probe_layers!r}: give a block index (negative counts from the "
-                             "end), a list of block indices, or 'all'")
-        if isinstance(self.probe_module, list):
-            object.__setattr__(self, "probe_module", tuple(self.probe_module))
-        if not self.probe_modules or not all(isinstance(m, str) and m for m in self.probe_modules):
-            raise ValueError(f"probe_module={self.probe_module!r}: give a module name such as 'q_proj' "
-                             "or a list of names")
-        if self.calibration_score not in CALIBRATION_SCORES:
-            raise ValueError(f"calibration_score={self.calibration_score!r} is not known; use one of "
-                             f"{CALIBRATION_SCORES}")
-
-    @property
-    def probe_modules(self) -> tuple[str, ...]:
-        return (self.probe_module,) if isinstance(self.probe_module, str) else tuple(self.probe_module)
-
-    def blocks(self, n_blocks: int) -> tuple[int, ...]:
-        """The probed block indices (0..n_blocks-1), ascending; refuses indices out of range."""
-        if self.probe_layers == ALL_BLOCKS:
-            return tuple(range(n_blocks))
-        asked = (self.probe_layers,) if _is_int(self.probe_layers) else self.probe_layers
-        bad = [b for b in asked if not -n_blocks <= b < n_blocks]
-        if bad:
-            raise ValueError(f"probe_layers={self.probe_layers!r}: block {bad[0]} is out of range for a model with "
-                             f"{n_blocks} blocks; use -{n_blocks}..{n_blocks - 1} or 'all'")
-        return tuple(sorted({b % n_blocks for b in asked}))
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,6 @@ from pipeline import inputs
 from pipeline.config import CALIBRATION_SOURCES, InputConfig, JobConfig, StorageConfig
 from pipeline.fetch import local_copy
 
-ROUTING_OPTIONS = ("k", "signal", "probe_layers", "probe_module", "probe_input", "dtype", "device")
-
 
 def sample_prompts(cfg: InputConfig, storage_cfg: StorageConfig, size: int, seed: int) -> list[str]:
     """`size` prompts drawn uniformly without replacement from every input row (seeded)."""
@@ -58,10 +56,10 @@ def job_statistics(config: JobConfig) -> dict:
             else:
                 source = (f"reference (the input has {len(sample)} usable prompts, fewer than "
                           f"routing.calibration_min_rows={r.calibration_min_rows})")
-        options = config.predictor_options()
-        routing = {key: options[key] for key in ROUTING_OPTIONS}
         stats = calibrate(config.model.path, config.adapters.path, prompts, config.storage, source, seed,
-                          **routing)
+                          routing=replace(config.routing.actor_options(), calibration_score="raw"),
+                          dtype=config.model.dtype, device=config.model.device,
+                          max_resident=config.adapters.max_resident)
     else:
         stats = CalibrationStats.load(local_copy(r.calibration, config.storage))
     return json.loads(stats.to_json())

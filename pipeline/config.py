@@ -10,10 +10,14 @@ the node's role).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
-# Columns every output row carries, in this order (see README, "Output schema").
-OUTPUT_COLUMNS = ("id", "output", "adapters", "weights", "error", "warning", "prompt_tokens", "output_tokens")
+from actors import options
+from actors.residency import parse_max_resident
+
+OUTPUT_COLUMNS = ("id", *options.OUTPUT_COLUMNS)
+"""Columns every output row carries, in this order (see README, "Output"): the row's id, then the
+predictor's columns (`actors.options.OUTPUT_COLUMNS`)."""
 INTERNAL_PREFIX = "_logo_"
 """Columns the dataflow adds for itself start with this; no input column may."""
 
@@ -29,6 +33,16 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
     _check(value in allowed, key, f"must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _option_checks(check: Callable[[], None], section: str) -> None:
+    """Run an `actors.options` class's own checks, naming the section in what they refuse."""
+    try:
+        check()
+    except ConfigError:
+        raise
+    except ValueError as err:  # "key: what is wrong; got value"
+        raise ConfigError(f"{section}.{err}") from None
 
 
 @dataclass(frozen=True)
@@ -61,55 +75,36 @@ class AdaptersConfig:
     max_resident: int | str | None = None
     """Most adapters whose full factors an actor keeps on its device (an int), or most bytes of
     them (e.g. '20GiB'); the others are read on demand from the node's copy of the pool, least
-    recently used first out. Null: the whole pool. Routing reads the routing index either way."""
+    recently used first out. Null: the whole pool. Routing reads the routing index either way.
+    Never changes an output, so not part of the job's hash."""
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "adapters.path", "is empty; give an adapter directory or s3:// prefix")
-        from actors.residency import parse_max_resident
-
         try:
             parse_max_resident(self.max_resident)
         except ValueError as err:
-            raise ConfigError(f"adapters.max_resident: {err}") from None
+            raise ConfigError(f"adapters.{err}") from None
 
 
 # The paper's routing (LOGO_SPEC section 1), as `routing` keys: `logo-batch run --paper`.
-PAPER_ROUTING = {"k": 20, "signal": "norm", "probe_layers": -1, "probe_module": "q_proj", "probe_input": "residual",
-                 "calibration_score": "raw", "calibration": None}
+PAPER_ROUTING = {**options.PAPER_ROUTING, "calibration": None}
 CALIBRATION_SOURCES = ("input", "reference")
 
 
 @dataclass(frozen=True)
-class RoutingConfig:
-    """Routing options; the defaults are the measured best (README, "Calibrated routing") and equal
-    `actors.RoutingConfig`'s, so a job routes as `LoGoPredictor` does in process."""
+class RoutingConfig(options.RoutingConfig):
+    """`routing:`: the routing options of `actors.options.RoutingConfig` (k, signal, probe_layers,
+    probe_module, probe_input, calibration_score: documented there, the same defaults), and where
+    the job's calibration statistics come from."""
 
     section: ClassVar[str] = "routing"
 
-    k: int = 1
-    """Number of adapters mixed per prompt (clamped to the pool size)."""
-    signal: str = "norm"
-    """Routing score: norm (||c B A h||) or entropy (1 / entropy of softmax(c B A h))."""
-    probe_layers: int | tuple[int, ...] | str = "all"
-    """Decoder blocks whose input is probed: one block (negative counts from the end, -1 = last),
-    a list of blocks, or all. Scores are summed over every (block, module) pair."""
-    probe_module: str | tuple[str, ...] = ("q_proj", "v_proj")
-    """Adapted linear module(s) of each probed block whose LoRA output is scored; a module no
-    adapter adapts is left out."""
-    probe_input: str = "residual"
-    """residual: the residual stream entering the block; module_input: what the module receives."""
-    grouping: bool = True
-    """Group rows of a batch whose adapter selections overlap before generating."""
-    max_groups: int = 8
-    """Upper bound on groups per batch when grouping."""
     calibration: str | None = "input"
     """Per-adapter, per-pair score statistics for `calibration_score`: `input` (computed from a seeded
     sample of this job's prompts; the reference set when the input has fewer than
     `calibration_min_rows` usable prompts, recorded in the manifest), `reference` (the shipped
     task-neutral prompt set), a statistics file from `logo-batch calibrate` (local path or s3://
     URI), or null (only with calibration_score raw). Ignored (null) with raw scores."""
-    calibration_score: str = "zscore"
-    """raw (the paper's scores), ratio (score / the adapter's mean) or zscore ((score - mean) / std)."""
     calibration_sample: int = 256
     """Prompts sampled from the input when `calibration` is `input`."""
     calibration_min_rows: int = 32
@@ -118,17 +113,7 @@ class RoutingConfig:
     """Seed of that sample."""
 
     def __post_init__(self) -> None:
-        _check(self.k >= 1, "routing.k", f"must be >= 1; got {self.k}")
-        _one_of(self.signal, ("norm", "entropy"), "routing.signal")
-        _one_of(self.probe_input, ("residual", "module_input"), "routing.probe_input")
-        layers = self.probe_layers
-        _check(layers == "all" or isinstance(layers, (int, tuple)) and layers != (), "routing.probe_layers",
-               f"give a block index (e.g. -1), a list of block indices, or all; got {layers!r}")
-        _check(bool(self.probe_module) and all(isinstance(m, str) and m for m in
-                                                ((self.probe_module,) if isinstance(self.probe_module, str)
-                                                 else self.probe_module)),
-               "routing.probe_module", f"{self.probe_module!r} is or holds an empty name; e.g. q_proj")
-        _one_of(self.calibration_score, ("raw", "ratio", "zscore"), "routing.calibration_score")
+        _option_checks(super().__post_init__, self.section)
         if self.calibration_score == "raw":
             object.__setattr__(self, "calibration", None)  # raw scores read no statistics
         _check(self.calibration_score == "raw" or self.calibration is not None, "routing.calibration_score",
@@ -139,43 +124,28 @@ class RoutingConfig:
                f"must be >= 1; got {self.calibration_sample}")
         _check(self.calibration_min_rows >= 1, "routing.calibration_min_rows",
                f"must be >= 1; got {self.calibration_min_rows}")
-        _check(self.max_groups >= 1, "routing.max_groups", f"must be >= 1; got {self.max_groups}")
+
+    def actor_options(self) -> options.RoutingConfig:
+        """The predictor's routing options (the job-only keys left out)."""
+        return options.RoutingConfig(**{key: getattr(self, key) for key in options.field_names(options.RoutingConfig)})
 
 
 @dataclass(frozen=True)
-class GenerationConfig:
+class GenerationConfig(options.GenerationConfig):
+    """`generation:`: the generation options of `actors.options.GenerationConfig` (max_new_tokens,
+    stop_at_newline, stop_strings, overlong, max_prompt_tokens, grouping, max_groups, group_overhead,
+    decode_union_cost, probe_bucket_overhead, generate_step_slots, ordering, time_groups:
+    documented there, the same defaults). An actor's generate calls hold `resources.batch_size` rows."""
+
     section: ClassVar[str] = "generation"
 
-    max_new_tokens: int = 64
-    """Greedy decoding stops after this many new tokens (or at end of sequence)."""
-    stop_at_newline: bool = False
-    """Cut each output at its first newline (as the LoGo paper's evaluation does)."""
-    stop_strings: tuple[str, ...] = ()
-    """Cut each output at the first occurrence of any of these strings."""
-    overlong: str = "truncate"
-    """A prompt longer than `max_prompt_tokens`: truncate (kept, with a warning) or error (error row)."""
-    max_prompt_tokens: int | None = None
-    """Longest prompt in tokens; default: the model's context length minus `max_new_tokens`."""
-    ordering: str = "selection"
-    """How an actor forms generation batches of `resources.batch_size` rows from a block it routed:
-    selection (rows sorted by their selected adapters, then prompt length: rows sharing adapters
-    are generated together) or input (input order)."""
-    generate_step_slots: float = 64.0
-    """What one decode step costs in prompt-token slots: a batch whose prompt lengths differ widely
-    is generated in calls of similar length when the padding saved exceeds `max_new_tokens` x this
-    per extra call (inf: one call per batch; a few hundred suits GPUs)."""
-
     def __post_init__(self) -> None:
-        _check(self.max_new_tokens >= 1, "generation.max_new_tokens", f"must be >= 1; got {self.max_new_tokens}")
-        _one_of(self.overlong, ("truncate", "error"), "generation.overlong")
-        _one_of(self.ordering, ("selection", "input"), "generation.ordering")
-        _check(self.generate_step_slots >= 0, "generation.generate_step_slots",
-               f"must be a number >= 0 (or inf); got {self.generate_step_slots}")
-        _check(all(self.stop_strings), "generation.stop_strings",
-               f"{list(self.stop_strings)} holds an empty string; remove it")
-        if self.max_prompt_tokens is not None:
-            _check(self.max_prompt_tokens >= 1, "generation.max_prompt_tokens",
-                   f"must be >= 1 or null; got {self.max_prompt_tokens}")
+        _option_checks(super().__post_init__, self.section)
+
+    def actor_options(self) -> options.GenerationConfig:
+        """The predictor's generation options."""
+        return options.GenerationConfig(**{key: getattr(self, key)
+                                           for key in options.field_names(options.GenerationConfig)})
 
 
 @dataclass(frozen=True)
@@ -330,44 +300,18 @@ class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     """When a finished run may commit."""
 
+    def __post_init__(self) -> None:
+        bound = parse_max_resident(self.adapters.max_resident).adapters
+        _check(bound is None or bound >= self.routing.k, "adapters.max_resident",
+               f"{bound} adapters cannot hold one prompt's routing.k={self.routing.k} selected adapters at once; "
+               f"set it to at least {self.routing.k} (or null for the whole pool)")
+
     def predictor_options(self) -> dict:
         """Keyword arguments for `actors.LoGoPredictor`, less `model`, `adapters` and the calibration
-        source (see `stages.predictor_from_config`)."""
-        r, g = self.routing, self.generation
-        return dict(
-            k=r.k, signal=r.signal, probe_layers=r.probe_layers, probe_module=r.probe_module,
-            probe_input=r.probe_input, grouping=r.grouping, max_groups=r.max_groups,
-            calibration_score=r.calibration_score,
-            max_new_tokens=g.max_new_tokens, stop_at_newline=g.stop_at_newline,
-            stop_strings=tuple(g.stop_strings), overlong=g.overlong, max_prompt_tokens=g.max_prompt_tokens,
-            dtype=self.model.dtype, device=self.model.device, prompt_column=self.input.prompt_column,
-            batch_size=self.resources.batch_size, ordering=g.ordering, generate_step_slots=g.generate_step_slots,
-            max_resident=self.adapters.max_resident,
-        )
-
-
-def check_actor_options(config: JobConfig) -> None:
-    """Build the actors' own routing and generation options on the driver, so that a value they refuse
-    stops the job before any actor starts (the model-dependent checks run in the actors). The section
-    checks above already refuse every such value a YAML file can hold; this catches the rest (a
-    configuration built in Python) and any check the actors add. It imports torch, so it is called
-    when a job starts, not when a configuration is read."""
-    from actors.engine import GenerationConfig as ActorGeneration
-    from actors.router import RoutingConfig as ActorRouting
-
-    r, g = config.routing, config.generation
-    for section, build in (
-        ("routing", lambda: ActorRouting(k=r.k, signal=r.signal, probe_layers=r.probe_layers,
-                                         probe_module=r.probe_module, probe_input=r.probe_input,
-                                         calibration_score=r.calibration_score)),
-        ("generation", lambda: ActorGeneration(max_new_tokens=g.max_new_tokens, stop_at_newline=g.stop_at_newline,
-                                               stop_strings=tuple(g.stop_strings), grouping=r.grouping,
-                                               max_groups=r.max_groups)),
-    ):
-        try:
-            build()
-        except ValueError as err:
-            raise ConfigError(f"{section}: {err}") from None
+        statistics (see `stages.predictor_from_config`)."""
+        return dict(routing=self.routing.actor_options(), generation=self.generation.actor_options(),
+                    max_resident=self.adapters.max_resident, batch_size=self.resources.batch_size,
+                    dtype=self.model.dtype, device=self.model.device, prompt_column=self.input.prompt_column)
 
 
 SECTIONS = (ModelConfig, AdaptersConfig, RoutingConfig, GenerationConfig, InputConfig, OutputConfig,

@@ -23,8 +23,12 @@ from pipeline.config import SECTIONS, ConfigError, JobConfig
 # Sections that decide what a row's result is; the job hash covers only these, so changing the
 # number of actors or the batch size between a failed run and its rerun still resumes it.
 HASHED_SECTIONS = ("model", "adapters", "routing", "generation", "input")
+# Keys not in the hash: they never change a row's result, so they may change between attempts.
+UNHASHED = {("adapters", "max_resident")}
 # Keys of earlier versions, still read: (section, old name) -> new name.
 RENAMED = {("routing", "probe_layer"): "probe_layers"}
+# Keys of earlier versions in another section, still read there: (old section, key) -> new section.
+MOVED = {("routing", "grouping"): "generation", ("routing", "max_groups"): "generation"}
 
 
 def _type_name(tp: Any) -> str:
@@ -102,6 +106,24 @@ def _build_section(cls: type, data: Any, key: str) -> Any:
     return cls(**kwargs)
 
 
+def _move_old_keys(data: Mapping) -> dict:
+    """`data` with each key of `MOVED` in its new section; refuses one set in both places differently."""
+    result = {name: dict(section) if isinstance(section, Mapping) else section for name, section in data.items()}
+    for (old, key), new in MOVED.items():
+        if not isinstance(result.get(old), Mapping) or key not in result[old]:
+            continue
+        value = result[old].pop(key)
+        target = result.get(new)
+        target = result[new] = {} if target is None else target
+        if not isinstance(target, Mapping):
+            continue  # the section's own check names it
+        if key in target and target[key] != value:
+            raise ConfigError(f"{old}.{key}: now {new}.{key}, which is set too, to {target[key]!r}; "
+                              f"keep only {new}.{key}")
+        target[key] = value
+    return result
+
+
 def config_from_dict(data: Any) -> JobConfig:
     """Build a `JobConfig` from a nested mapping, refusing unknown keys and bad values."""
     if not isinstance(data, Mapping):
@@ -110,6 +132,7 @@ def config_from_dict(data: Any) -> JobConfig:
     for name in data:
         if not isinstance(name, str) or name not in by_name:
             raise ConfigError(f"{name}: unknown section; known sections: {', '.join(by_name)}")
+    data = _move_old_keys(data)
     for name in ("model", "adapters", "input", "output"):
         if name not in data:
             raise ConfigError(f"{name}: required section is missing (at least {name}.{_first_field(by_name[name])})")
@@ -179,5 +202,6 @@ def config_to_dict(config: JobConfig) -> dict:
 def config_hash(config: JobConfig) -> str:
     """SHA-256 over the sections that decide the results (not resources, storage or output)."""
     data = config_to_dict(config)
-    hashed = {name: data[name] for name in HASHED_SECTIONS}
+    hashed = {name: {key: value for key, value in data[name].items() if (name, key) not in UNHASHED}
+              for name in HASHED_SECTIONS}
     return hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.config import StorageConfig
+from pipeline.config import OUTPUT_COLUMNS, StorageConfig
 from pipeline.errors import OutputError
 from pipeline.inputs import INTERNAL_COLUMNS
 
@@ -48,17 +48,13 @@ FORMAT = "logo-batch-run/2"
 """Version of the run layout, recorded in `_job.json` and `_manifest.json`."""
 SUCCESS = "_SUCCESS"
 
-OUTPUT_FIELDS = [
-    pa.field("id", pa.string()),
-    pa.field("output", pa.string()),
-    pa.field("adapters", pa.list_(pa.string())),
-    pa.field("weights", pa.list_(pa.float32())),
-    pa.field("error", pa.string()),
-    pa.field("warning", pa.string()),
-    pa.field("prompt_tokens", pa.int64()),
-    pa.field("output_tokens", pa.int64()),
-]
-"""The fixed output columns, in order; pass-through columns follow with their input types."""
+_TYPES = {"id": pa.string(), "output": pa.string(), "adapters": pa.list_(pa.string()),
+          "weights": pa.list_(pa.float32()), "error": pa.string(), "warning": pa.string(),
+          "prompt_tokens": pa.int64(), "output_tokens": pa.int64()}
+assert set(_TYPES) == set(OUTPUT_COLUMNS), "every output column needs its Arrow type here"
+OUTPUT_FIELDS = [pa.field(name, _TYPES[name]) for name in OUTPUT_COLUMNS]
+"""The fixed output columns (`config.OUTPUT_COLUMNS`, in order) with their Arrow types; pass-through
+columns follow with their input types."""
 
 def error_reason(message: str) -> str:
     """An error message with its numbers blanked, to count errors by kind."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import commit, inputs, outputs, storage
-from pipeline.config import ConfigError, JobConfig, check_actor_options
+from pipeline.config import ConfigError, JobConfig
 from pipeline.errors import TooManyErrors
 from pipeline.lease import Lease
 from pipeline.outputs import PartFile
@@ -165,7 +165,6 @@ def run_job(config: JobConfig, *, fail_after_files: int | None = None, progress:
     """
     started = time.time()
     attempt = new_attempt_id()
-    check_actor_options(config)  # what the actors would refuse, found before any work
     if not config.output.overwrite:
         committed = commit.committed_manifest(config)
         if committed is not None and not retry_errors:

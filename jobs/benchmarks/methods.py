@@ -72,29 +72,6 @@ def arrow_pool_model(base: nn.Module, dirs: list[Path], top_k: int) -> nn.Module
     return create_arrow_model(base, task_specific_adapter_paths=[str(d) for d in dirs], arrow_config=config).eval()
 
 
-@torch.inference_mode()
-def released_generate(peft_model: nn.Module, seq: list[int], routing: Routing, gen: GenerationConfig,
-                      device: torch.device) -> list[int]:
-    """The released code's procedure for one prompt: the selected adapters active together, each
-    adapter's `scaling` multiplied by its weight, batch size 1."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
-    saved = [dict(m.scaling) for m in layers]
-    try:
-        peft_model.base_model.set_adapter(list(routing.adapters))
-        for m in layers:
-            for name, w in zip(routing.adapters, routing.weights):
-                if name in m.scaling:
-                    m.scaling[name] = m.scaling[name] * w
-        ids = torch.tensor([seq], device=device)
-        tokens = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen)
-    finally:
-        for m, s in zip(layers, saved):
-            m.scaling.update(s)
-    return tokens[0, len(seq):].tolist()
-
-
 def activate(engine: LoGoEngine) -> None:
     """Bind the model's mixture layers to `engine` (several engines share one model in the benchmark)."""
     install_mixture_layers(engine.model, list(engine.pool.modules), engine.state)

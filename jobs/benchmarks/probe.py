@@ -21,7 +21,8 @@ import torch
 
 from actors.calibration import compute_stats
 from actors.pool import AdapterPool
-from actors.router import PAPER_ROUTING, Router, RoutingConfig
+from actors.options import PAPER_ROUTING, RoutingConfig
+from actors.router import Router
 from jobs.benchmarks.config import SMOLLM2, Regime
 from jobs.benchmarks.models import prompts, random_model, synthetic_pool
 

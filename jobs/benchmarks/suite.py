@@ -14,10 +14,12 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from actors.base import resolve_device, resolve_dtype
-from actors.engine import GenerationConfig, LoGoEngine
-from actors.pool import AdapterPool
 from actors.calibration import compute_stats
-from actors.router import Router, RoutingConfig
+from actors.engine import LoGoEngine
+from actors.options import GenerationConfig, RoutingConfig
+from actors.peft_reference import released_generate
+from actors.pool import AdapterPool
+from actors.router import Router
 from jobs.benchmarks import methods as M
 from jobs.benchmarks.config import BenchConfig, Regime, Shape, ShapeRun
 from jobs.benchmarks.measure import Method, clock, run_round_robin
@@ -108,7 +110,7 @@ def regime_methods(s: Setup, cfg: BenchConfig, regime: Regime, seqs: list[list[i
         M.activate(e_rel)
         for seq in released:
             (routing,) = e_rel.route([seq])
-            M.released_generate(s.peft, seq, routing, gen, dev)
+            released_generate(s.peft, seq, routing, gen, dev)
         s.peft.base_model.set_adapter(first)
 
     def probe_only():

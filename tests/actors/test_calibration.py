@@ -130,7 +130,7 @@ def test_calibration_refusals(tiny_dir, pool_dir, scaled_pool, tmp_path):
     predictor = make(tiny_dir, pool_dir, calibration_score="raw")
     with pytest.raises(ValueError, match="calibration_score='ratio' needs calibration statistics"):
         Router(predictor.engine.model, predictor.pool, RoutingConfig(calibration_score="ratio"))
-    with pytest.raises(ValueError, match="calibration_score='softmax' is not known"):
+    with pytest.raises(ValueError, match="calibration_score: must be one of raw, ratio, zscore; got 'softmax'"):
         make(tiny_dir, pool_dir, calibration_score="softmax")
     stats = make(tiny_dir, pool_dir, calibration_prompts=CALIB[:5]).calibration
     stats.save(tmp_path / "stats.json")

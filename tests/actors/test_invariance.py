@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from actors import LoGoPredictor
-from actors.router import PAPER_ROUTING
+from actors.options import PAPER_ROUTING
 from tests.actors.conftest import PROMPTS
 
 

@@ -8,7 +8,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from actors import LoGoPredictor, Routing
-from jobs.benchmarks.methods import released_generate
+from actors.peft_reference import released_generate
 from tests.actors.conftest import POOL, PROMPTS
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from actors import AdapterError, AdapterPool, LoGoPredictor
+from actors import AdapterError, AdapterPool, GenerationConfig, LoGoPredictor, RoutingConfig
 from actors.base import load_base
 from tests.tiny import tiny_adapter, tiny_model_dir
 
@@ -83,19 +83,25 @@ def test_empty_pool_refused(base, tmp_path):
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(k=0), r"k=0: k must be an integer >= 1"),
-    (dict(k=2.5), r"k=2.5"),
-    (dict(signal="cosine"), r"signal='cosine' is not known"),
-    (dict(probe_input="output"), r"probe_input='output'"),
+    (dict(k=0), r"^k: must be an integer >= 1 .*; got 0$"),
+    (dict(k=2.5), r"^k: must be an integer >= 1 .*; got 2\.5$"),
+    (dict(signal="cosine"), r"^signal: must be one of norm, entropy; got 'cosine'$"),
+    (dict(probe_input="output"), r"^probe_input: must be one of residual, module_input; got 'output'$"),
     (dict(probe_layer=9), r"probe_layers=9: block 9 is out of range .* 4 blocks"),
     (dict(probe_layers=[0, -5]), r"probe_layers=\(0, -5\): block -5 is out of range .* 4 blocks"),
-    (dict(probe_layers="last"), r"probe_layers='last': give a block index .* or 'all'"),
+    (dict(probe_layers="last"), r"^probe_layers: give a block index .* or all; got 'last'$"),
     (dict(probe_layers=-1, probe_layer=-1), r"pass probe_layers .* not also probe_layer"),
     (dict(probe_module="qkv"), r"probe_module=.qkv.: no adapter .* linear modules are \[.down_proj., .gate_proj."),
-    (dict(overlong="drop"), r"overlong='drop'"),
-    (dict(max_new_tokens=0), r"max_new_tokens=0"),
+    (dict(overlong="drop"), r"^overlong: must be one of truncate, error; got 'drop'$"),
+    (dict(max_new_tokens=0), r"^max_new_tokens: must be an integer >= 1; got 0$"),
+    (dict(group_overhead=-1.0), r"^group_overhead: must be a number >= 0; got -1\.0$"),
+    (dict(routing=RoutingConfig(k=2), k=3), r"^k=3 and routing=RoutingConfig\(k=2, \.\.\.\) disagree; set k in one "
+                                            r"place only$"),
+    (dict(generation=GenerationConfig(max_groups=2), max_groups=4),
+     r"^max_groups=4 and generation=GenerationConfig\(max_groups=2, \.\.\.\) disagree"),
+    (dict(routing={"k": 2}), r"^routing=\{'k': 2\}: pass an actors\.options\.RoutingConfig$"),
     (dict(dtype="int8"), r"dtype='int8'"),
-    (dict(kk=3), r"unknown option\(s\) \['kk'\]; known options: .*\bk\b"),
+    (dict(kk=3), r"unknown option\(s\) \['kk'\]; known options: model, adapters, routing, generation, .*\bk\b"),
 ])
 def test_bad_options_refused(tiny_dir, pool_dir, options, message):
     with pytest.raises(ValueError, match=message):

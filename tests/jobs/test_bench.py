@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from actors import read_adapter
+from actors.peft_reference import released_generate
 from actors.router import Routing
 from jobs.benchmarks import methods as M
 from jobs.benchmarks.config import LLAMA_8B, RATIO_8B, ShapeRun, preset
@@ -81,7 +82,7 @@ def test_released_procedure_equals_engine_at_general_k(setup, seqs):
         (routing,) = e.route([seq])
         assert len(routing.adapters) == 4 and len(set(routing.weights)) > 1
         (text,), _, _ = e.generate([seq], [routing])
-        theirs = M.released_generate(setup.peft, seq, routing, gen, setup.device)
+        theirs = released_generate(setup.peft, seq, routing, gen, setup.device)
         assert e.decode(theirs)[0] == text
     setup.peft.base_model.set_adapter(setup.dirs[0].name)
 
@@ -109,7 +110,7 @@ def test_decode_groups_differ_from_prefill_groups_and_give_the_same_outputs(setu
     assert M.ours_run(one, seqs, len(seqs), routings=rts)[0] == texts
     gen = M.fixed_length(setup.tokenizer, NEW)
     for seq, routing, text in list(zip(seqs, rts, texts))[:2]:
-        assert split.decode(M.released_generate(setup.peft, seq, routing, gen, setup.device))[0] == text
+        assert split.decode(released_generate(setup.peft, seq, routing, gen, setup.device))[0] == text
     setup.peft.base_model.set_adapter(setup.dirs[0].name)
 
 

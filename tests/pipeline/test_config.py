@@ -30,7 +30,7 @@ def test_unknown_section_is_refused():
 @pytest.mark.parametrize("section, values, message", [
     ("routing", {"k": "five"}, r"routing\.k: expected an integer; got 'five'"),
     ("routing", {"k": True}, r"routing\.k: expected an integer; got True"),
-    ("routing", {"k": 0}, r"routing\.k: must be >= 1; got 0"),
+    ("routing", {"k": 0}, r"routing\.k: must be an integer >= 1 .*; got 0"),
     ("routing", {"signal": "max"}, r"routing\.signal: must be one of norm, entropy; got 'max'"),
     ("generation", {"overlong": "drop"}, r"generation\.overlong: must be one of truncate, error"),
     ("generation", {"stop_strings": "\n"}, r"generation\.stop_strings: expected a list of strings"),
@@ -44,10 +44,31 @@ def test_unknown_section_is_refused():
     ("routing", {"probe_layers": [1, "a"]}, r"routing\.probe_layers: expected int or a list of integers or str"),
     ("routing", {"probe_layers": True}, r"routing\.probe_layers: expected int or a list of integers or str"),
     ("routing", {"calibration_min_rows": 0}, r"routing\.calibration_min_rows: must be >= 1"),
+    ("generation", {"max_groups": 0}, r"generation\.max_groups: must be an integer >= 1; got 0"),
+    ("generation", {"group_overhead": -1}, r"generation\.group_overhead: must be a number >= 0; got -1\.0"),
+    ("generation", {"decode_union_cost": "high"}, r"generation\.decode_union_cost: expected a number; got 'high'"),
+    ("generation", {"probe_bucket_overhead": float("nan")}, r"generation\.probe_bucket_overhead: must be a number"),
+    ("generation", {"max_prompt_tokens": 0}, r"generation\.max_prompt_tokens: must be an integer >= 1"),
+    ("adapters", {"path": "a", "max_resident": 0}, r"adapters\.max_resident=0: must be >= 1 adapter"),
+    ("adapters", {"path": "a", "max_resident": "lots"}, r"adapters\.max_resident='lots': not a number of "
+                                                       r"adapters nor a size; write e\.g\. 32, '512MiB'"),
+    ("adapters", {"path": "a", "max_resident": 2.5}, r"adapters\.max_resident: expected int or str; got 2\.5"),
+    ("routing", {"grouping": False}, None),  # an earlier version's place: read into generation
 ])
 def test_bad_values_are_refused_naming_the_key(section, values, message):
+    if message is None:
+        config_from_dict(with_(section, **values))
+        return
     with pytest.raises(ConfigError, match=message):
         config_from_dict(with_(section, **values))
+
+
+def test_a_residency_bound_below_k_is_refused_before_any_work():
+    data = {**BASE, "adapters": {"path": "a", "max_resident": 3}, "routing": {"k": 4}}
+    with pytest.raises(ConfigError, match=r"adapters\.max_resident: 3 adapters cannot hold one prompt's "
+                                          r"routing\.k=4 selected adapters at once; set it to at least 4"):
+        config_from_dict(data)
+    assert config_from_dict({**data, "routing": {"k": 3}}).adapters.max_resident == 3
 
 
 def test_missing_required_key_and_section():
@@ -74,16 +95,16 @@ def test_yaml_file_with_overrides(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-def test_routing_defaults_equal_the_engine_defaults_and_the_paper_preset():
-    from actors import RoutingConfig as EngineRouting
-    from actors.router import PAPER_ROUTING as ENGINE_PAPER
+def test_job_sections_are_the_actor_options_and_the_paper_preset():
+    from actors import options
     from pipeline.config import PAPER_ROUTING
 
-    routing, engine = config_from_dict(BASE).routing, EngineRouting()
-    for key in ("k", "signal", "probe_layers", "probe_module", "probe_input", "calibration_score"):
-        assert getattr(routing, key) == getattr(engine, key), key
-    assert routing.calibration == "input"
-    assert {k: v for k, v in PAPER_ROUTING.items() if k != "calibration"} == ENGINE_PAPER
+    config = config_from_dict(BASE)
+    assert isinstance(config.routing, options.RoutingConfig) and isinstance(config.generation, options.GenerationConfig)
+    assert config.routing.actor_options() == options.RoutingConfig(), "the same defaults: one definition"
+    assert config.generation.actor_options() == options.GenerationConfig()
+    assert config.routing.calibration == "input"
+    assert {k: v for k, v in PAPER_ROUTING.items() if k != "calibration"} == options.PAPER_ROUTING
     paper = config_from_dict(with_("routing", **PAPER_ROUTING)).routing
     assert (paper.probe_layers, paper.probe_module, paper.calibration_score, paper.k) == (-1, "q_proj", "raw", 20)
     old = config_from_dict(with_("routing", probe_layer=-2, calibration_score="raw", calibration="input"))
@@ -93,12 +114,50 @@ def test_routing_defaults_equal_the_engine_defaults_and_the_paper_preset():
     assert listed == (-4, -3, -2, -1)
 
 
+def test_every_engine_option_is_a_job_key_and_reaches_the_predictor():
+    from actors import options
+
+    values = {"max_new_tokens": 7, "stop_at_newline": True, "stop_strings": ["END"], "overlong": "error",
+              "max_prompt_tokens": 99, "grouping": False, "max_groups": 3, "group_overhead": 2.5,
+              "decode_union_cost": 0.0, "probe_bucket_overhead": float("inf"), "generate_step_slots": 0.0,
+              "ordering": "input", "time_groups": True}
+    assert set(values) == set(options.field_names(options.GenerationConfig)), "a new option needs a case here"
+    routing = {"k": 4, "signal": "entropy", "probe_layers": [0, -1], "probe_module": "v_proj",
+               "probe_input": "module_input", "calibration_score": "ratio"}
+    assert set(routing) == set(options.field_names(options.RoutingConfig))
+    config = config_from_dict({**BASE, "adapters": {"path": "a", "max_resident": "20GiB"},
+                               "generation": values, "routing": routing})
+    got = config.predictor_options()
+    assert type(got["generation"]) is options.GenerationConfig and type(got["routing"]) is options.RoutingConfig
+    assert got["generation"] == options.GenerationConfig(**{**values, "stop_strings": ("END",)})
+    assert got["routing"] == options.RoutingConfig(**{**routing, "probe_layers": (0, -1)})
+    assert got["max_resident"] == "20GiB" and got["batch_size"] == config.resources.batch_size
+    assert config_from_dict(with_("adapters", path="a", max_resident=4)).predictor_options()["max_resident"] == 4
+    assert config_from_dict(BASE).predictor_options()["max_resident"] is None
+
+
+def test_grouping_keys_of_earlier_versions_under_routing_are_read_into_generation():
+    old = config_from_dict(with_("routing", grouping=False, max_groups=2))
+    assert (old.generation.grouping, old.generation.max_groups) == (False, 2)
+    assert not hasattr(old.routing, "grouping"), "one place for each option"
+    same = config_from_dict({**BASE, "routing": {"max_groups": 2}, "generation": {"max_groups": 2}})
+    assert same.generation.max_groups == 2
+    with pytest.raises(ConfigError, match=r"^routing\.max_groups: now generation\.max_groups, which is set too, "
+                                          r"to 4; keep only generation\.max_groups"):
+        config_from_dict({**BASE, "routing": {"max_groups": 2}, "generation": {"max_groups": 4}})
+    assert load_config(None, {**{f"{k}.{f}": v for k, fs in BASE.items() for f, v in fs.items()},
+                              "routing.grouping": False}).generation.grouping is False
+
+
 def test_job_hash_covers_results_not_resources():
     base = config_from_dict(BASE)
     assert config_hash(base) == config_hash(config_from_dict(with_("resources", actors=8, batch_size=4)))
     assert config_hash(base) == config_hash(config_from_dict(with_("output", overwrite=True)))
     assert config_hash(base) != config_hash(config_from_dict(with_("routing", k=3)))
     assert config_hash(base) != config_hash(config_from_dict(with_("input", uri="other")))
+    assert config_hash(base) != config_hash(config_from_dict(with_("generation", decode_union_cost=2.0)))
+    assert config_hash(base) == config_hash(config_from_dict(with_("adapters", path="a", max_resident=8))), \
+        "which adapters are resident never changes a result"
 
 
 def test_readme_example_configuration_is_valid():

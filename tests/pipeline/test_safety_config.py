@@ -8,10 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import (
-    AdaptersConfig, ConfigError, InputConfig, InputError, JobConfig, ModelConfig, OutputConfig, RoutingConfig,
-    config_from_dict, load_config,
+    AdaptersConfig, ConfigError, GenerationConfig, InputConfig, InputError, JobConfig, ModelConfig, OutputConfig,
+    RoutingConfig, config_from_dict, load_config,
 )
-from pipeline.config import check_actor_options
 from pipeline.guards import check_input_schema
 
 BASE = {"model": {"path": "m"}, "adapters": {"path": "a"}, "input": {"uri": "i"}, "output": {"uri": "o"}}
@@ -22,8 +21,10 @@ BASE = {"model": {"path": "m"}, "adapters": {"path": "a"}, "input": {"uri": "i"}
     ("routing", "[1, 2]", r"job\.yaml: routing: expected a mapping of keys to values; got \[1, 2\]"),
     ("input", "{uri: i, id_column: ''}", r"job\.yaml: input\.id_column: is empty"),
     ("routing", "{k: [3]}", r"job\.yaml: routing\.k: expected an integer; got \[3\]"),
-    ("generation", "{stop_strings: ['']}", r"job\.yaml: generation\.stop_strings: \[''\] holds an empty string"),
-    ("routing", "{probe_module: [q_proj, '']}", r"job\.yaml: routing\.probe_module: .* holds an empty name"),
+    ("generation", "{stop_strings: ['']}",
+     r"job\.yaml: generation\.stop_strings: holds an empty string .*; got \('',\)"),
+    ("routing", "{probe_module: [q_proj, '']}",
+     r"job\.yaml: routing\.probe_module: holds an empty name .*; got \('q_proj', ''\)"),
     ("1", "{k: 2}", r"job\.yaml: 1: unknown section"),
 ])
 @pytest.mark.parametrize("overrides", [{}, {"generation.max_new_tokens": 4}])
@@ -36,14 +37,18 @@ def test_malformed_values_in_a_file_name_the_file_and_key(tmp_path, section, yam
         load_config(path, overrides)
 
 
-def test_actor_option_refusals_are_found_on_the_driver():
-    # A value the driver's section lets through (built in Python, not from YAML) but the actors'
-    # own option objects refuse stops the job at configuration time, naming the section.
+def test_actor_option_refusals_are_found_when_a_section_is_built():
+    # The job's sections are the actors' option classes: a value the actors refuse is refused when
+    # the section is built (in Python too, not only from YAML), naming the section and key.
     sections = {name: cls(**BASE[name]) for name, cls in
                 (("model", ModelConfig), ("adapters", AdaptersConfig), ("input", InputConfig), ("output", OutputConfig))}
-    check_actor_options(JobConfig(**sections, routing=RoutingConfig(k=3)))
-    with pytest.raises(ConfigError, match=r"^routing: k=2\.5: k must be an integer >= 1"):
-        check_actor_options(JobConfig(**sections, routing=RoutingConfig(k=2.5)))
+    assert JobConfig(**sections, routing=RoutingConfig(k=3)).predictor_options()["routing"].k == 3
+    with pytest.raises(ConfigError, match=r"^routing\.k: must be an integer >= 1 .*; got 2\.5"):
+        RoutingConfig(k=2.5)
+    with pytest.raises(ConfigError, match=r"^generation\.time_groups: must be true or false; got 'yes'"):
+        GenerationConfig(time_groups="yes")
+    with pytest.raises(ConfigError, match=r"^adapters\.max_resident='20 apples': not a number of adapters"):
+        AdaptersConfig(path="a", max_resident="20 apples")
 
 
 @pytest.mark.parametrize("input_section, message", [
