@@ -74,6 +74,7 @@ class AdapterPool:
         self._reread = reread
         self.residency: Residency[int, DeviceFactors] = Residency(self.bound, self._load, _factor_bytes)
         first: list[DeviceFactors] = []
+        itemsize = torch.tensor([], dtype=dtype).element_size()
         for adapter in adapters:
             validate_adapter(adapter, model)
             _check_range(adapter, dtype)
@@ -81,7 +82,6 @@ class AdapterPool:
                 raise AdapterError(f"adapters must come in name order; {adapter.name!r} follows "
                                    f"{self.entries[-1].name!r}")
             self.routing_index.add(adapter)
-            itemsize = torch.tensor([], dtype=dtype).element_size()
             self.entries.append(AdapterEntry(
                 name=adapter.name, path=adapter.path,
                 ranks={m: f.rank for m, f in adapter.factors.items()},
