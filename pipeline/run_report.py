@@ -26,17 +26,16 @@ whose size depends on the pool and the token lengths, never on the number of row
 from __future__ import annotations
 
 import calendar
-import importlib.util
 import io
 import json
 import math
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
+from actors import grouping, options
 from pipeline import storage
 from pipeline.config import StorageConfig
 from pipeline.outputs import MANIFEST, SUCCESS, attempt_of, error_reason, read_json
@@ -50,7 +49,8 @@ REPLAY_BATCHES = 2000
 """Most batches whose grouping is replayed (an even sample; the replay costs about 1 ms a batch)."""
 _COLUMNS = ["adapters", "weights", "error", "prompt_tokens", "output_tokens"]
 # defaults of the grouping settings (actors.engine.GenerationConfig), for manifests that lack them
-_GROUPING_DEFAULTS = {"grouping": True, "max_groups": 8, "group_overhead": 8.0, "decode_union_cost": 8.0,
+_GROUPING_DEFAULTS = {**{key: getattr(options.GenerationConfig(), key)
+                         for key in ("grouping", "max_groups", "group_overhead", "decode_union_cost")},
                       "ordering": "input"}  # runs that record no ordering batched in input order
 
 
@@ -83,23 +83,7 @@ def grouping_settings(config: dict) -> dict:
     return out
 
 
-def _grouping_module():
-    """`actors/grouping.py` (pure Python) loaded alone: `actors/__init__` would load torch into the
-    driver, which needs none of it (and a late torch load there has failed to find its libraries)."""
-    spec = importlib.util.find_spec("actors")  # locates the package without running its __init__
-    assert spec is not None and spec.submodule_search_locations, "the actors package is not importable"
-    path = f"{list(spec.submodule_search_locations)[0]}/grouping.py"
-    name = "logo_batch_report_grouping"
-    if name not in sys.modules:
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module  # dataclasses look their module up there
-        module_spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def _replay_groups(selections: list[list[str]], batch_size: int, settings: dict, stride: int, tally: Tally,
-                   grouping) -> None:
+def _replay_groups(selections: list[list[str]], batch_size: int, settings: dict, stride: int, tally: Tally) -> None:
     index: dict[str, int] = {}
     for start in range(0, len(selections), batch_size):
         batch = [[index.setdefault(a, len(index)) for a in names] for names in selections[start:start + batch_size]]
@@ -117,7 +101,7 @@ def _replay_groups(selections: list[list[str]], batch_size: int, settings: dict,
             tally.group_rows[len(group.union)] += len(group.rows)
 
 
-def tally_file(table, batch_size: int, settings: dict, tally: Tally, stride: int = 1, grouping=None) -> None:
+def tally_file(table, batch_size: int, settings: dict, tally: Tally, stride: int = 1) -> None:
     """Add one data file's rows (a pyarrow table with `_COLUMNS`) to the counters."""
     selected = []
     for names, weights, error, prompt, output in zip(*(table.column(c).to_pylist() for c in _COLUMNS)):
@@ -137,7 +121,7 @@ def tally_file(table, batch_size: int, settings: dict, tally: Tally, stride: int
     if settings["ordering"] == "selection":  # as the actor ordered the block this file holds
         selected.sort(key=lambda pair: (tuple(pair[0]), pair[1]))
     selected = [names for names, _ in selected]
-    _replay_groups(selected, batch_size, settings, stride, tally, grouping or _grouping_module())
+    _replay_groups(selected, batch_size, settings, stride, tally)
 
 
 def _stats(hist: Counter) -> dict:
@@ -189,12 +173,11 @@ def compute_run_report(output_uri: str, storage_cfg: StorageConfig) -> dict:
     fs, root = storage.filesystem(output_uri, storage_cfg)
     files = manifest["output"]["files"]
     tally = Tally()
-    grouping = _grouping_module()
     stride = max(1, math.ceil(sum(math.ceil(f["rows"] / batch_size) for f in files) / REPLAY_BATCHES))
     for entry in files:
         table = pq.read_table(f"{root}/{entry['path']}", filesystem=fs, columns=[*_COLUMNS, "warning"])
         tally.warnings += table.num_rows - table.column("warning").null_count
-        tally_file(table, batch_size, settings, tally, stride, grouping)
+        tally_file(table, batch_size, settings, tally, stride)
     mtimes = [info.mtime.timestamp() if info.mtime else 0.0
               for info in fs.get_file_info([f"{root}/{f['path']}" for f in files])]
     adapters = [{"adapter": name, "rows": count, "mean_weight": round(tally.weight_sums[name] / count, 6)}
