@@ -208,7 +208,7 @@ def run(rows: int = ROWS, pool: int = POOL, long_rows: int = 200, seed: int = 0,
 
 def tables(r: dict) -> str:
     mib = 2**20
-    lines = [f"Residency at k = 4, clustered input, {r['rows']} rows, batches of {r['batch_size']}, "
+    lines = [f"Residency at k = 4, clustered input, {r['rows'] // 2} rows, batches of {r['batch_size']}, "
              f"{r['new_tokens']} new tokens ({r['pool']} adapters of {r['shape']})", "",
              "| max_resident | ordering | loads / 1,000 rows | rows/s | vs all, same ordering | peak resident | bound |",
              "|---|---|---:|---:|---:|---:|---:|"]
