@@ -72,7 +72,8 @@ class AdapterPool:
         self.entries: list[AdapterEntry] = []
         self._host: dict[str, Adapter] = {}
         self._reread = reread
-        self.residency: Residency[int, DeviceFactors] = Residency(self.bound, self._load, _factor_bytes)
+        self.residency: Residency[int, DeviceFactors] = Residency(self.bound, self._load,
+                                                                  lambda i: self.entries[i].nbytes)
         first: list[DeviceFactors] = []
         itemsize = torch.tensor([], dtype=dtype).element_size()
         for adapter in adapters:
@@ -97,10 +98,11 @@ class AdapterPool:
         self.paths: tuple[Path, ...] = tuple(e.path for e in self.entries)
         self._index = {name: i for i, name in enumerate(self.names)}
         self.modules: tuple[str, ...] = tuple(sorted({m for e in self.entries for m in e.ranks}))
+        self._sizes = [e.nbytes for e in self.entries]
         if first:  # every adapter resident from the start: nothing is ever read again
             for i, factors in enumerate(first):
                 self.residency.held[i] = factors
-                self.residency.nbytes += _factor_bytes(factors)
+                self.residency.nbytes += self.entries[i].nbytes
             self.residency.counts.peak_adapters = len(first)
             self.residency.counts.peak_bytes = self.residency.nbytes
 
@@ -153,8 +155,9 @@ class AdapterPool:
         return self.residency.acquire(sorted(set(indices)))
 
     def sizes(self) -> list[int]:
-        """Bytes of every adapter's full factors in the pool's dtype, by index."""
-        return [e.nbytes for e in self.entries]
+        """Bytes of every adapter's full factors in the pool's dtype, by index (read on every
+        generate call: kept, not rebuilt)."""
+        return self._sizes
 
     @property
     def nbytes(self) -> int:
@@ -172,7 +175,3 @@ class AdapterPool:
                 f"{self.full_nbytes / 2**20:.1f} MiB on {self.device} ({self.dtype}), resident: "
                 f"{self.bound.describe()}; routing index {self.routing_index.nbytes / 2**20:.1f} MiB "
                 f"(float32, {', '.join(self.routing_index.modules)})")
-
-
-def _factor_bytes(factors: DeviceFactors) -> int:
-    return sum(A.nbytes + B.nbytes for A, B in factors.values())

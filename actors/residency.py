@@ -88,11 +88,12 @@ class ResidencyCounts:
 
 
 class Residency(Generic[K, V]):
-    """An LRU set of loaded values under a `ResidencyBound`; `load(key)` makes a value, `size(value)`
-    says its bytes. `acquire(keys)` makes every key resident at once (a generate call needs its whole
+    """An LRU set of loaded values under a `ResidencyBound`; `load(key)` makes a value, `size(key)`
+    says its bytes (known before loading, so room is made first and the bound holds at every
+    moment). `acquire(keys)` makes every key resident at once (a generate call needs its whole
     union), evicting least recently used keys outside `keys`."""
 
-    def __init__(self, bound: ResidencyBound, load: Callable[[K], V], size: Callable[[V], int]):
+    def __init__(self, bound: ResidencyBound, load: Callable[[K], V], size: Callable[[K], int]):
         self.bound, self._load, self._size = bound, load, size
         self.held: OrderedDict[K, V] = OrderedDict()
         self.nbytes = 0
@@ -111,14 +112,15 @@ class Residency(Generic[K, V]):
         for key in keys:
             if key in out:
                 continue
-            value = self._load(key)
-            size = self._size(value)
+            size = self._size(key)
             while self.held and not self.bound.admits(len(self.held) + 1, self.nbytes + size):
                 victim = next((k for k in self.held if k not in wanted), None)
                 if victim is None:
                     break
-                self.nbytes -= self._size(self.held.pop(victim))
+                del self.held[victim]
+                self.nbytes -= self._size(victim)
                 self.counts.evictions += 1
+            value = self._load(key)  # after the evictions: never one adapter over the bound
             self.held[key] = value
             self.nbytes += size
             self.counts.loads += 1
