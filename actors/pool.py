@@ -24,7 +24,9 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from actors.adapters import Adapter, AdapterError, read_adapter, resolve_sources, validate_adapter
+from actors.adapters import (CONFIG_FILE, WEIGHTS_FILE, Adapter, AdapterError, read_adapter, resolve_sources,
+                             validate_adapter)
+from actors.fingerprint import read_pinned
 from actors.index import RoutingIndex
 from actors.residency import Residency, ResidencyBound, parse_max_resident
 
@@ -117,6 +119,7 @@ class AdapterPool:
         index_modules: tuple[str, ...] = INDEX_MODULES,
         index_with_B: bool = False,
         max_resident: int | str | ResidencyBound | None = None,
+        pins: Mapping[str, str] | None = None,
     ) -> "AdapterPool":
         """Read, validate and index a pool (a directory of adapter directories, or name -> path),
         one adapter at a time.
@@ -124,12 +127,18 @@ class AdapterPool:
         `index_modules`: module names (last path component) whose float32 probe factors the routing
         index keeps, at every block; `index_with_B`: keep B too (the entropy signal needs it);
         `max_resident`: at most this many adapters (or bytes, e.g. '20GiB') of full factors on the
-        device, None for all of them (see `actors.residency`)."""
+        device, None for all of them (see `actors.residency`); `pins`: `<name>/<file>` -> fingerprint
+        (a job's `_job.json`), checked at every read of an adapter, at start-up and after an eviction,
+        so that a file replaced mid-run stops the run instead of mixing two versions."""
         sources = resolve_sources(adapters)
-        ordered = sorted(sources.items())
-        reading = (read_adapter(name, path, model) for name, path in ordered)
+
+        def read(name: str, path: Path) -> Adapter:
+            files = {f"{name}/{file}": Path(path) / file for file in (CONFIG_FILE, WEIGHTS_FILE)}
+            return read_pinned(files, pins, lambda: read_adapter(name, path, model), f"adapter {name!r}")
+
+        reading = (read(name, path) for name, path in sorted(sources.items()))
         return cls(reading, model, dtype, torch.device(device), index_modules, index_with_B, max_resident,
-                   reread=lambda entry: read_adapter(entry.name, entry.path, model))
+                   reread=lambda entry: read(entry.name, entry.path))
 
     def __len__(self) -> int:
         return len(self.names)

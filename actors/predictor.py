@@ -26,13 +26,14 @@ from actors.base import context_length, load_base, resolve_device, resolve_dtype
 from actors.batching import generation_batches
 from actors.calibration import CalibrationStats, compute_stats, reference_prompts
 from actors.engine import BatchStats, LoGoEngine
+from actors.fingerprint import ChangedFileError, check_names, read_pinned, tree_files
 from actors.options import OUTPUT_COLUMNS, GenerationConfig, RoutingConfig, build_options
 from actors.pool import AdapterPool
 from actors.router import Routing
 
 log = logging.getLogger(__name__)
 
-FATAL = (torch.cuda.OutOfMemoryError, MemoryError)
+FATAL = (torch.cuda.OutOfMemoryError, MemoryError, ChangedFileError)
 
 
 @dataclass
@@ -79,13 +80,17 @@ class LoGoPredictor:
         dtype: str = "auto",
         device: str = "auto",
         prompt_column: str = "prompt",
+        pins: Mapping[str, Mapping[str, str]] | None = None,
         **shortcuts: Any,
     ):
         """`routing` and `generation` hold the options (actors.options); any of their fields may be
         given as a keyword instead (`k=3`, `max_new_tokens=16`), but not as both with different
         values. `max_resident`: at most this many adapters (an int) or bytes ('20GiB') of full factors
         on the device; None keeps the whole pool resident. `batch_size`: rows per generate call (the
-        rows of a call are formed by `generation.ordering`)."""
+        rows of a call are formed by `generation.ordering`). `pins`: {"model": ..., "adapters": ...} (either
+        may be left out), relative file name -> fingerprint (a job's `_job.json`): the model's and
+        pool's files must be exactly these, each checked when it is read (`actors.fingerprint`);
+        `ChangedFileError` otherwise."""
         routing, generation = build_options(routing, generation, shortcuts,
                                             ("model", "adapters", *LoGoPredictor.__init__.__kwdefaults__))
         calibration_score = routing.calibration_score
@@ -99,7 +104,13 @@ class LoGoPredictor:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.overlong, self.prompt_column = generation.overlong, prompt_column
-        base, self.tokenizer = load_base(model, self.dtype, self.device)
+        pins = pins or {}
+        for what, root in (("model", model), ("adapters", adapters)):
+            if what in pins:
+                check_names(Path(root), pins[what], what)
+        model_files = tree_files(Path(model)) if "model" in pins else {}
+        base, self.tokenizer = read_pinned(model_files, pins.get("model"),
+                                           lambda: load_base(model, self.dtype, self.device), "model")
         max_new_tokens = generation.max_new_tokens
         limit = context_length(base) - max_new_tokens
         if limit < 1:
@@ -108,7 +119,7 @@ class LoGoPredictor:
         self.max_prompt_tokens = min(limit, generation.max_prompt_tokens or limit)
         pool = AdapterPool.load(adapters, base, dtype=self.dtype, device=self.device,
                                 index_modules=routing.probe_modules, index_with_B=routing.signal == "entropy",
-                                max_resident=max_resident)
+                                max_resident=max_resident, pins=pins.get("adapters"))
         self.engine = LoGoEngine(base, self.tokenizer, pool, replace(routing, calibration_score="raw"), generation)
         self.calibration = self._calibration(calibration, calibration_prompts)
         if self.calibration is not None or calibration_score != "raw":

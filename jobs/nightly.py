@@ -11,8 +11,10 @@ replaced by the night's date (YYYY-MM-DD), e.g.
     output: {uri: "s3://results/logo/nightly/{date}"}
 
 A night whose output is already committed is skipped (exit 0, saying so) before anything else is
-read; one committed with another configuration is refused (exit 2); `--force` deletes it and
-computes it again. A night that was interrupted resumes: only its
+read but a listing of its input; one committed with another configuration, or whose input files
+changed since, is refused (exit 2); `--force` deletes it and computes it again. An input URI
+without `{date}` would make every night read the same input: it is refused unless
+`--fixed-input` (or `--force`) says that is meant. A night that was interrupted resumes: only its
 missing rows are computed. Exit status as for `run`: 0 when the night is committed (now or
 before), 2 for a configuration, input or output problem, 1 for other failures.
 """
@@ -51,8 +53,9 @@ def fill_date(value: Any, date: str) -> Any:
     return value
 
 
-def night_config(path: str, date: str, overrides: dict | None = None):
-    """The job of one night: the file's and the overrides' `{date}` filled in, then checked."""
+def night_config(path: str, date: str, overrides: dict | None = None, fixed_input: bool = False):
+    """The job of one night: the file's and the overrides' `{date}` filled in, then checked; an
+    input URI without `{date}` only with `fixed_input`."""
     from pipeline import ConfigError, config_from_dict
     from pipeline.config_io import apply_overrides, read_yaml
 
@@ -60,6 +63,10 @@ def night_config(path: str, date: str, overrides: dict | None = None):
     if DATE_FIELD not in str((data.get("output") or {}).get("uri", "")):
         raise ConfigError(f"output.uri: has no {DATE_FIELD} field, so every night would write (and find "
                           f"committed) the same output; write it as e.g. s3://bucket/prefix/{DATE_FIELD}")
+    if DATE_FIELD not in str((data.get("input") or {}).get("uri", "")) and not fixed_input:
+        raise ConfigError(f"input.uri: has no {DATE_FIELD} field, so every night would read the same input; write "
+                          f"it as e.g. s3://bucket/prompts/{DATE_FIELD}/, or pass --fixed-input if one input for "
+                          "every night is meant")
     return config_from_dict(fill_date(data, date))
 
 
@@ -67,7 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="job file (YAML) whose values may contain {date}")
     parser.add_argument("--date", type=parse_date, default=None,
                         help="the night to run, YYYY-MM-DD (None: yesterday, UTC)")
-    parser.add_argument("--force", action="store_true", help="recompute a night that is already committed")
+    parser.add_argument("--force", action="store_true",
+                        help="recompute a night that is already committed (and accept an input without {date})")
+    parser.add_argument("--fixed-input", action="store_true",
+                        help="accept an input.uri without {date}: every night reads the same input")
     parser.add_argument("--set", dest="set_items", action="append", default=[], metavar="KEY=VALUE",
                         help="set any configuration key ({date} filled in too), e.g. --set resources.actors=8")
 
@@ -75,13 +85,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from jobs.run import run_to_exit
     from pipeline import OutputError, storage
+    from pipeline.commit import committed_manifest
     from pipeline.config_io import config_hash, parse_set
     from pipeline.outputs import MANIFEST, SUCCESS, read_json
 
     date = args.date or yesterday_utc()
 
     def build():
-        config = night_config(args.config, date, parse_set(args.set_items))
+        config = night_config(args.config, date, parse_set(args.set_items), args.fixed_input or args.force)
         out = config.output.uri
         if storage.read_bytes(storage.join(out, SUCCESS), config.storage) is not None and not args.force:
             committed = read_json(storage.join(out, MANIFEST), config.storage) or {}
@@ -89,6 +100,7 @@ def main(args: argparse.Namespace) -> int:
                 raise OutputError(f"{date} is committed at {out} by a job with another configuration (hash "
                                   f"{str(committed.get('config_hash'))[:12]}, this one {config_hash(config)[:12]}); "
                                   "pass --force to compute the night again with this one")
+            committed_manifest(config)  # refuses a night whose input changed since, naming the files
             print(f"logo-batch nightly: {date} is already committed at {out}; nothing to do "
                   "(--force computes it again)")
             return 0

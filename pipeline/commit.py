@@ -1,12 +1,15 @@
 """The commit protocol: claim an output, check exactly-once coverage, write manifest then `_SUCCESS`.
 
 1. `committed_manifest` first, before the input is read: `_SUCCESS` and `_job.json` of the same
-   configuration mean "nothing to do"; of another configuration, the output is refused.
+   configuration and an input listing equal to the one pinned mean "nothing to do"; another
+   configuration, or input files added, removed or changed since, are refused naming them.
 2. `open_run` before any work: an output of another job (different configuration hash, layout
    version or input files) is refused, and so is one whose input, model or adapter files were
    replaced since it started (`pins`: sizes, modification times, ETags and digests). An
-   uncommitted output is claimed by writing `_job.json` only if absent (S3: a conditional put),
-   or, if present, checked to be the same job, which makes this run a resume of it.
+   uncommitted output is claimed by storing its calibration statistics (`_calibration.json`, checked
+   against the pool first) and then writing `_job.json` only if absent (S3: a conditional put), with
+   the statistics' sha256 among its pins; if present, it is checked to be the same job, which makes
+   this run a resume of it, and `_calibration.json` must still have its pinned digest.
 3. The data files' footers are scanned (`outputs.scan`), the row ranges no file holds are
    computed, and the footers scanned again; `verify` then checks, per input file, that the
    files' row ranges cover every row exactly once and nothing else.
@@ -17,6 +20,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from pipeline import pins, storage
 from pipeline.config import JobConfig
@@ -25,6 +29,10 @@ from pipeline.errors import OutputError
 from pipeline.inputs import InputFile
 from pipeline.outputs import CALIBRATION, DATA_DIR, FORMAT, JOB_RECORD, MANIFEST, SUCCESS, PartFile, read_json
 
+
+
+READABLE = ("logo-batch-run/2", FORMAT)
+"""Layouts whose committed runs this version reads as they are (a partial one must be this layout)."""
 
 
 def _uri(config: JobConfig, name: str) -> str:
@@ -62,36 +70,91 @@ def _same_job(record: dict, theirs: dict, where: str) -> None:
 
 
 def committed_manifest(config: JobConfig) -> dict | None:
-    """The manifest of a committed run of this configuration at the output, else None; reads only
-    `_SUCCESS`, `_job.json` and the manifest (nothing of the input)."""
+    """The manifest of a committed run of this configuration at the output, else None. Reads
+    `_SUCCESS`, `_job.json` and the manifest, and lists the input (no input file is opened): a
+    committed run whose input changed since is refused (`OutputError` naming the files), never
+    reported as done."""
     cfg = config.storage
     marker = storage.read_bytes(_uri(config, SUCCESS), cfg)
     if marker is None:
         return None
-    theirs = read_json(_uri(config, JOB_RECORD), cfg) or json.loads(marker)
+    where = f"the committed run at {config.output.uri}"
+    theirs = read_json(_uri(config, JOB_RECORD), cfg)
+    if theirs is None:
+        try:
+            theirs = json.loads(marker)
+        except ValueError:
+            raise OutputError(f"{_uri(config, SUCCESS)} is not valid JSON and there is no {JOB_RECORD}; restore "
+                              "them, or pass --overwrite to start the run again") from None
     record = {"format": FORMAT, "config_hash": config_hash(config), "input_files": None}
-    _same_job(record, {**theirs, "input_files": None}, f"the committed run at {config.output.uri}")
-    return read_json(_uri(config, MANIFEST), cfg) or {}
+    layout = FORMAT if theirs.get("format") in READABLE else theirs.get("format")  # nothing to compute in these
+    _same_job(record, {**theirs, "input_files": None, "format": layout}, where)
+    changed = pins.input_changes(theirs.get("contents", {}), config) if "contents" in theirs else []
+    if changed:
+        raise OutputError(
+            f"{where} was computed from other input than is there now: {'; '.join(changed)}. The committed rows "
+            "are left as they are; to compute the input as it is now, rerun with --overwrite (every row is "
+            "computed again) or choose another output.uri")
+    manifest = read_json(_uri(config, MANIFEST), cfg)
+    if manifest is None:
+        raise OutputError(f"{where} has {SUCCESS} but no {MANIFEST}; restore it, or pass --overwrite to start again")
+    return manifest
 
 
-def open_run(config: JobConfig, files: list[InputFile]) -> None:
-    """Claim the (uncommitted) output for this job, or check that it is this job's partial run."""
+def committed_files(config: JobConfig) -> set[str]:
+    """Names (under `data/`) of the data files a committed run's manifest lists; empty if uncommitted."""
+    if storage.read_bytes(_uri(config, SUCCESS), config.storage) is None:
+        return set()
+    manifest = read_json(_uri(config, MANIFEST), config.storage) or {}
+    return {f["path"].rsplit("/", 1)[-1] for f in manifest.get("output", {}).get("files", [])}
+
+
+def open_run(config: JobConfig, files: list[InputFile], statistics: Callable[[dict], dict | None],
+             guard: Callable[[], None] = lambda: None) -> tuple[dict, dict | None]:
+    """Claim the (uncommitted) output for this job, or check that it is this job's partial run;
+    returns its `_job.json` record and its calibration statistics (None without calibration).
+
+    `statistics(contents)` computes the statistics of a new run (checked against the pool, with the
+    model and pool pinned to `contents`); `guard` is called before every write or delete."""
     cfg = config.storage
     record = job_record(config, files)
-    data = json.dumps(record, indent=1).encode()
-    if not storage.write_if_absent(_uri(config, JOB_RECORD), data, cfg):
-        theirs = read_json(_uri(config, JOB_RECORD), cfg) or {}
+    calibration_uri = _uri(config, CALIBRATION)
+    theirs = read_json(_uri(config, JOB_RECORD), cfg)
+    if theirs is not None:
         _same_job(record, theirs, f"the partial run at {config.output.uri}")
-    elif storage.list_objects(_uri(config, DATA_DIR), cfg):
-        storage.delete(_uri(config, JOB_RECORD), cfg)
+        return theirs, _pinned_statistics(calibration_uri, theirs, cfg)
+    if storage.list_objects(_uri(config, DATA_DIR), cfg):
         raise OutputError(f"{config.output.uri} has files under {DATA_DIR}/ but no {JOB_RECORD}: not a run this "
                           "tool can resume; pass --overwrite to replace them, or choose another output.uri")
+    stats = statistics(record["contents"])
+    if stats is not None:
+        data = json.dumps(stats, indent=1).encode()
+        guard()
+        storage.write_bytes(calibration_uri, data, cfg)  # over any left by an attempt that never claimed
+        record["calibration"] = pins.digest(data)
+    guard()
+    if not storage.write_if_absent(_uri(config, JOB_RECORD), json.dumps(record, indent=1).encode(), cfg):
+        raise OutputError(f"another driver claimed {config.output.uri} at the same moment; rerun to resume its run")
+    return record, stats
 
 
-def uncommit(config: JobConfig) -> None:
-    """Make a committed run a partial one again (marker first, so no reader sees a changing run)."""
-    for name in (SUCCESS, MANIFEST):
-        storage.delete(_uri(config, name), config.storage)
+def _pinned_statistics(uri: str, record: dict, cfg) -> dict | None:
+    """The run's `_calibration.json`, checked against the digest its `_job.json` pins."""
+    pinned = record.get("calibration")
+    if pinned is None:
+        return None
+    data = storage.read_bytes(uri, cfg)
+    if data is None:
+        raise OutputError(f"{uri} is missing: the run's calibration statistics were removed since it started; "
+                          "restore the file, or pass --overwrite to start the run again")
+    if pins.digest(data) != pinned:
+        raise OutputError(f"{uri} changed since the run started ({pinned[:19]}... -> {pins.digest(data)[:19]}...): "
+                          "resuming would route part of the run with other statistics; restore the file, or pass "
+                          "--overwrite to start the run again")
+    try:
+        return json.loads(data)
+    except ValueError as err:
+        raise OutputError(f"{uri} is not valid JSON ({err}); restore it, or pass --overwrite") from None
 
 
 def clear(config: JobConfig) -> int:
@@ -139,7 +202,8 @@ def verify(parts: list[PartFile], files: list[InputFile]) -> None:
 
 
 def commit(config: JobConfig, manifest: dict) -> None:
-    """Write the manifest, then the `_SUCCESS` marker (last)."""
+    """Write the manifest, then the `_SUCCESS` marker (last). Replacing the manifest of a committed
+    run (`--retry-errors`) is one atomic write: a reader sees the old run or the new one."""
     cfg = config.storage
     storage.write_bytes(_uri(config, MANIFEST), json.dumps(manifest, indent=1).encode(), cfg)
     marker = {"manifest": MANIFEST, "config_hash": manifest["config_hash"], "rows": manifest["output"]["rows"]}

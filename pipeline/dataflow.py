@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -31,9 +32,11 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline import inputs, outputs, resources, storage
-from pipeline.config import JobConfig
-from pipeline.errors import InjectedFault, StageError
+from pipeline import inputs, outputs, resources, storage, watchdog
+from actors.fingerprint import ChangedFileError
+from pipeline.config import ConfigError, JobConfig
+from pipeline.errors import InjectedFault, OutputError, StageError
+from pipeline.lease import Lease, LeaseLost
 from pipeline.stages import LoGoStage
 
 log = logging.getLogger(__name__)
@@ -63,9 +66,15 @@ class PromptSource(Datasource):
 
 
 def ensure_ray(config: JobConfig) -> None:
-    """Join the configured Ray cluster (or RAY_ADDRESS, or start a local one) unless joined."""
+    """Join the configured Ray cluster (or RAY_ADDRESS, or start a local one) unless joined. A
+    local Ray this driver starts is watched (`pipeline.watchdog`): if the driver is killed, the
+    processes Ray started for it are stopped too."""
     if not ray.is_initialized():
+        before = watchdog.children()
         ray.init(address=config.resources.ray_address, logging_level=logging.WARNING)
+        node = getattr(ray._private.worker, "_global_node", None)
+        if node is not None and getattr(node, "head", False):
+            watchdog.watch(os.getpid(), watchdog.children() - before)
     quiet_ray_data()
 
 
@@ -96,16 +105,20 @@ def slice_sized(ds: "ray.data.Dataset", rows: int) -> "ray.data.Dataset":
     return ds
 
 
-def compute_statistics(config: JobConfig) -> dict:
-    """Calibration statistics computed once, in one task with an actor's resources (its GPU)."""
+def compute_statistics(config: JobConfig, pins: dict | None = None) -> dict:
+    """Calibration statistics computed once, in one task with an actor's resources (its GPU), from
+    the model and pool as `pins` (a job's `contents`) pinned them."""
     from pipeline.calibration import job_statistics
 
     ensure_ray(config)
     cpus, gpus = actor_resources(config)
     resources.check_cluster(1, cpus, gpus, 0, ray.nodes())
     try:
-        return ray.get(ray.remote(job_statistics).options(num_cpus=cpus, num_gpus=gpus).remote(config))
+        return ray.get(ray.remote(job_statistics).options(num_cpus=cpus, num_gpus=gpus).remote(config, pins))
     except ray.exceptions.RayTaskError as err:
+        stop = _cause(err, (LeaseLost, ChangedFileError, ConfigError))
+        if stop is not None:
+            raise _one_line(stop) from None
         if not isinstance(err.cause, ValueError):  # a refused model, adapter or option; others stay as they are
             raise
         # the same predictor an actor builds refused: say so as an actor's refusal, before any row ran
@@ -157,10 +170,41 @@ def quiet_ray_data() -> None:
     ctx.print_on_execution_start = False
 
 
+def _cause(err: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of `kinds` in `err`'s chain (Ray wraps what a task or actor raised)."""
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kinds):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+def _one_line(err: BaseException) -> BaseException:
+    """What the user is told of a stop a task raised: its own message, without Ray's traceback."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    message = next((line for line in reversed(lines) if not line.startswith(("File ", "Traceback", "^"))), str(err))
+    message = message.split(": ", 1)[1] if message.startswith(type(err).__name__ + ":") else message
+    if isinstance(err, ConfigError):
+        return ConfigError(message)
+    return (LeaseLost if isinstance(err, LeaseLost) else OutputError)(message)
+
+
 def run_dataflow(config: JobConfig, files: list[inputs.InputFile], units: list[inputs.ReadUnit], attempt: str,
                  on_file: Callable[[Progress], None] | None = None,
-                 fail_after_files: int | None = None, calibration: dict | None = None) -> Progress:
-    """Run the read units through the LoGo actors into new data files under `<output>/data/`."""
+                 fail_after_files: int | None = None, calibration: dict | None = None,
+                 pins: dict | None = None, lease: Lease | None = None) -> Progress:
+    """Run the read units through the LoGo actors into new data files under `<output>/data/`.
+
+    `pins` (`_job.json`'s contents) go to every actor, which checks each model and adapter file
+    against them as it reads it; with `lease`, every write task checks that the lease is still this
+    driver's before it writes, and the driver checks it after every file, so a driver that lost its
+    lease stops its dataflow at once (`LeaseLost`)."""
     ensure_ray(config)
     started = time.monotonic()
     cpus, gpus = actor_resources(config)
@@ -171,7 +215,7 @@ def run_dataflow(config: JobConfig, files: list[inputs.InputFile], units: list[i
     ds = ray.data.read_datasource(PromptSource(units, config), override_num_blocks=len(units), num_cpus=IO_CPUS)
     # a read task's slices would be merged into one block of up to 128 MiB: keep blocks slice-sized
     ds = slice_sized(ds, max(s.rows for u in units for s in u.slices))
-    stage_args = {"config": config, "calibration": calibration}
+    stage_args = {"config": config, "calibration": calibration, "pins": pins}
     with warnings.catch_warnings():  # Ray 2.60 names max_restarts only among its deprecated **ray_remote_args
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
         ds = ds.map_batches(LoGoStage, fn_constructor_kwargs=stage_args, batch_size=None,  # a whole block
@@ -180,7 +224,7 @@ def run_dataflow(config: JobConfig, files: list[inputs.InputFile], units: list[i
     names = tuple(f.name for f in files)
     ds = ds.map_batches(outputs.write_part, batch_size=None, batch_format="pyarrow", num_cpus=IO_CPUS,
                         fn_kwargs={"data_uri": data_uri, "config": config.storage, "attempt": attempt,
-                                   "names": names})
+                                   "names": names, "lease": None if lease is None else (lease.uri, lease.owner)})
     log.debug("dataflow: %d read units, %d slices", len(units), blocks)
     progress = Progress(0, 0, 0)
     stream = iter(ds.iter_rows())
@@ -190,16 +234,23 @@ def run_dataflow(config: JobConfig, files: list[inputs.InputFile], units: list[i
             progress = Progress(progress.files + 1, progress.rows + int(summary["rows"]),
                                 progress.errors + int(summary["errors"]), progress.decoded + int(summary["decoded"]),
                                 round(time.monotonic() - started, 3) if first is None else first)
+            if lease is not None and lease.lost is not None:
+                lease.check()  # raises: the renewal found the lease lost
             if on_file is not None:
                 on_file(progress)
             if fail_after_files is not None and progress.files >= fail_after_files:
                 raise InjectedFault(f"testing hook: stopping after {progress.files} data files "
                                     f"({progress.rows} rows) were written")
-    except ray.exceptions.RayActorError as err:
-        if not err.actor_init_failed:
+    except Exception as err:
+        stop = _cause(err, (LeaseLost, ChangedFileError))
+        if stop is not None:
+            raise _one_line(stop) from None
+        if not isinstance(err, ray.exceptions.RayActorError) or not err.actor_init_failed:
             raise
         # the predictor refused a model, adapter or option: its message is the last line of the report
         reason = [line.strip() for line in str(err).splitlines() if line.strip()][-1]
+        if ChangedFileError.__name__ in reason:  # a pinned file changed: an output problem, not a bad option
+            raise OutputError(reason.split(f"{ChangedFileError.__name__}: ", 1)[-1]) from None
         raise StageError(f"a LoGo actor could not start: {reason} ({progress.files} data files were written "
                          "before; fix it and rerun to resume)") from err
     finally:

@@ -1,8 +1,11 @@
 """Download an `s3://` model or adapter prefix once per node into a local cache, verified.
 
 Actors on one node share the cache: a file lock makes the first one download while the others
-wait, and a listing stored next to the files (key, size, ETag of every object) tells later
-callers whether the cached copy still matches the bucket. Every downloaded file is checked
+wait. A copy's directory is named by the prefix and by a digest of its bucket listing (key, size,
+ETag of every object), and never changes once written: a bucket that changed gets a new
+directory beside the old one, so a job reading a copy never sees it replaced under it (by
+another job, or by `logo-batch validate`). With `pins` (a job's `_job.json`), a listing that
+differs from them is refused before anything is downloaded, naming the object. Every downloaded file is checked
 against its listed size, and against its MD5 where the ETag is one: not for multipart uploads
 (an ETag with a '-') nor for objects encrypted with SSE-KMS or a customer key (SSE-C), whose
 ETags are not MD5s; those are checked by size. A download goes to a temporary directory that is
@@ -49,10 +52,12 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def local_copy(uri: str, config: StorageConfig) -> str:
+def local_copy(uri: str, config: StorageConfig, pins: dict[str, str] | None = None) -> str:
     """A local path holding the content of `uri`: `uri` itself if local, else a verified cache copy.
 
     `uri` may name one object (a calibration file) or a prefix (a model or adapter directory).
+    `pins` (relative key -> `size:..,etag:..`, as `pipeline.pins.tree` records them) must equal the
+    bucket's listing now, else `ChangedFileError` names the first object that differs.
     """
     if not storage.is_s3(uri):
         return uri
@@ -66,8 +71,11 @@ def local_copy(uri: str, config: StorageConfig) -> str:
             raise FetchError(f"{uri}: no objects there; check the URI and the storage endpoint")
     objects = [o for o in objects if not (o.key.endswith("/") and o.size == 0)]  # "folder" markers
     listing = [{"key": o.key, "size": o.size, "etag": o.etag} for o in objects]
+    if pins is not None:
+        _check_pins(uri, listing, pins)
     root = cache_root(config)
-    target = root / tag
+    version = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:16]
+    target = root / f"{tag}-{version}"
     for o in objects:
         cache_path(target, o.key, uri)  # refuse hostile keys before anything is written
     root.mkdir(parents=True, exist_ok=True)
@@ -81,6 +89,19 @@ def local_copy(uri: str, config: StorageConfig) -> str:
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return str(target / objects[0].key) if single is not None else str(target)
+
+
+def _check_pins(uri: str, listing: list[dict], pins: dict[str, str]) -> None:
+    from actors.fingerprint import ChangedFileError
+
+    now = {item["key"]: f"size:{item['size']},etag:{item['etag']}" for item in listing}
+    for key in sorted(set(now) | set(pins)):
+        if now.get(key) != pins.get(key):
+            state = ("was added" if key not in pins else "was removed" if key not in now
+                     else f"changed ({pins[key]} -> {now[key]})")
+            raise ChangedFileError(f"{uri}/{key} {state} since the run started; the run stops so that it never "
+                                   "mixes two versions: restore the objects, or rerun with --overwrite to start "
+                                   "again with the new ones")
 
 
 def cache_path(root: Path, key: str, uri: str) -> Path:
@@ -123,7 +144,8 @@ def _download(uri: str, listing: list[dict], target: Path, config: StorageConfig
                 raise FetchError(f"{uri}/{item['key']}: download failed: {err}{hint}") from None
             _verify(dest, item, uri, lambda: client.head_object(Bucket=bucket, Key=key))
         (tmp / LISTING).write_text(json.dumps(listing))
-        shutil.rmtree(target, ignore_errors=True)
+        if target.exists():  # no complete copy (else it was used): never one a reader was handed
+            shutil.rmtree(target)
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -5,13 +5,21 @@ driver touches anything there, renewed while it runs, and given back at the end.
               create); if present and its heartbeat is fresh, refuse naming its owner; if it is
               older than `run.lease_timeout_s` (its driver died), take it over
     renew     a thread rewrites the heartbeat every `lease_timeout_s / 5` seconds; if another
-              driver took the lease, `check` raises (it is called before the commit)
+              driver took the lease, or no renewal succeeded for half the timeout (a storage
+              outage, a driver paused by SIGSTOP), the lease counts as lost
+    check     before every destructive step (a delete, a rename, the commit) the driver reads the
+              lease: it goes on only if the lease names it and its last renewal is recent enough
+              that nobody can have taken the lease over; a lost lease raises `LeaseLost`, and the
+              dataflow's write tasks check the lease before each data file, so a driver that lost
+              its lease stops its dataflow at once and never deletes or writes anything again
     release   delete the lease if it is still this driver's
 
 On S3 taking over and renewing are conditional puts on the ETag last seen (`If-Match`), so of two
 drivers that find one stale lease exactly one gets it, and a renewal never overwrites a lease
-another driver took. Locally the take-over is a plain write read back a moment later: of two
-drivers taking over at the same moment, only the one whose write is there goes on.
+another driver took. A renewal answered 412 whose earlier attempt succeeded but lost its reply
+(the client retried it) re-reads the lease and keeps it when the recorded owner is this driver.
+Locally the take-over is a plain write read back a moment later: of two drivers taking over at
+the same moment, only the one whose write is there goes on.
 """
 
 from __future__ import annotations
@@ -30,6 +38,35 @@ from pipeline.errors import OutputError
 log = logging.getLogger(__name__)
 
 LEASE = "_lease.json"
+FRESH = 0.5
+"""A driver acts on the output only while its last successful renewal is younger than this
+fraction of `run.lease_timeout_s`: the rest is the margin before another driver may take over."""
+
+
+STOPS = ("this driver stops without deleting, writing or committing anything (the driver that holds the lease "
+         "carries on with the same output)")
+
+
+class LeaseLost(OutputError):
+    """This driver no longer holds the output's lease (taken over, or not renewed in time)."""
+
+
+def owner_of(uri: str, config) -> str | None:
+    """The owner recorded in the lease at `uri` (None if there is none); for the write tasks."""
+    data = storage.read_bytes(uri, config)
+    if data is None:
+        return None
+    try:
+        return str(json.loads(data).get("owner"))
+    except (ValueError, AttributeError):
+        return "unknown (unreadable lease)"
+
+
+def check_owner(uri: str, owner: str, config) -> None:
+    """Raise `LeaseLost` unless the lease at `uri` names `owner` (a write task, before writing)."""
+    held = owner_of(uri, config)
+    if held != owner:
+        raise LeaseLost(f"lost the lease of {uri} to {held or 'nobody'}; {STOPS}")
 
 
 class Lease:
@@ -43,6 +80,8 @@ class Lease:
         self.lost: str | None = None
         self.etag: str | None = None
         """ETag of this driver's last write of the lease (S3 only)."""
+        self.renewed = 0.0
+        """`time.monotonic()` of this driver's last successful write of the lease."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -71,8 +110,10 @@ class Lease:
     def _replace(self, etag: str | None) -> bool:
         """Write this driver's record over the lease whose ETag is `etag` (S3: only if it still is;
         locally: unconditionally). False if another driver wrote it since."""
+        written = time.monotonic()
         if not storage.is_s3(self.uri):
             storage.write_bytes(self.uri, self._record(), self.storage)
+            self.renewed = written
             return True
         import botocore.exceptions
 
@@ -85,13 +126,29 @@ class Lease:
                                                              "NoSuchKey", "404"):
                 return False
             raise
-        self.etag = reply["ETag"]
+        self.etag, self.renewed = reply["ETag"], written
         return True
+
+    def _renew_once(self) -> bool:
+        """One heartbeat; False if the lease is another driver's (or gone)."""
+        if not storage.is_s3(self.uri):
+            held, _ = self._read()
+            return held is not None and held.get("owner") == self.owner and self._replace(None)
+        if self._replace(self.etag):
+            return True
+        # 412: another driver wrote it, or an earlier try of our own renewal succeeded and its reply
+        # was lost (the client retried it with the old ETag): the recorded owner tells which
+        held, etag = self._read()
+        if held is not None and held.get("owner") == self.owner:
+            self.etag = etag
+            return self._replace(etag)
+        return False
 
     def acquire(self) -> None:
         """Take the lease, or raise `OutputError` naming the driver that holds it."""
+        written = time.monotonic()
         if storage.write_if_absent(self.uri, self._record(), self.storage):
-            self.etag = self._read()[1]
+            self.etag, self.renewed = self._read()[1], written
         else:
             held, etag = self._read()
             held = held or {}
@@ -112,28 +169,28 @@ class Lease:
         self._thread.start()
 
     def check(self) -> None:
-        """Raise `OutputError` if this driver no longer holds the lease."""
+        """Raise `LeaseLost` unless this driver holds the lease, renewed recently enough that no
+        other driver can take it over before the step that follows (called before every delete,
+        rename and the commit)."""
         if self.lost is None:
             held, _ = self._read()
+            age = time.monotonic() - self.renewed
             if held is None or held.get("owner") != self.owner:
                 self.lost = str((held or {}).get("owner", "nobody"))
+            elif age > FRESH * self.timeout:
+                self.lost = (f"nobody yet: it was last renewed {age:.0f} s ago, and after run.lease_timeout_s="
+                             f"{self.timeout:g} s another driver may take it over")
         if self.lost is not None:
-            raise OutputError(f"lost the lease of {self.uri} to {self.lost}; this driver stops without committing "
-                              "(the other driver carries on with the same output)")
+            raise LeaseLost(f"lost the lease of {self.uri} to {self.lost}; {STOPS}")
 
     def _renew(self) -> None:
         while not self._stop.wait(self.timeout / 5):
             try:
-                if storage.is_s3(self.uri):
-                    renewed = self._replace(self.etag)
-                else:
-                    held, _ = self._read()
-                    renewed = held is not None and held.get("owner") == self.owner and self._replace(None)
-                if not renewed:
+                if not self._renew_once():
                     self.lost = str((self._read()[0] or {}).get("owner", "nobody"))
                     log.error("lost the lease of %s to %s", self.uri, self.lost)
                     return
-            except Exception as err:  # a storage hiccup: try again at the next beat
+            except Exception as err:  # a storage hiccup: try again at the next beat (check() sees the age)
                 log.warning("could not renew the lease %s: %s", self.uri, err)
 
     def release(self) -> None:

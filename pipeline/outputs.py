@@ -26,6 +26,7 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,7 +45,7 @@ DATA_DIR = "data"
 JOB_RECORD = "_job.json"
 MANIFEST = "_manifest.json"
 CALIBRATION = "_calibration.json"
-FORMAT = "logo-batch-run/2"
+FORMAT = "logo-batch-run/3"
 """Version of the run layout, recorded in `_job.json` and `_manifest.json`."""
 SUCCESS = "_SUCCESS"
 
@@ -161,11 +162,16 @@ def summarize(name: str, table: pa.Table, names: tuple[str, ...]) -> PartFile:
 
 
 def write_part(table: pa.Table, *, data_uri: str, config: StorageConfig, attempt: str,
-               names: tuple[str, ...]) -> pa.Table:
+               names: tuple[str, ...], lease: tuple[str, str] | None = None) -> pa.Table:
     """Write one block of results as a new data file with its record in the footer; return a
-    one-row summary (for progress)."""
+    one-row summary (for progress). `lease`: (lease URI, owner): the file is written only while
+    the lease names that owner (a driver that lost its lease writes nothing more)."""
     part = summarize(part_name(attempt), table, names)
     internal = (*INTERNAL_COLUMNS, BATCHING_COLUMN)
+    if lease is not None:
+        from pipeline.lease import check_owner
+
+        check_owner(*lease, config)
     _write(table.drop_columns([c for c in internal if c in table.column_names]), part, data_uri, config)
     return pa.table({"file": [part.name], "rows": [part.rows], "errors": [part.errors], "decoded": [part.decoded]})
 
@@ -199,34 +205,38 @@ def subtract(ranges: list[tuple[str, int, int]], minus: list[tuple[str, int, int
     return out
 
 
-def drop_error_rows(data_uri: str, parts: list[PartFile], config: StorageConfig) -> int:
-    """Take the error rows out of the run, so that the next plan computes them again: each data
-    file with errors is replaced by a new file of its other rows, under the same attempt (written
-    before the old one is deleted; if a crash leaves both, `scan` keeps one of them and the plan
-    computes whatever rows that leaves out). Returns the rows taken out."""
+def copy_without_errors(data_uri: str, parts: list[PartFile], config: StorageConfig,
+                        guard: Callable[[], None] = lambda: None) -> tuple[list[PartFile], list[str]]:
+    """For `--retry-errors`: each data file with error rows gets a new file of its other rows, under
+    the same attempt; nothing is deleted, so the run the old files make up stays whole until a new
+    manifest replaces it (a scan that sees both keeps one of them: a committed manifest's file first,
+    else by name, and the plan computes whatever rows that leaves out). Returns (the new files, the
+    names of the files they replace)."""
     fs, root = storage.filesystem(data_uri, config)
-    dropped = 0
+    written, replaced = [], []
     for part in parts:
         if not part.errors:
             continue
         if part.error_ranges is None:
             raise OutputError(f"data file {part.name} was written by an older version that does not record where "
                               "its error rows are; --retry-errors cannot recompute them; pass --overwrite instead")
+        replaced.append(part.name)
         table = pq.read_table(f"{root}/{part.name}", filesystem=fs)
         keep = table.filter(pc.is_null(table.column("error")))
-        if keep.num_rows:
-            new = PartFile(part_name(part.attempt), part.attempt, subtract(part.ranges, part.error_ranges),
-                           rows=keep.num_rows,
-                           warnings=keep.num_rows - keep.column("warning").null_count,
-                           output_tokens=int(pc.sum(keep.column("output_tokens")).as_py() or 0), decoded=part.decoded)
-            flat = pc.list_flatten(keep.column("adapters"))
-            for item in pc.value_counts(flat).to_pylist() if len(flat) else []:
-                new.adapter_use[item["values"]] += item["counts"]
-            assert sum(b - a for _, a, b in new.ranges) == new.rows, "error ranges disagree with the error column"
-            _write(keep, new, data_uri, config)
-        storage.delete(storage.join(data_uri, part.name), config)
-        dropped += part.errors
-    return dropped
+        if not keep.num_rows:
+            continue
+        new = PartFile(part_name(part.attempt), part.attempt, subtract(part.ranges, part.error_ranges), rows=keep.num_rows,
+                       warnings=keep.num_rows - keep.column("warning").null_count,
+                       output_tokens=int(pc.sum(keep.column("output_tokens")).as_py() or 0), decoded=part.decoded,
+                       batching=Counter(part.batching))
+        flat = pc.list_flatten(keep.column("adapters"))
+        for item in pc.value_counts(flat).to_pylist() if len(flat) else []:
+            new.adapter_use[item["values"]] += item["counts"]
+        assert sum(b - a for _, a, b in new.ranges) == new.rows, "error ranges disagree with the error column"
+        guard()
+        _write(keep, new, data_uri, config)
+        written.append(new)
+    return written, replaced
 
 
 def _overlaps(kept: dict[str, list[tuple[int, int]]], ranges: list[tuple[str, int, int]]) -> bool:
@@ -265,19 +275,29 @@ def _read_record(fs, path: str, name: str) -> PartFile:
     return PartFile.from_record(name, json.loads(metadata[PART_KEY]))
 
 
-def scan(data_uri: str, config: StorageConfig, repair: bool = True) -> list[PartFile]:
+def scan(data_uri: str, config: StorageConfig, repair: bool = True, *, guard: Callable[[], None] = lambda: None,
+         prefer: Collection[str] = (), ignore: Collection[str] = ()) -> list[PartFile]:
     """The complete, non-overlapping data files of a run, from their footers only. Provably partial
-    files (local only) and overlapping ones are deleted (left alone, but not returned, with
-    `repair=False`); a file that fails to read otherwise raises `OutputError` naming it, and is kept."""
+    files (local only) and files overlapping one kept before them are deleted (left alone, but not
+    returned, with `repair=False`); a file that fails to read otherwise raises `OutputError` naming
+    it, and is kept. Files are kept in name order (an earlier attempt's first), the names in `prefer`
+    (a committed manifest's files) before all others; `ignore`d names are neither read, returned
+    nor deleted. `guard` is called before every delete (the lease check: it raises to stop)."""
     fs, root = storage.filesystem(data_uri, config)
     remote = storage.is_s3(data_uri)
+    ignore = set(ignore)
+
+    def remove(name: str) -> None:
+        guard()
+        storage.delete(storage.join(data_uri, name), config)
+
     names = []
     for obj in storage.list_objects(data_uri, config):
-        if "/" in obj.key:
+        if "/" in obj.key or obj.key in ignore:
             continue
         if obj.key.startswith(".tmp-"):
             if repair and not remote:
-                storage.delete(storage.join(data_uri, obj.key), config)
+                remove(obj.key)
         elif obj.key.startswith("part-") and obj.key.endswith(".parquet"):
             names.append(obj.key)
 
@@ -292,7 +312,7 @@ def scan(data_uri: str, config: StorageConfig, repair: bool = True) -> list[Part
                 if not remote and _is_partial_local(path):
                     if repair:
                         log.warning("removing partial data file %s (%s); its rows will be recomputed", name, err)
-                        storage.delete(storage.join(data_uri, name), config)
+                        remove(name)
                     return None
                 if remote and isinstance(err, OSError) and attempt + 1 < READ_ATTEMPTS:
                     time.sleep(0.5 * 2 ** attempt)  # a timeout or throttle: try again
@@ -304,20 +324,22 @@ def scan(data_uri: str, config: StorageConfig, repair: bool = True) -> list[Part
                     "it out of the output; --overwrite starts the run again") from None
         raise AssertionError("unreachable")
 
+    preferred = set(prefer)
+    names.sort(key=lambda name: (name not in preferred, name))
     with ThreadPoolExecutor(max_workers=16) as pool:
-        parts = [p for p in pool.map(read, sorted(names)) if p is not None]
+        parts = [p for p in pool.map(read, names) if p is not None]
     kept_ranges: dict[str, list[tuple[int, int]]] = {}
     kept = []
     for part in parts:
         if _overlaps(kept_ranges, part.ranges):
             if repair:
                 log.warning("removing data file %s: it repeats rows of another file", part.name)
-                storage.delete(storage.join(data_uri, part.name), config)
+                remove(part.name)
             continue
         for name, start, stop in part.ranges:
             bisect.insort(kept_ranges.setdefault(name, []), (start, stop))
         kept.append(part)
-    return kept
+    return sorted(kept, key=lambda p: p.name)
 
 
 def done_ranges(parts: list[PartFile]) -> dict[str, list[tuple[int, int]]]:
@@ -330,8 +352,19 @@ def done_ranges(parts: list[PartFile]) -> dict[str, list[tuple[int, int]]]:
 
 
 def read_json(uri: str, config: StorageConfig) -> dict | None:
+    """A small JSON record of the run (None if absent); one that does not parse raises `OutputError`
+    naming it."""
     data = storage.read_bytes(uri, config)
-    return None if data is None else json.loads(data)
+    if data is None:
+        return None
+    try:
+        value = json.loads(data)
+    except ValueError as err:
+        raise OutputError(f"{uri} is not valid JSON ({err}): it was cut short or edited; restore it, or pass "
+                          "--overwrite to start the run again") from None
+    if not isinstance(value, dict):
+        raise OutputError(f"{uri} does not hold a JSON object; restore it, or pass --overwrite to start again")
+    return value
 
 
 def read_output(output_uri: str, config: StorageConfig | None = None) -> pa.Table:

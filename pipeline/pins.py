@@ -9,7 +9,12 @@ A fingerprint is cheap and changes whenever the content does:
     S3 object                           size and ETag (S3 derives the ETag from the content)
 
 Input files are pinned by size and modification time (local) or size and ETag (S3), never read
-whole: an input can be terabytes.
+whole: an input can be terabytes. The pins are checked again where the files are read: every
+actor checks the local model and adapter files against them at each read
+(`actors.fingerprint.read_pinned`), and a node's copy of an s3:// model or pool is made only from
+a bucket listing equal to them (`fetch.local_copy(..., pins=)`). `_calibration.json` is pinned by
+its sha256 (`digest`), and a committed run's input is compared with its pins before "nothing to
+do" is said (`input_changes`).
 """
 
 from __future__ import annotations
@@ -18,23 +23,15 @@ import hashlib
 import os
 from pathlib import Path
 
+from actors.fingerprint import HASH_LIMIT, fingerprint as _local  # noqa: F401 (HASH_LIMIT: the pins' rule)
 from pipeline import storage
 from pipeline.config import JobConfig
-from pipeline.inputs import InputFile
-
-HASH_LIMIT = 64 << 20
-"""Local files up to this size are pinned by a sha256 of their content; larger ones by size and mtime."""
+from pipeline.inputs import InputFile, list_files
 
 
-def _local(path: Path, digest: bool) -> str:
-    st = path.stat()
-    if digest and st.st_size <= HASH_LIMIT:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return f"sha256:{h.hexdigest()}"
-    return f"size:{st.st_size},mtime_ns:{st.st_mtime_ns}"
+def digest(data: bytes) -> str:
+    """The pin of a small record the run stores itself (`_calibration.json`)."""
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
 
 
 def tree(uri: str, config: JobConfig) -> dict[str, str]:
@@ -47,19 +44,31 @@ def tree(uri: str, config: JobConfig) -> dict[str, str]:
     return {o.key: _local(root / o.key, True) for o in storage.list_objects(uri, config.storage)}
 
 
-def input_pins(files: list[InputFile], config: JobConfig) -> dict[str, str]:
-    """Input file name (relative to `input.uri`) -> size and modification time or ETag."""
-    if not files:
+def input_pins(files: list[InputFile] | list[tuple[str, str]], config: JobConfig) -> dict[str, str]:
+    """Input file name (relative to `input.uri`) -> size and modification time or ETag; `files` are
+    `InputFile`s or (name, URI) pairs."""
+    named = [(f.name, f.uri) if isinstance(f, InputFile) else f for f in files]
+    if not named:
         return {}
     if storage.is_s3(config.input.uri):
         listed = {o.key: o for o in storage.list_objects(config.input.uri, config.storage)}
         out = {}
-        for f in files:
-            obj = listed.get(f.name) or storage.object_info(f.uri, config.storage)
-            out[f.name] = f"size:{obj.size},etag:{obj.etag}" if obj else "missing"
+        for name, uri in named:
+            obj = listed.get(name) or storage.object_info(uri, config.storage)
+            out[name] = f"size:{obj.size},etag:{obj.etag}" if obj else "missing"
         return out
-    return {f.name: _local(Path(f.uri).expanduser(), False) if os.path.exists(os.path.expanduser(f.uri))
-            else "missing" for f in files}
+    return {name: _local(Path(uri).expanduser(), False) if os.path.exists(os.path.expanduser(uri))
+            else "missing" for name, uri in named}
+
+
+def input_changes(recorded: dict, config: JobConfig) -> list[str]:
+    """What differs between the input pinned in a `_job.json` (`recorded`) and the input now, from a
+    listing alone (no file is opened); [] if nothing."""
+    try:
+        now = input_pins([(rel, uri) for _, rel, uri in list_files(config.input, config.storage)], config)
+    except Exception as err:  # noqa: BLE001 - an input that cannot be listed has changed too
+        return [f"the input cannot be listed now ({type(err).__name__}: {err})"]
+    return changes({"input": recorded.get("input", {})}, {"input": now})
 
 
 def pins(config: JobConfig, files: list[InputFile]) -> dict[str, dict[str, str]]:

@@ -1,12 +1,18 @@
 """`run_job(config) -> RunReport`: the typed entry point of a batch job, start to commit.
 
-    committed already? (`_SUCCESS`, `_job.json`)       -> nothing else is read
+    committed already? (`_SUCCESS`, `_job.json`,       -> nothing else is read; input changed since:
+      an input listing against its pins)                 refused, naming the files
     check input (files, columns, ids) and sources      -> nothing runs if any is wrong
-    take the output's lease                            -> `lease.Lease`: one driver per output
-    claim the output (another job? resume?)            -> `commit.open_run`
+    take the output's lease                            -> `lease.Lease`: one driver per output; every
+                                                          delete, write and the commit checks it first
+    claim the output (another job? resume?)            -> `commit.open_run`, with the run's calibration
+                                                          statistics pinned (`_calibration.json`)
     read the data files' footers                       -> the row ranges already written
+    (--retry-errors: copy the files with error rows    -> the committed run stays whole until the new
+      less those rows; nothing deleted)                   manifest replaces it)
     plan read units and slices for the rest            -> `inputs.plan_reads`, from metadata only
-    run the dataflow on them                           -> `dataflow.run_dataflow`
+    run the dataflow on them                           -> `dataflow.run_dataflow`: actors check every
+                                                          model and adapter file against the pins
     read the footers again, verify exactly-once per row range, manifest, _SUCCESS
 
 The driver holds the file list, the plan (a few numbers per slice) and one record per data file:
@@ -23,13 +29,15 @@ import secrets
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import commit, inputs, outputs, storage
+from pipeline.calibration import check_statistics
 from pipeline.config import ConfigError, JobConfig
 from pipeline.errors import TooManyErrors
-from pipeline.lease import Lease
+from pipeline.lease import Lease, LeaseLost
 from pipeline.outputs import PartFile
 from pipeline.report import ProgressLine, RunReport, build_manifest, build_report, report_from_manifest
 
@@ -66,20 +74,20 @@ def _normal(uri: str) -> str:
     return os.path.realpath(Path(uri).expanduser()).rstrip("/")
 
 
-def run_statistics(config: JobConfig) -> dict | None:
-    """The run's calibration statistics, fixed for its whole life: computed once (in one Ray task)
-    and stored as `_calibration.json` beside the data, so a resumed run routes with the same numbers."""
-    if config.routing.calibration is None:
-        return None
-    uri = storage.join(config.output.uri, outputs.CALIBRATION)
-    stored = outputs.read_json(uri, config.storage)
-    if stored is not None:
-        return stored
-    from pipeline.dataflow import compute_statistics  # imports Ray
+def statistics_for(config: JobConfig) -> Callable[[dict], dict | None]:
+    """How a new run gets its calibration statistics (None without calibration): computed once
+    (in one Ray task) from the model and pool as pinned, or read from the configured file, then
+    checked against the pool, before `commit.open_run` stores them as `_calibration.json`."""
+    def compute(contents: dict) -> dict | None:
+        if config.routing.calibration is None:
+            return None
+        from pipeline.dataflow import compute_statistics  # imports Ray
 
-    stats = compute_statistics(config)
-    storage.write_if_absent(uri, json.dumps(stats, indent=1).encode(), config.storage)
-    return outputs.read_json(uri, config.storage)
+        stats = compute_statistics(config, contents)
+        check_statistics(stats, config)
+        return stats
+
+    return compute
 
 
 def check_ids(config: JobConfig, files: list[inputs.InputFile]) -> None:
@@ -128,11 +136,13 @@ class Plan:
                 f"rows to decode {decoded:,}")
 
 
-def plan(config: JobConfig, files: list[inputs.InputFile], *, repair: bool = True) -> Plan:
-    """Read units for the rows no data file holds yet. `repair=False` leaves partial files alone
-    (a dry run)."""
-    data_uri = storage.join(config.output.uri, outputs.DATA_DIR)
-    parts = outputs.scan(data_uri, config.storage, repair=repair)
+def plan(config: JobConfig, files: list[inputs.InputFile], *, repair: bool = True,
+         parts: list[PartFile] | None = None) -> Plan:
+    """Read units for the rows no data file holds yet (`parts`: the run's data files, else scanned,
+    a committed manifest's files first). `repair=False` leaves partial files alone (a dry run)."""
+    if parts is None:
+        data_uri = storage.join(config.output.uri, outputs.DATA_DIR)
+        parts = outputs.scan(data_uri, config.storage, repair=repair, prefer=commit.committed_files(config))
     done = outputs.done_ranges(parts)
     res = config.resources
     remaining = inputs.total_rows(files) - sum(p.rows for p in parts)
@@ -158,18 +168,18 @@ def run_job(config: JobConfig, *, fail_after_files: int | None = None, progress:
             retry_errors: bool = False) -> RunReport:
     """Run (or resume, or confirm) the job; return its report once the output is committed.
 
-    `retry_errors` computes the error rows of the run again (committed or not; a committed run is
-    uncommitted first), each exactly once, keeping every other row. `fail_after_files` is a
-    testing hook: the run stops with `InjectedFault` once that many data files were written,
-    leaving a partial output for a rerun to resume.
+    `retry_errors` computes the error rows of the run again (committed or not), each exactly once,
+    keeping every other row, on a copy: the files it replaces are deleted only once its new
+    manifest is in place, so a retry that fails leaves a committed run exactly as it was.
+    `fail_after_files` is a testing hook: the run stops with `InjectedFault` once that many data
+    files were written, leaving a partial output for a rerun to resume.
     """
     started = time.time()
     attempt = new_attempt_id()
-    if not config.output.overwrite:
+    if not config.output.overwrite and not retry_errors:
         committed = commit.committed_manifest(config)
-        if committed is not None and not retry_errors:
-            print(f"logo-batch: {config.output.uri} is already committed; nothing to do", file=sys.stderr)
-            return report_from_manifest(committed, started, attempt)
+        if committed is not None:
+            return _nothing_to_do(config, committed, started, attempt)
     files = inputs.discover(config.input, config.storage)
     check_ids(config, files)
     check_sources(config)
@@ -182,21 +192,68 @@ def run_job(config: JobConfig, *, fail_after_files: int | None = None, progress:
         held.release()
 
 
+def _nothing_to_do(config: JobConfig, committed: dict, started: float, attempt: str) -> RunReport:
+    print(f"logo-batch: {config.output.uri} is already committed; nothing to do", file=sys.stderr)
+    return report_from_manifest(committed, started, attempt)
+
+
 def _run(config: JobConfig, files: list[inputs.InputFile], attempt: str, started: float, held: Lease, *,
          retry_errors: bool, fail_after_files: int | None, progress: bool) -> RunReport:
+    guard = held.check  # before every write, delete and rename at the output
+    data_uri = storage.join(config.output.uri, outputs.DATA_DIR)
     if config.output.overwrite:
+        guard()
         removed = commit.clear(config)
         log.info("overwrite: removed %d data files at %s", removed, config.output.uri)
-    commit.open_run(config, files)
-    if retry_errors:
-        commit.uncommit(config)
-        data_uri = storage.join(config.output.uri, outputs.DATA_DIR)
-        dropped = outputs.drop_error_rows(data_uri, outputs.scan(data_uri, config.storage), config.storage)
-        print(f"logo-batch: retrying {dropped:,} error rows", file=sys.stderr, flush=True)
-    work = plan(config, files)
+    committed = commit.committed_manifest(config)  # again, under the lease: another driver may have committed
+    if committed is not None and not retry_errors:
+        return _nothing_to_do(config, committed, started, attempt)
+    record, stats = commit.open_run(config, files, statistics_for(config), guard)
+    keep = commit.committed_files(config)
+    parts = outputs.scan(data_uri, config.storage, guard=guard, prefer=keep)
+    if not retry_errors:
+        return _compute(config, files, attempt, started, held, record, stats, parts, keep, [],
+                        fail_after_files=fail_after_files, progress=progress)
+    if committed is not None and not any(p.errors for p in parts):
+        print("logo-batch: the committed run has no error rows; nothing to retry", file=sys.stderr)
+        return report_from_manifest(committed, started, attempt)
+    copies, replaced = outputs.copy_without_errors(data_uri, parts, config.storage, guard)
+    print(f"logo-batch: retrying {sum(p.errors for p in parts if p.name in replaced):,} error rows",
+          file=sys.stderr, flush=True)
+    parts = [p for p in parts if p.name not in replaced] + copies
+    try:
+        return _compute(config, files, attempt, started, held, record, stats, parts, keep, replaced,
+                        fail_after_files=fail_after_files, progress=progress)
+    except Exception:
+        if committed is not None and commit.committed_files(config) == keep:  # the old run stands: as it was
+            _remove_retry_files(config, {c.name for c in copies}, attempt, guard)
+        raise
+
+
+def _remove_retry_files(config: JobConfig, copies: set[str], attempt: str, guard: Callable[[], None]) -> None:
+    """Delete what a failed retry wrote next to the committed run it left as it was (a retry that
+    crashed leaves them for the next one, whose scan keeps the manifest's files first)."""
+    data_uri = storage.join(config.output.uri, outputs.DATA_DIR)
+    made = copies | {o.key for o in storage.list_objects(data_uri, config.storage)
+                     if o.key.startswith("part-") and outputs.attempt_of(o.key) == attempt}
+    try:
+        for name in sorted(made):
+            guard()
+            storage.delete(storage.join(data_uri, name), config.storage)
+    except LeaseLost:
+        pass  # another driver holds the output now: its files are not ours to delete
+
+
+def _compute(config: JobConfig, files: list[inputs.InputFile], attempt: str, started: float, held: Lease,
+             record: dict, stats: dict | None, parts: list[PartFile], keep: set[str], replaced: list[str], *,
+             fail_after_files: int | None, progress: bool) -> RunReport:
+    """Compute the rows `parts` leave out, then verify, check the errors and commit (the data files
+    named `replaced` are left out of the run and deleted once its manifest no longer lists them)."""
+    guard = held.check
+    data_uri = storage.join(config.output.uri, outputs.DATA_DIR)
+    work = plan(config, files, parts=parts)
     phases = {"plan_seconds": round(time.time() - started, 3)}
     computed = 0
-    stats = run_statistics(config)
     if work.units:
         from pipeline.dataflow import run_dataflow  # imports Ray only when there is work
 
@@ -204,13 +261,14 @@ def _run(config: JobConfig, files: list[inputs.InputFile], attempt: str, started
         print(f"logo-batch: {work.describe()}", file=sys.stderr, flush=True)
         line = ProgressLine(work.remaining) if progress else None
         done = run_dataflow(config, files, work.units, attempt, fail_after_files=fail_after_files,
-                            on_file=(lambda p: line.update(p.rows)) if line else None, calibration=stats)
+                            on_file=(lambda p: line.update(p.rows)) if line else None, calibration=stats,
+                            pins=record["contents"], lease=held)
         if line is not None:
             line.update(done.rows, final=True)
         computed = done.rows
         phases["dataflow_seconds"] = round(time.time() - t0, 3)
         phases["first_file_seconds"] = done.first_file_seconds
-    parts = outputs.scan(storage.join(config.output.uri, outputs.DATA_DIR), config.storage)
+    parts = outputs.scan(data_uri, config.storage, guard=guard, prefer=keep - set(replaced), ignore=replaced)
     commit.verify(parts, files)
     check_errors(config, parts, inputs.total_rows(files))
     report = build_report(config, parts, attempt, started, computed)
@@ -219,9 +277,13 @@ def _run(config: JobConfig, files: list[inputs.InputFile], attempt: str, started
     if stats is not None:
         manifest["calibration"] = {"file": outputs.CALIBRATION, "setting": config.routing.calibration,
                                    "score": config.routing.calibration_score, "source": stats["source"],
-                                   "prompts": stats["count"], "seed": stats["seed"]}
-    held.check()
+                                   "prompts": stats["count"], "seed": stats["seed"],
+                                   "sha256": record["calibration"].removeprefix("sha256:")}
+    guard()
     commit.commit(config, manifest)
+    for name in replaced:  # no manifest lists them now
+        guard()
+        storage.delete(storage.join(data_uri, name), config.storage)
     _write_run_report(config)
     return report
 

@@ -16,17 +16,19 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from pipeline import fetch
+from pipeline import fetch, storage
 from pipeline.config import JobConfig
 from pipeline.inputs import INPUT_ERROR, INTERNAL_COLUMNS
 from pipeline.outputs import BATCHING_COLUMN, OUTPUT_FIELDS
 
 
-def predictor_from_config(config: JobConfig, calibration: dict | None = None):
+def predictor_from_config(config: JobConfig, calibration: dict | None = None, pins: dict | None = None):
     """An `actors.LoGoPredictor` for this job, with remote model and adapters made local first.
 
-    `calibration` is the run's statistics (computed once, before any actor starts; see
-    `runner.run_statistics`), so every actor routes with the same numbers.
+    `calibration` is the run's statistics (computed once, before any actor starts, and pinned in
+    `_job.json`), so every actor routes with the same numbers. `pins` is `_job.json`'s `contents`:
+    a local model or pool is checked against them at every read of a file (`actors.fingerprint`),
+    an s3:// one is copied only from a bucket listing equal to them (`fetch.local_copy`).
     """
     from actors import LoGoPredictor
 
@@ -36,11 +38,12 @@ def predictor_from_config(config: JobConfig, calibration: dict | None = None):
     options = config.predictor_options()
     if calibration is not None:
         options["calibration"] = calibration
-    return LoGoPredictor(
-        model=fetch.local_copy(config.model.path, config.storage),
-        adapters=fetch.local_copy(config.adapters.path, config.storage),
-        **options,
-    )
+    sources = {"model": config.model.path, "adapters": config.adapters.path}
+    local = {what: fetch.local_copy(uri, config.storage, None if pins is None else pins[what])
+             for what, uri in sources.items()}
+    if pins is not None:  # s3:// copies were checked by their listing; local files are checked as read
+        options["pins"] = {what: pins[what] for what, uri in sources.items() if not storage.is_s3(uri)}
+    return LoGoPredictor(model=local["model"], adapters=local["adapters"], **options)
 
 
 def _objects(column: pa.ChunkedArray) -> np.ndarray:
@@ -54,9 +57,9 @@ def _objects(column: pa.ChunkedArray) -> np.ndarray:
 class LoGoStage:
     """Routes and generates for a batch of input rows; returns them in the output schema."""
 
-    def __init__(self, config: JobConfig, calibration: dict | None = None):
+    def __init__(self, config: JobConfig, calibration: dict | None = None, pins: dict | None = None):
         self.config = config
-        self.predictor = predictor_from_config(config, calibration)
+        self.predictor = predictor_from_config(config, calibration, pins)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         prompt_column = self.config.input.prompt_column

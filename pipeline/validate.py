@@ -21,7 +21,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import commit, fetch, inputs, outputs, storage
-from pipeline.config import ConfigError, JobConfig
+from pipeline.calibration import check_statistics
+from pipeline.config import CALIBRATION_SOURCES, ConfigError, JobConfig
 from pipeline.runner import Plan, check_ids, check_sources, plan
 
 SAMPLE_ROWS = 1024
@@ -67,6 +68,7 @@ def validate_job(config: JobConfig, sample_rows: int = SAMPLE_ROWS) -> Validatio
     with _collect(result, commit.OutputError):
         if commit.committed_manifest(config) is not None:
             result.lines.append(f"output: {config.output.uri} is committed; a run would do nothing")
+    refused = bool(result.problems)  # a run would refuse the output as it is: a plan would contradict that
     t0 = time.perf_counter()
     files = None
     with _collect(result, inputs.InputError):
@@ -80,14 +82,16 @@ def validate_job(config: JobConfig, sample_rows: int = SAMPLE_ROWS) -> Validatio
                                        f"{f.prompt_type}, not string; its {f.rows} rows would be error rows")
         with _collect(result, inputs.InputError, commit.OutputError):
             _check_partial(config, files)
-            result.plan = plan(config, files, repair=False)
-            result.plan_seconds = time.perf_counter() - t0
-            result.lines.append(f"plan ({result.plan_seconds:.2f} s): {result.plan.describe()}")
-            result.lines += _plan_table(result.plan)
+            if not refused:
+                result.plan = plan(config, files, repair=False)
+                result.plan_seconds = time.perf_counter() - t0
+                result.lines.append(f"plan ({result.plan_seconds:.2f} s): {result.plan.describe()}")
+                result.lines += _plan_table(result.plan)
         with _collect(result, inputs.InputError):
             check_ids(config, files)
     with _collect(result, ConfigError):
         check_sources(config)
+        _check_calibration_file(config)
     limit = None
     with _collect(result, Exception):
         limit = _check_model_and_adapters(config, result)
@@ -98,11 +102,22 @@ def validate_job(config: JobConfig, sample_rows: int = SAMPLE_ROWS) -> Validatio
 
 
 def _check_partial(config: JobConfig, files: list[inputs.InputFile]) -> None:
-    """A partial run at the output must be this job (read-only `commit.open_run`)."""
+    """A partial run at the output must be this job, with its pinned statistics (read-only
+    `commit.open_run`)."""
     theirs = outputs.read_json(storage.join(config.output.uri, outputs.JOB_RECORD), config.storage)
     if theirs is not None and storage.read_bytes(storage.join(config.output.uri, outputs.SUCCESS),
                                                  config.storage) is None:
         commit._same_job(commit.job_record(config, files), theirs, f"the partial run at {config.output.uri}")
+        commit._pinned_statistics(storage.join(config.output.uri, outputs.CALIBRATION), theirs, config.storage)
+
+
+def _check_calibration_file(config: JobConfig) -> None:
+    """A statistics file given as routing.calibration fits the pool (as a run checks it before storing)."""
+    if config.routing.calibration in (None, *CALIBRATION_SOURCES):
+        return
+    from pipeline.calibration import job_statistics
+
+    check_statistics(job_statistics(config), config)
 
 
 def _plan_table(work: Plan, limit: int = 20) -> list[str]:

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import StorageConfig
+from actors.fingerprint import ChangedFileError
+from pipeline import storage
 from pipeline.fetch import FetchError, _verify, cache_path, local_copy
 
 
@@ -23,13 +25,19 @@ def test_prefix_is_downloaded_once_verified_and_refreshed_when_it_changes(s3_ser
     stamp = (root / "a" / "w.bin").stat().st_mtime_ns
     assert local_copy(uri, cfg) == local and (root / "a" / "w.bin").stat().st_mtime_ns == stamp  # cache hit
 
+    pinned = {o.key: f"size:{o.size},etag:{o.etag}" for o in storage.list_objects(uri, cfg)}
+    assert local_copy(uri, cfg, pins=pinned) == local  # the listing equals the pins: the same copy
     client.put_object(Bucket=s3_server.bucket, Key="pool/b/w.bin", Body=b"changed")
-    assert local_copy(uri, cfg) == local
-    assert (root / "b" / "w.bin").read_bytes() == b"changed"
+    changed = local_copy(uri, cfg)
+    assert changed != local and (Path(changed) / "b" / "w.bin").read_bytes() == b"changed"  # a new directory
+    assert (root / "b" / "w.bin").read_bytes() == b"y"  # the copy a running job reads never changes
+    with pytest.raises(ChangedFileError, match=r"pool/b/w.bin changed \(size:1,etag:.* -> size:7,etag:.*\) since "
+                                               "the run started"):
+        local_copy(uri, cfg, pins=pinned)
 
     single = local_copy(f"s3://{s3_server.bucket}/pool/a/adapter_config.json", cfg)
     assert Path(single).read_bytes() == b"{}"
-    assert (root / "b" / "w.bin").read_bytes() == b"changed"  # the prefix's copy is left alone
+    assert (Path(changed) / "b" / "w.bin").read_bytes() == b"changed"  # the prefix's copy is left alone
     with pytest.raises(FetchError, match="no objects there"):
         local_copy(f"s3://{s3_server.bucket}/nothing-here", cfg)
     assert local_copy(str(tmp_path), cfg) == str(tmp_path)  # local paths are used in place

@@ -14,6 +14,7 @@ from pipeline.inputs import InputFile
 from pipeline.outputs import OUTPUT_FIELDS, scan, write_part
 
 S = StorageConfig()
+NO_STATS = lambda contents: None  # noqa: E731 - a run without calibration statistics
 
 
 NAMES = ("x.parquet", "y.parquet")
@@ -94,22 +95,25 @@ def _config(out, **routing):
                              "output": {"uri": str(out)}, "routing": routing})
 
 
-def test_open_run_claims_resumes_and_refuses_foreign_outputs(tmp_path):
+def test_open_run_claims_resumes_and_refuses_foreign_outputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "i").mkdir()
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"]}), tmp_path / "i" / "x.parquet")
     files = [InputFile("i/x.parquet", "x.parquet", 3, (3,), "string")]
     out = tmp_path / "out"
     assert commit.committed_manifest(_config(out)) is None
-    commit.open_run(_config(out), files)
+    commit.open_run(_config(out), files, NO_STATS)
     record = json.loads((out / "_job.json").read_text())
-    commit.open_run(_config(out), files)  # same job: resume
+    commit.open_run(_config(out), files, NO_STATS)  # same job: resume
     assert json.loads((out / "_job.json").read_text()) == record
     with pytest.raises(OutputError, match="different job"):
-        commit.open_run(_config(out, k=3), files)
+        commit.open_run(_config(out, k=3), files, NO_STATS)
     with pytest.raises(OutputError, match="different input files"):
-        commit.open_run(_config(out), [InputFile("i/x.parquet", "x.parquet", 4, (4,), "string")])
+        commit.open_run(_config(out), [InputFile("i/x.parquet", "x.parquet", 4, (4,), "string")], NO_STATS)
     foreign = tmp_path / "foreign"
     put(str(foreign / "data"), [0], "x-1")
     with pytest.raises(OutputError, match="has files under data/ but no _job.json"):
-        commit.open_run(_config(foreign), files)
+        commit.open_run(_config(foreign), files, NO_STATS)
     assert not (foreign / "_job.json").exists()
     with pytest.raises(FileNotFoundError, match="no _SUCCESS marker"):
         read_output(str(out))
@@ -166,7 +170,7 @@ def test_resume_refuses_input_model_or_adapter_files_replaced_at_the_same_path(t
 
     def claim(out: str):
         config = job(model, pool, str(tmp_path / "in"), str(tmp_path / out))
-        commit.open_run(config, inputs.discover(config.input, config.storage))
+        commit.open_run(config, inputs.discover(config.input, config.storage), NO_STATS)
         return config
 
     claim("out1")
@@ -202,15 +206,15 @@ def test_resume_refuses_an_s3_input_object_replaced_at_the_same_key(tiny_assets,
     key = "pins-test/in/part-0.parquet"
     s3_server.client().upload_file(str(tmp_path / "in" / "part-0.parquet"), s3_server.bucket, key)
     config = job(model, pool, f"{prefix}/in", f"{prefix}/out", storage={"endpoint": s3_server.endpoint})
-    commit.open_run(config, inputs.discover(config.input, config.storage))
-    commit.open_run(config, inputs.discover(config.input, config.storage))  # unchanged: a resume
+    commit.open_run(config, inputs.discover(config.input, config.storage), NO_STATS)
+    commit.open_run(config, inputs.discover(config.input, config.storage), NO_STATS)  # unchanged: a resume
     write_prompts(tmp_path / "in", (5,), row_group_size=1)
     s3_server.client().upload_file(str(tmp_path / "in" / "part-0.parquet"), s3_server.bucket, key)
     with pytest.raises(OutputError, match=r"input file part-0\.parquet changed \(size:\d+,etag:\w+ -> "):
-        commit.open_run(config, inputs.discover(config.input, config.storage))
+        commit.open_run(config, inputs.discover(config.input, config.storage), NO_STATS)
 
 
-def test_drop_error_rows_keeps_the_other_rows_and_records_where_errors_were(tmp_path):
+def test_copy_without_errors_keeps_the_other_rows_and_deletes_nothing(tmp_path):
     data = str(tmp_path / "data")
     put(data, [0, 1, 2, 5], "20260101T000000Z-aaaaaa", errors=2)  # rows 0 and 1 failed
     put(data, [3], "20260102T000000Z-bbbbbb", file=1, errors=1)  # the whole file failed
@@ -218,13 +222,17 @@ def test_drop_error_rows_keeps_the_other_rows_and_records_where_errors_were(tmp_
     parts = scan(data, S)
     assert [p.error_ranges for p in parts] == [[("x.parquet", 0, 2)], [("y.parquet", 3, 4)], []]
     old = sorted(p.name for p in (tmp_path / "data").iterdir())
-    assert outputs.drop_error_rows(data, parts, S) == 3
-    after = scan(data, S)
+    copies, replaced = outputs.copy_without_errors(data, parts, S)
+    assert replaced == [parts[0].name, parts[1].name]
+    assert [c.ranges for c in copies] == [[("x.parquet", 2, 3), ("x.parquet", 5, 6)]]  # the all-error file: no copy
+    assert set(old) <= {p.name for p in (tmp_path / "data").iterdir()}  # nothing deleted: the old run stands whole
+    after = scan(data, S, ignore=replaced)
     assert sorted(p.ranges for p in after) == [[("x.parquet", 2, 3), ("x.parquet", 5, 6)], [("x.parquet", 7, 8)]]
     assert sum(p.errors for p in after) == 0 and sorted(p.attempt for p in after) == ["20260101T000000Z-aaaaaa",
                                                                                       "20260103T000000Z-cccccc"]
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) != old
-    assert pq.read_table(tmp_path / "data" / after[0].name).column("error").null_count == after[0].rows
+    assert pq.read_table(tmp_path / "data" / copies[0].name).column("error").null_count == copies[0].rows
+    # a committed manifest's files are kept before any others, whatever their names
+    assert {p.name for p in scan(data, S, repair=False, prefer={copies[0].name})} == {copies[0].name, old[1], old[2]}
     assert outputs.subtract([("x", 0, 10)], [("x", 2, 4), ("x", 6, 10)]) == [("x", 0, 2), ("x", 4, 6)]
 
 
@@ -255,8 +263,21 @@ def test_lease_keeps_a_second_driver_out_and_a_stale_one_is_taken_over(tmp_path,
     if where == "s3":  # a third driver that saw the same stale lease cannot take it too (If-Match)
         assert not Lease(config, "attempt-3")._replace(stale_etag)
         assert json.loads(storage.read_bytes(uri, config.storage))["owner"].endswith(":attempt-2")
-    with pytest.raises(OutputError, match=r"lost the lease .* to .*:attempt-2; this driver stops without committing"):
+    with pytest.raises(OutputError, match=r"lost the lease .* to .*:attempt-2; this driver stops without deleting, "
+                                          "writing or committing"):
         first.check()
+    if where == "s3":  # a renewal that succeeded but whose reply was lost: the retry's 412 keeps the lease
+        bucket, key = storage.split_s3(uri)
+        storage.s3_client(config.storage).put_object(Bucket=bucket, Key=key, Body=second._record())
+        assert second._read()[1] != second.etag  # the ETag this driver knows is the one before that write
+        assert second._renew_once()
+        second.check()
+        assert not first._renew_once()  # a driver that lost it gets nothing back that way
+    second.renewed -= 0.6  # no successful renewal for more than half the timeout: it acts no more
+    with pytest.raises(OutputError, match=r"lost the lease .* to nobody yet: it was last renewed 1 s ago"):
+        second.check()
+    second.lost = None
+    second.renewed += 0.6
     first.release()  # not its lease any more: left alone
     assert json.loads(storage.read_bytes(uri, config.storage))["owner"].endswith(":attempt-2")
     second.release()

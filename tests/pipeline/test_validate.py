@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from jobs.cli import main
 from pipeline import config_from_dict
-from pipeline.outputs import write_part
+from pipeline.outputs import FORMAT, write_part
 from pipeline.validate import sample_prompts, validate_job
 from pipeline import inputs
 from tests.pipeline.conftest import write_prompts
@@ -45,7 +45,7 @@ def test_every_problem_is_listed_with_exit_2(tiny_assets, tmp_path, capsys):
     shutil.copytree(pool, tmp_path / "pool")
     (tmp_path / "pool" / "copy" / "adapter_config.json").write_text('{"r": 2}')
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "_job.json").write_text(json.dumps({"format": "logo-batch-run/2", "config_hash": "x" * 64,
+    (tmp_path / "out" / "_job.json").write_text(json.dumps({"format": FORMAT, "config_hash": "x" * 64,
                                                             "input_files": []}))
     assert main(_args(model, tmp_path / "pool", tmp_path, "--set", "routing.probe_layer=9")) == 2
     out = capsys.readouterr().out
@@ -69,7 +69,7 @@ def test_plan_of_a_partial_run_counts_what_is_written(tiny_assets, tmp_path):
                                "input": {"uri": str(tmp_path / "in")}, "output": {"uri": str(tmp_path / "out")},
                                "resources": {"rows_per_block": 10}})
     files = inputs.discover(config.input, config.storage)
-    commit.open_run(config, files)
+    commit.open_run(config, files, lambda contents: None)  # no statistics needed for the plan
     block = next(inputs.read_unit(inputs.plan_reads(files, {}, 15)[0], config.input, config.storage))
     n = block.num_rows
     results = pa.table({"id": block.column("id"), "output": ["o"] * n, "adapters": [["copy"]] * n,

@@ -1,0 +1,306 @@
+"""Nothing lost, nothing mixed: racing drivers, files changed under a run, a failed retry, input added
+after a commit. Each test drives `logo-batch` as an operator would (drivers as processes of their
+own, on the session's real Ray; local files and SeaweedFS), then reads the output as a user would
+and counts every id."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from safetensors.torch import load_file, save_file
+
+from jobs.cli import main
+from pipeline import StorageConfig, read_output, run_job
+from pipeline.errors import InjectedFault
+from tests.pipeline.conftest import ADAPTERS, OPTIONS, SIZES, assert_matches_reference, job, reference, settle, write_prompts
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPECTED = [f"part-{f}.parquet:{r}" for f, n in enumerate(SIZES) for r in range(n)]
+
+
+def job_file(path: Path, model, pool, input_uri: str, output_uri: str, **sections) -> str:
+    data = {"model": {"path": str(model)}, "adapters": {"path": str(pool)}, "input": {"uri": input_uri},
+            "output": {"uri": output_uri}, **{k: dict(v) for k, v in OPTIONS.items()},
+            "resources": {"actors": 1, "batch_size": 4, "rows_per_block": 6, "cpus_per_actor": 0.5}}
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def driver(ray_runtime, config: str, log: Path, *extra: str) -> subprocess.Popen:
+    """`logo-batch run --config` as a process of its own, joined to the session's Ray."""
+    env = {**os.environ, "RAY_ADDRESS": ray_runtime.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "disabled"}
+    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", "--config", config, *extra], cwd=ROOT, env=env,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate, what: str, timeout: float = 240.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the driver exited ({proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def data_files(client, bucket: str | None, out: str) -> list[str]:
+    if bucket is None:
+        return sorted(p.name for p in (Path(out) / "data").glob("part-*.parquet"))
+    prefix = out.split(f"s3://{bucket}/", 1)[1] + "/data/"
+    reply = client.list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"].rsplit("/", 1)[-1] for o in reply.get("Contents", []))
+
+
+def assert_whole(out: str, storage: StorageConfig, files: list[str]) -> None:
+    """The committed run reads whole: every id once, every file its manifest lists there, no other."""
+    table = read_output(out, storage)
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == len(EXPECTED) and set(ids) == set(EXPECTED)
+    manifest = json.loads(storage_read(out, storage, "_manifest.json"))
+    assert sorted(f["path"].rsplit("/", 1)[-1] for f in manifest["output"]["files"]) == files
+
+
+def storage_read(out: str, storage: StorageConfig, name: str) -> bytes:
+    from pipeline import storage as st
+
+    return st.read_bytes(st.join(out, name), storage)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_driver_that_lost_its_lease_never_touches_the_run_another_committed(
+        ray_runtime, tiny_assets, s3_server, tmp_path, where, capsys):
+    model, pool = tiny_assets
+    write_prompts(tmp_path / "in", SIZES)
+    if where == "s3":
+        input_uri, out, bucket = s3_server.upload_dir(tmp_path / "in", "lease-race/in"), \
+            f"s3://{s3_server.bucket}/lease-race/out", s3_server.bucket
+    else:
+        input_uri, out, bucket = str(tmp_path / "in"), str(tmp_path / "out"), None
+    config = job_file(tmp_path / "job.yaml", model, pool, input_uri, out, run={"lease_timeout_s": 6},
+                      storage={"endpoint": s3_server.endpoint, "cache_dir": str(tmp_path / "cache")})
+    storage = StorageConfig(endpoint=s3_server.endpoint)
+    client = s3_server.client()
+    first = driver(ray_runtime, config, tmp_path / "a.log")
+    try:
+        wait_for(lambda: len(data_files(client, bucket, out)) >= 2, "driver A's second data file", proc=first)
+        first.send_signal(signal.SIGSTOP)  # A pauses with its dataflow running, past its lease's timeout
+        time.sleep(7)
+        assert main(["run", "--config", config]) == 0  # B takes the stale lease over, resumes and commits
+        committed = data_files(client, bucket, out)
+        assert_whole(out, storage, committed)
+        first.send_signal(signal.SIGCONT)
+        assert first.wait(timeout=180) == 2
+    finally:
+        first.send_signal(signal.SIGCONT)
+        first.kill()
+    said = (tmp_path / "a.log").read_text()
+    assert "lost the lease" in said and "this driver stops without deleting, writing or committing" in said
+    assert "Traceback" not in said
+    assert data_files(client, bucket, out) == committed  # A deleted nothing and wrote nothing more
+    assert_whole(out, storage, committed)
+    capsys.readouterr()
+    assert main(["run", "--config", config]) == 0
+    assert "already committed; nothing to do" in capsys.readouterr().err
+    assert main(["validate", "--config", config]) == 0
+    assert "no problems found" in capsys.readouterr().out
+
+
+def _perturb(weights: Path) -> None:
+    """Replace an adapter's weights in place: same names and shapes, other values."""
+    tensors = load_file(str(weights))
+    save_file({k: v * 3 + 0.05 for k, v in tensors.items()}, str(weights))
+
+
+def test_an_adapter_replaced_mid_run_stops_the_run_naming_it(ray_runtime, tiny_assets, tmp_path, capsys):
+    import shutil
+
+    model, pool = tiny_assets
+    pool = shutil.copytree(pool, tmp_path / "pool")
+    prompts = write_prompts(tmp_path / "in", SIZES)
+    config = job_file(tmp_path / "job.yaml", model, pool, str(tmp_path / "in"), str(tmp_path / "out"),
+                      adapters={"max_resident": 2})
+    weights = pool / ADAPTERS[0] / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    proc = driver(ray_runtime, config, tmp_path / "run.log")
+    try:
+        wait_for(lambda: len(data_files(None, None, str(tmp_path / "out"))) >= 1, "the first data file", proc=proc)
+        _perturb(weights)
+        code = proc.wait(timeout=240)
+    finally:
+        proc.kill()
+    said = (tmp_path / "run.log").read_text()
+    settle(tmp_path / "out" / "data")
+    if code == 0:  # every later row used adapters that stayed resident: then one version only
+        table = read_output(str(tmp_path / "out"))
+    else:
+        assert code == 2, said
+        assert f"adapter 'arith' file {weights} changed since the run started" in said, said
+        assert "Traceback" not in said
+        assert main(["run", "--config", config]) == 2  # a resume is refused too, naming the file
+        assert f"adapter file {ADAPTERS[0]}/adapter_model.safetensors changed" in capsys.readouterr().err
+        weights.write_bytes(original)  # restored: the resume computes the rest with the version pinned
+        assert main(["run", "--config", config]) == 0
+        table = read_output(str(tmp_path / "out"))
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == len(EXPECTED)
+    weights.write_bytes(original)
+    assert_matches_reference(table, reference(model, pool, prompts), EXPECTED)  # every row: the original weights
+
+
+def test_a_pool_changed_on_s3_mid_run_is_never_mixed_into_the_run(ray_runtime, tiny_assets, s3_server, tmp_path,
+                                                                  capsys):
+    model, pool = tiny_assets
+    prompts = write_prompts(tmp_path / "in", SIZES)
+    pool_uri = s3_server.upload_dir(pool, "pool-change/pool")
+    out = f"s3://{s3_server.bucket}/pool-change/out"
+    config = job_file(tmp_path / "job.yaml", model, pool_uri, str(tmp_path / "in"), out,
+                      adapters={"max_resident": 2},
+                      storage={"endpoint": s3_server.endpoint, "cache_dir": str(tmp_path / "cache")})
+    client = s3_server.client()
+    changed = tmp_path / "changed.safetensors"
+    changed.write_bytes((pool / ADAPTERS[0] / "adapter_model.safetensors").read_bytes())
+    _perturb(changed)
+    proc = driver(ray_runtime, config, tmp_path / "run.log")
+    try:
+        wait_for(lambda: len(data_files(client, s3_server.bucket, out)) >= 1, "the first data file", proc=proc)
+        client.upload_file(str(changed), s3_server.bucket, f"pool-change/pool/{ADAPTERS[0]}/adapter_model.safetensors")
+        capsys.readouterr()
+        assert main(["validate", "--config", config]) == 2  # downloads the new pool beside the copy the job reads
+        assert f"adapter file {ADAPTERS[0]}/adapter_model.safetensors changed" in capsys.readouterr().out
+        code = proc.wait(timeout=240)
+    finally:
+        proc.kill()
+    said = (tmp_path / "run.log").read_text()
+    assert code == 0, said  # the running actors read only their own copy, which never changes
+    caches = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir())
+    assert len(caches) >= 3  # model, the pool as pinned, the pool as changed: side by side
+    table = read_output(out, StorageConfig(endpoint=s3_server.endpoint))
+    assert_matches_reference(table, reference(model, pool, prompts), EXPECTED)  # one version: the pinned one
+    capsys.readouterr()
+    assert main(["run", "--config", config, "--retry-errors"]) == 2  # a retry now would mix versions: refused
+    assert f"adapter file {ADAPTERS[0]}/adapter_model.safetensors changed" in capsys.readouterr().err
+
+
+def test_calibration_statistics_are_pinned_and_checked_before_they_are_stored(ray_runtime, tiny_assets, tmp_path,
+                                                                               capsys):
+    model, pool = tiny_assets
+    write_prompts(tmp_path / "in", SIZES)
+    out = tmp_path / "out"
+    config = job(model, pool, str(tmp_path / "in"), str(out), routing={"calibration": "input"},
+                 resources={"actors": 1, "rows_per_block": 20})
+    with pytest.raises(InjectedFault):
+        run_job(config, fail_after_files=2, progress=False)
+    settle(out / "data")
+    stats_file = out / "_calibration.json"
+    pinned = stats_file.read_bytes()
+    record = json.loads((out / "_job.json").read_text())
+    assert record["calibration"].startswith("sha256:")
+    def command(output, calibration="input"):
+        return ["--model", str(model), "--adapters", str(pool), "--input", str(tmp_path / "in"), "--output",
+                str(output), "--k", "2", "--max-new-tokens", "3", "--actors", "1", "--calibration", calibration,
+                "--set", "resources.rows_per_block=20"]
+
+    args = ["run", *command(out)]
+    swapped = json.loads(pinned)
+    swapped["mean"] = [[m * 1.5 for m in row] for row in swapped["mean"]]  # other valid statistics
+    for damaged in (json.dumps(swapped).encode(), pinned[: len(pinned) // 2]):  # swapped, then truncated
+        stats_file.write_bytes(damaged)
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"{stats_file} changed since the run started" in err and "Traceback" not in err
+        assert main(["validate", *args[1:]]) == 2
+        assert f"{stats_file} changed since the run started" in capsys.readouterr().out
+    stats_file.write_bytes(pinned)
+    assert main(args) == 0
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["calibration"]["sha256"] == record["calibration"].removeprefix("sha256:")
+    assert len(set(read_output(str(out)).column("id").to_pylist())) == len(EXPECTED)
+
+    # a statistics file made for another pool: refused before anything is stored, by validate and run alike
+    other = dict(json.loads(pinned), adapters=["arith", "copy", "shout", "other"])
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    fresh = command(tmp_path / "fresh", str(tmp_path / "other.json"))
+    for name in ("validate", "run"):
+        capsys.readouterr()
+        assert main([name, *fresh]) == 2
+        said = capsys.readouterr()
+        assert "routing.calibration" in said.out + said.err and "another adapter pool" in said.out + said.err
+    assert not (tmp_path / "fresh" / "_calibration.json").exists() and not (tmp_path / "fresh" / "_job.json").exists()
+
+
+def test_a_failed_retry_leaves_the_committed_run_exactly_as_it_was(ray_runtime, tiny_assets, tmp_path, capsys):
+    model, pool = tiny_assets
+    (tmp_path / "in").mkdir()
+    prompts = ["add 1 and 2", None, "add 3 and 4", "", "add 5 and 6", "add 7 and 8"]
+    pq.write_table(pa.table({"prompt": prompts}), tmp_path / "in" / "p.parquet")
+    out = tmp_path / "out"
+    args = ["run", "--model", str(model), "--adapters", str(pool), "--input", str(tmp_path / "in"),
+            "--output", str(out), "--max-new-tokens", "2", "--actors", "1", "--batch-size", "2",
+            "--set", "resources.rows_per_block=2"]
+    assert main(args + ["--set", "run.max_error_fraction=0.5"]) == 0  # committed with its 2 error rows
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "_lease.json"}
+    table = read_output(str(out))
+    capsys.readouterr()
+    assert main(args + ["--retry-errors"]) == 3  # the cause is not fixed: the rows fail again
+    assert "2 of 6 rows" in capsys.readouterr().err
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "_lease.json"}
+    assert after == before  # marker, manifest, report, every data file: byte for byte, and nothing else
+    assert read_output(str(out)).equals(table)
+    assert main(args) == 0 and "already committed" in capsys.readouterr().err
+    assert main(args + ["--retry-errors", "--set", "run.max_error_fraction=0.5"]) == 0  # accepted this time
+    retried = read_output(str(out))
+    assert sorted(retried.column("id").to_pylist()) == sorted(table.column("id").to_pylist())
+    manifest = json.loads((out / "_manifest.json").read_text())
+    listed = sorted(f["path"].rsplit("/", 1)[-1] for f in manifest["output"]["files"])
+    assert sorted(p.name for p in (out / "data").iterdir()) == listed  # the files it replaced are gone, no stray
+    assert manifest["errors"]["rows"] == 2
+
+
+def test_input_changed_after_a_commit_is_reported_by_run_and_validate(ray_runtime, tiny_assets, tmp_path, capsys):
+    model, pool = tiny_assets
+    write_prompts(tmp_path / "in", (5, 4))
+    args = ["--model", str(model), "--adapters", str(pool), "--input", str(tmp_path / "in"), "--output",
+            str(tmp_path / "out"), "--max-new-tokens", "2", "--actors", "1", "--calibration", "reference"]
+    assert main(["run", *args]) == 0
+    manifest = (tmp_path / "out" / "_manifest.json").read_bytes()
+    pq.write_table(pa.table({"prompt": ["one more", "and another"]}), tmp_path / "in" / "part-9.parquet")
+    capsys.readouterr()
+    assert main(["run", *args]) == 2
+    err = capsys.readouterr().err
+    assert "input file part-9.parquet was added" in err and "--overwrite" in err and "nothing to do" not in err
+    assert main(["validate", *args]) == 2
+    said = capsys.readouterr().out
+    assert "input file part-9.parquet was added" in said
+    assert "a run would do nothing" not in said and "rows to compute" not in said and "no problems found" not in said
+    (tmp_path / "in" / "part-9.parquet").unlink()
+    (tmp_path / "in" / "part-1.parquet").write_bytes((tmp_path / "in" / "part-1.parquet").read_bytes())  # touched
+    assert main(["run", *args]) == 2 and "input file part-1.parquet changed" in capsys.readouterr().err
+    assert (tmp_path / "out" / "_manifest.json").read_bytes() == manifest  # the committed run is left as it was
+    pq.write_table(pa.table({"prompt": ["one more", "and another"]}), tmp_path / "in" / "part-9.parquet")
+    assert main(["run", *args, "--overwrite"]) == 0  # what the message says to do
+    assert len(read_output(str(tmp_path / "out"))) == 11
+    assert main(["validate", *args]) == 0 and "a run would do nothing" in capsys.readouterr().out
+
+
+def test_nightly_refuses_an_input_without_date_unless_forced(tmp_path, capsys):
+    from jobs.nightly import night_config
+    from tests.jobs.test_nightly import nightly_file
+
+    fixed = nightly_file(tmp_path, "m", "a", "in/fixed", "o/{date}")
+    assert main(["nightly", "--config", fixed, "--date", "2026-11-27"]) == 2
+    assert "input.uri: has no {date} field, so every night would read the same input" in capsys.readouterr().err
+    assert night_config(fixed, "2026-11-27", fixed_input=True).input.uri == "in/fixed"
+
