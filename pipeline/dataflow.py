@@ -116,7 +116,7 @@ def compute_statistics(config: JobConfig, pins: dict | None = None) -> dict:
     try:
         return ray.get(ray.remote(job_statistics).options(num_cpus=cpus, num_gpus=gpus).remote(config, pins))
     except ray.exceptions.RayTaskError as err:
-        stop = _cause(err, (LeaseLost, ChangedFileError, ConfigError))
+        stop = _cause(err, (*STOPS, ConfigError))
         if stop is not None:
             raise _one_line(stop) from None
         if not isinstance(err.cause, ValueError):  # a refused model, adapter or option; others stay as they are
@@ -163,15 +163,25 @@ class Progress:
 
 
 def quiet_ray_data() -> None:
-    """Ray Data's own progress bars and per-operator blocks off (the job prints `ProgressLine`)."""
+    """Ray Data's own progress bars and per-operator blocks off (the job prints `ProgressLine`), and
+    no traceback from it for a task that stopped the run on purpose (`STOPS`)."""
+    executor_log = logging.getLogger("ray.data._internal.execution.streaming_executor_state")
+    if not any(isinstance(f, _QuietStops) for f in executor_log.filters):
+        executor_log.addFilter(_QuietStops())
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False
 
 
+STOPS = (LeaseLost, ChangedFileError)
+"""What a task may raise that stops the run with its own one-line message (exit 2)."""
+
+
 def _cause(err: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
-    """The first exception of `kinds` in `err`'s chain (Ray wraps what a task or actor raised)."""
+    """The first exception of `kinds` in `err`'s chain. Ray wraps what a task or actor raised and
+    carries the original only as text through Ray Data's wrapper: then the last line naming one of
+    `kinds` gives its message."""
     seen: set[int] = set()
     todo = [err]
     while todo:
@@ -182,6 +192,12 @@ def _cause(err: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseEx
         if isinstance(e, kinds):
             return e
         todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    text = str(err)
+    for kind in kinds:
+        found = [line.split(f"{kind.__name__}: ", 1)[1] for line in text.splitlines()
+                 if f"{kind.__name__}: " in line and not line.lstrip().startswith("File ")]
+        if found:
+            return kind(found[-1].strip())
     return None
 
 
@@ -193,6 +209,14 @@ def _one_line(err: BaseException) -> BaseException:
     if isinstance(err, ConfigError):
         return ConfigError(message)
     return (LeaseLost if isinstance(err, LeaseLost) else OutputError)(message)
+
+
+class _QuietStops(logging.Filter):
+    """Drops Ray Data's traceback of a task that raised one of `STOPS`: the driver says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        failure = record.exc_info[1] if record.exc_info else None
+        return failure is None or _cause(failure, STOPS) is None
 
 
 def run_dataflow(config: JobConfig, files: list[inputs.InputFile], units: list[inputs.ReadUnit], attempt: str,
@@ -242,7 +266,7 @@ def run_dataflow(config: JobConfig, files: list[inputs.InputFile], units: list[i
                 raise InjectedFault(f"testing hook: stopping after {progress.files} data files "
                                     f"({progress.rows} rows) were written")
     except Exception as err:
-        stop = _cause(err, (LeaseLost, ChangedFileError))
+        stop = _cause(err, STOPS)
         if stop is not None:
             raise _one_line(stop) from None
         if not isinstance(err, ray.exceptions.RayActorError) or not err.actor_init_failed:

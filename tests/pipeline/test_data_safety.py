@@ -38,9 +38,10 @@ def job_file(path: Path, model, pool, input_uri: str, output_uri: str, **section
     return str(path)
 
 
-def driver(ray_runtime, config: str, log: Path, *extra: str) -> subprocess.Popen:
-    """`logo-batch run --config` as a process of its own, joined to the session's Ray."""
-    env = {**os.environ, "RAY_ADDRESS": ray_runtime.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "disabled"}
+def driver(ray_runtime, config: str, log: Path, *extra: str, address: str | None = None) -> subprocess.Popen:
+    """`logo-batch run --config` as a process of its own, joined to the session's Ray (or `address`)."""
+    address = address or ray_runtime.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"}
     return subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", "--config", config, *extra], cwd=ROOT, env=env,
                             stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
@@ -78,9 +79,43 @@ def storage_read(out: str, storage: StorageConfig, name: str) -> bytes:
     return st.read_bytes(st.join(out, name), storage)
 
 
+@pytest.fixture(scope="module")
+def shared_cluster(s3_credentials):
+    """A Ray head of its own (8 logical CPUs) for two drivers at once: a paused driver keeps the
+    resources its actor and read tasks hold, and the second one needs its own."""
+    import tempfile
+
+    from tests.jobs.test_submit import _alive_nodes, _ray_start, _stop
+    from tests.conftest import _free_ports
+
+    root = Path(tempfile.mkdtemp(prefix="lb-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    gcs, dashboard_port, client_port = _free_ports(3)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    env.update(s3_credentials, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    head = _ray_start(["--head", "--num-cpus", "8", f"--port={gcs}", "--include-dashboard=true",
+                       "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                       f"--ray-client-server-port={client_port}", f"--temp-dir={root / 'ray'}"], env, root / "head.log")
+    try:
+        wait_for(lambda: _up(_alive_nodes, f"http://127.0.0.1:{dashboard_port}"), "the Ray head", timeout=120,
+                 proc=head)
+        yield f"127.0.0.1:{gcs}"
+    finally:
+        _stop(head)
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _up(alive_nodes, dashboard: str) -> bool:
+    try:
+        return alive_nodes(dashboard) >= 1
+    except OSError:
+        return False
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_driver_that_lost_its_lease_never_touches_the_run_another_committed(
-        ray_runtime, tiny_assets, s3_server, tmp_path, where, capsys):
+        shared_cluster, ray_runtime, tiny_assets, s3_server, tmp_path, where, capsys):
     model, pool = tiny_assets
     write_prompts(tmp_path / "in", SIZES)
     if where == "s3":
@@ -92,12 +127,14 @@ def test_a_driver_that_lost_its_lease_never_touches_the_run_another_committed(
                       storage={"endpoint": s3_server.endpoint, "cache_dir": str(tmp_path / "cache")})
     storage = StorageConfig(endpoint=s3_server.endpoint)
     client = s3_server.client()
-    first = driver(ray_runtime, config, tmp_path / "a.log")
+    first = driver(ray_runtime, config, tmp_path / "a.log", address=shared_cluster)
     try:
         wait_for(lambda: len(data_files(client, bucket, out)) >= 2, "driver A's second data file", proc=first)
         first.send_signal(signal.SIGSTOP)  # A pauses with its dataflow running, past its lease's timeout
         time.sleep(7)
-        assert main(["run", "--config", config]) == 0  # B takes the stale lease over, resumes and commits
+        second = driver(ray_runtime, config, tmp_path / "b.log", address=shared_cluster)
+        assert second.wait(timeout=300) == 0, (tmp_path / "b.log").read_text()[-3000:]  # B takes over, commits
+        assert "taking over the lease" in (tmp_path / "b.log").read_text()
         committed = data_files(client, bucket, out)
         assert_whole(out, storage, committed)
         first.send_signal(signal.SIGCONT)
