@@ -20,7 +20,7 @@ import json
 
 from pipeline import pins, storage
 from pipeline.config import JobConfig
-from pipeline.config_io import config_hash
+from pipeline.config_io import changed_keys, config_hash, hashed_values
 from pipeline.errors import OutputError
 from pipeline.inputs import InputFile
 from pipeline.outputs import CALIBRATION, DATA_DIR, FORMAT, JOB_RECORD, MANIFEST, SUCCESS, PartFile, read_json
@@ -35,7 +35,8 @@ def job_record(config: JobConfig, files: list[InputFile]) -> dict:
     return {
         "format": FORMAT,
         "config_hash": config_hash(config),
-        "input_files": [{"uri": f.uri, "rows": f.rows} for f in files],
+        "config": hashed_values(config),
+        "input_files": [{"uri": storage.normal_uri(f.uri), "rows": f.rows} for f in files],
         "contents": pins.pins(config, files),
     }
 
@@ -44,6 +45,10 @@ def _same_job(record: dict, theirs: dict, where: str) -> None:
     if theirs.get("format", record["format"]) != record["format"]:
         raise OutputError(f"{where} has the run layout {theirs.get('format')!r}, not {record['format']!r}; pass "
                           "--overwrite to start again with this version, or choose another output.uri")
+    if theirs.get("config_hash") != record["config_hash"] and isinstance(theirs.get("config"), dict):
+        keys = "; ".join(changed_keys(theirs["config"], record["config"])) or "the same values, hashed otherwise"
+        raise OutputError(f"{where} belongs to a different job ({keys}; its value -> this job's): set them back to "
+                          "resume it, pass --overwrite to replace it, or choose another output.uri")
     if theirs.get("config_hash") != record["config_hash"]:
         raise OutputError(
             f"{where} belongs to a different job (configuration hash {str(theirs.get('config_hash'))[:12]}, this "
@@ -69,7 +74,8 @@ def committed_manifest(config: JobConfig) -> dict | None:
     if marker is None:
         return None
     theirs = read_json(_uri(config, JOB_RECORD), cfg) or json.loads(marker)
-    record = {"format": FORMAT, "config_hash": config_hash(config), "input_files": None}
+    record = {"format": FORMAT, "config_hash": config_hash(config), "config": hashed_values(config),
+              "input_files": None}
     _same_job(record, {**theirs, "input_files": None}, f"the committed run at {config.output.uri}")
     return read_json(_uri(config, MANIFEST), cfg) or {}
 

@@ -69,6 +69,12 @@ def ensure_ray(config: JobConfig) -> None:
     quiet_ray_data()
 
 
+def cluster_gpus(config: JobConfig) -> float:
+    """GPUs of the Ray cluster the job runs on (joined, or started, first)."""
+    ensure_ray(config)
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
 def actor_resources(config: JobConfig) -> tuple[float, float]:
     """(CPUs, GPUs) per LoGo actor, filling in the defaults (see `ResourcesConfig`)."""
     res = config.resources

@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import posixpath
 import secrets
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 from pipeline import commit, inputs, outputs, storage
 from pipeline.config import ConfigError, JobConfig
 from pipeline.errors import TooManyErrors
 from pipeline.lease import Lease
 from pipeline.outputs import PartFile
+from pipeline.placement import placed
 from pipeline.report import ProgressLine, RunReport, build_manifest, build_report, report_from_manifest
 
 log = logging.getLogger(__name__)
@@ -49,21 +47,10 @@ def check_sources(config: JobConfig) -> None:
     for key, uri in named:
         if not storage.exists(uri, config.storage):
             raise ConfigError(f"{key}: nothing at {uri!r}; check the path (and storage.endpoint for s3://)")
-    out, inp = (_normal(u) for u in (config.output.uri, config.input.uri))
+    out, inp = (storage.normal_uri(u) for u in (config.output.uri, config.input.uri))
     if out == inp or out.startswith(inp + "/") or inp.startswith(out + "/"):
         raise ConfigError(f"output.uri {config.output.uri!r} overlaps input.uri {config.input.uri!r}: the run's data "
                           "files would be read as input; choose an output outside the input")
-
-
-def _normal(uri: str) -> str:
-    """The place a URI names, for comparing two of them: a local path with every symlink and `..`
-    resolved (also below a part that does not exist yet); an S3 key with `.`, `..` and repeated
-    slashes collapsed, as the path-style clients that build keys from paths do."""
-    if storage.is_s3(uri):
-        bucket, key = storage.split_s3(uri)
-        key = posixpath.normpath("/" + key).lstrip("/")
-        return f"s3://{bucket}/{key}".rstrip("/")
-    return os.path.realpath(Path(uri).expanduser()).rstrip("/")
 
 
 def run_statistics(config: JobConfig) -> dict | None:
@@ -165,6 +152,7 @@ def run_job(config: JobConfig, *, fail_after_files: int | None = None, progress:
     """
     started = time.time()
     attempt = new_attempt_id()
+    config = placed(config)  # `auto` dtype and device made concrete: hashed and run as resolved
     if not config.output.overwrite:
         committed = commit.committed_manifest(config)
         if committed is not None and not retry_errors:

@@ -14,6 +14,7 @@ clients themselves with exponential backoff: boto3's `standard` retry mode and p
 from __future__ import annotations
 
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -45,6 +46,17 @@ def join(uri: str, *parts: str) -> str:
     for part in parts:
         out = f"{out}/{part.strip('/')}"
     return out
+
+
+def normal_uri(uri: str) -> str:
+    """The place a URI names, for comparing two of them: a local path with every symlink and `..`
+    resolved (also below a part that does not exist yet); an S3 key with `.`, `..` and repeated
+    slashes collapsed, as the path-style clients that build keys from paths do. No trailing slash."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        key = posixpath.normpath("/" + key).lstrip("/")
+        return f"s3://{bucket}/{key}".rstrip("/")
+    return os.path.realpath(Path(uri).expanduser()).rstrip("/") or "/"
 
 
 def endpoint_url(storage: StorageConfig) -> str | None:

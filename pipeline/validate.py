@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline import commit, fetch, inputs, outputs, storage
 from pipeline.config import ConfigError, JobConfig
+from pipeline.placement import placed
 from pipeline.runner import Plan, check_ids, check_sources, plan
 
 SAMPLE_ROWS = 1024
@@ -64,6 +65,7 @@ def _collect(result: Validation, *kinds: type[BaseException]):
 def validate_job(config: JobConfig, sample_rows: int = SAMPLE_ROWS) -> Validation:
     """Check the job as `run_job` would before starting actors, without writing anything."""
     result = Validation()
+    config = placed(config)  # as `run_job` does: the hash sees the dtype and device the actors use
     with _collect(result, commit.OutputError):
         if commit.committed_manifest(config) is not None:
             result.lines.append(f"output: {config.output.uri} is committed; a run would do nothing")
