@@ -10,8 +10,9 @@ one is `resources.gpus_per_actor`; unset, its default is 1 when the Ray cluster 
 
 With `gpus_per_actor` set, nothing but the configuration is needed (no Ray cluster): it is the
 only thing the actors' placement depends on. Unset, the run asks the cluster it joins anyway
-(`cluster_gpus`, which joins or starts Ray); `config_hash` of a configuration not resolved that
-way keeps the `auto` it cannot decide. The actor's own `auto` (actors.base) picks the same values
+(`dataflow.cluster_gpus`: the joined cluster, or for a local Ray yet to start, the GPUs Ray will
+detect on this machine); `config_hash` of a configuration not resolved that way keeps the `auto`
+it cannot decide. The actor's own `auto` (actors.base) picks the same values
 on the devices it is given.
 """
 
@@ -44,8 +45,7 @@ def resolve_placement(config: JobConfig, cluster_gpus: Callable[[], float] | Non
 
 
 def placed(config: JobConfig) -> JobConfig:
-    """`resolve_placement` for a run: the cluster is asked (Ray joined or started) only when
-    `auto` depends on it."""
+    """`resolve_placement` for a run: the cluster is asked only when `auto` depends on it."""
     def cluster_gpus() -> float:
         from pipeline.dataflow import cluster_gpus as ask  # imports Ray
 
