@@ -23,9 +23,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from pipeline import commit, inputs, outputs, storage
+from pipeline import bounds, commit, inputs, outputs, storage
 from pipeline.config import ConfigError, JobConfig
-from pipeline.errors import TooManyErrors
+from pipeline.errors import TooManyErrors, too_many
 from pipeline.lease import Lease
 from pipeline.outputs import PartFile
 from pipeline.placement import placed
@@ -40,7 +40,8 @@ def new_attempt_id() -> str:
 
 
 def check_sources(config: JobConfig) -> None:
-    """The model, adapter pool and calibration file exist (cheap checks, before any actor)."""
+    """The model, adapter pool and calibration file exist, and a bytes `max_resident` holds the k
+    largest adapters (cheap checks, before any actor)."""
     named = [("model.path", config.model.path), ("adapters.path", config.adapters.path)]
     if config.routing.calibration not in (None, "input", "reference"):
         named.append(("routing.calibration", config.routing.calibration))
@@ -51,6 +52,7 @@ def check_sources(config: JobConfig) -> None:
     if out == inp or out.startswith(inp + "/") or inp.startswith(out + "/"):
         raise ConfigError(f"output.uri {config.output.uri!r} overlaps input.uri {config.input.uri!r}: the run's data "
                           "files would be read as input; choose an output outside the input")
+    bounds.check_residency(config)  # the actor's check, before any actor
 
 
 def run_statistics(config: JobConfig) -> dict | None:
@@ -131,7 +133,7 @@ def check_errors(config: JobConfig, parts: list[PartFile], total: int) -> None:
     """Raise `TooManyErrors` when more than `run.max_error_fraction` of the rows are error rows."""
     errors = sum(p.errors for p in parts)
     limit = config.run.max_error_fraction
-    if total and errors / total > limit:
+    if too_many(errors, total, limit):
         reasons = sum((p.error_reasons for p in parts), start=Counter())
         reason, count = reasons.most_common(1)[0]
         raise TooManyErrors(

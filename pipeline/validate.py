@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline import commit, fetch, inputs, outputs, storage
+from pipeline import commit, fetch, guards, inputs, outputs, storage
 from pipeline.config import ConfigError, JobConfig
+from pipeline.errors import TooManyErrors
 from pipeline.placement import placed
 from pipeline.runner import Plan, check_ids, check_sources, plan
 
@@ -47,8 +48,9 @@ class Validation:
     def format(self) -> str:
         out = list(self.lines)
         if self.problems:
-            out.append(f"{len(self.problems)} problem(s):")
-            out += [f"  - {p}" for p in self.problems]
+            problems = list(dict.fromkeys(self.problems))  # one refused request can fail several checks alike
+            out.append(f"{len(problems)} problem(s):")
+            out += [f"  - {p}" for p in problems]
         else:
             out.append("no problems found")
         return "\n".join(out)
@@ -66,20 +68,19 @@ def validate_job(config: JobConfig, sample_rows: int = SAMPLE_ROWS) -> Validatio
     """Check the job as `run_job` would before starting actors, without writing anything."""
     result = Validation()
     config = placed(config)  # as `run_job` does: the hash sees the dtype and device the actors use
-    with _collect(result, commit.OutputError):
+    with _collect(result, commit.OutputError, ConfigError):
         if commit.committed_manifest(config) is not None:
             result.lines.append(f"output: {config.output.uri} is committed; a run would do nothing")
     t0 = time.perf_counter()
     files = None
-    with _collect(result, inputs.InputError):
+    with _collect(result, inputs.InputError, ConfigError):
         files = inputs.discover(config.input, config.storage)
     if files is not None:
         groups = sum(len(f.row_groups) for f in files)
         result.lines.append(f"input: {len(files)} Parquet files, {inputs.total_rows(files):,} rows, {groups} row groups")
-        for f in files:
-            if f.prompt_type not in ("string", "large_string"):
-                result.problems.append(f"{f.uri}: prompt column {config.input.prompt_column!r} has type "
-                                       f"{f.prompt_type}, not string; its {f.rows} rows would be error rows")
+        with _collect(result, TooManyErrors):  # what `run_job` refuses before any work
+            line = guards.check_prompt_types(files, config.input, config.run.max_error_fraction)
+            result.lines += [f"prompts: {line}"] if line else []
         with _collect(result, inputs.InputError, commit.OutputError):
             _check_partial(config, files)
             result.plan = plan(config, files, repair=False)
