@@ -63,3 +63,22 @@ def test_resume_accepts_every_key_outside_the_hash_and_names_a_key_inside(ray_ru
     assert f"rows {sum(SIZES)}: computed now {sum(SIZES) - len(first)}, resumed {len(first)}" in report
     ids = read_output(str(out)).column("id").to_pylist()
     assert sorted(ids) == sorted(f"k{i:05d}" for i in range(sum(SIZES)))  # every id once
+
+
+def test_refusal_names_each_differing_key_and_an_old_record_its_hash():
+    from pipeline.commit import _same_job
+    from pipeline.config_io import changed_keys
+    from pipeline.errors import OutputError
+    from pipeline.outputs import FORMAT
+
+    assert changed_keys({"routing.k": 2, "input.uri": "/a", "model.dtype": "float32"},
+                        {"routing.k": 3, "input.uri": "/a", "model.dtype": "bfloat16"}) == \
+        ['model.dtype: "float32" -> "bfloat16"', "routing.k: 2 -> 3"]
+    ours = {"format": FORMAT, "config_hash": "a" * 64, "config": {"routing.k": 3}, "input_files": []}
+    with pytest.raises(OutputError, match=r"^x belongs to a different job \(routing\.k: 2 -> 3; its value -> this "
+                                          r"job's\): set them back to resume it"):
+        _same_job(ours, {**ours, "config_hash": "b" * 64, "config": {"routing.k": 2}}, "x")
+    old = {"format": FORMAT, "config_hash": "b" * 64, "input_files": []}  # written before the values were recorded
+    with pytest.raises(OutputError, match=r"^x belongs to a different job \(configuration hash bbbbbbbbbbbb, this "
+                                          r"job aaaaaaaaaaaa\)"):
+        _same_job(ours, old, "x")
