@@ -84,7 +84,8 @@ def _access_checked(function):
     """`function(uri, ..., storage)` inside `access(uri, storage)`."""
     @functools.wraps(function)
     def checked(uri: str, *args, **kwargs):
-        with access(uri, kwargs.get("storage", args[-1] if args else None)):
+        cfg = next((a for a in (*args, *kwargs.values()) if isinstance(a, StorageConfig)), StorageConfig())
+        with access(uri, cfg):
             return function(uri, *args, **kwargs)
     return checked
 

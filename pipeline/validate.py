@@ -1,10 +1,13 @@
 """`validate_job(config) -> Validation`: every check a run makes before its first actor, collected.
 
     output      committed already? another job's? a partial run of this job (what is written)?
-    input       files, columns and types, row counts and row groups, null and duplicate ids
+    input       files, columns and types (one type per column across files), row counts and row
+                groups, null and duplicate ids; rows a non-text prompt column makes error rows,
+                a problem only when they exceed run.max_error_fraction (the run would exit 3)
     prompts     token lengths of a sample; blank and over-long prompts counted in it
     model       config and tokenizer load; the context leaves room for max_new_tokens
-    adapters    every adapter reads and fits the model (on the meta device: no weights allocated)
+    adapters    every adapter reads and fits the model (on the meta device: no weights allocated); a
+                bytes max_resident holds the k largest (`bounds.check_residency`, as run checks it)
     plan        read tasks and slices for the rows still to do, from the Parquet footers
 
 Nothing is written and no actor starts (a duplicate-id check on a configured id column runs as
