@@ -67,7 +67,7 @@ def check_prompt_types(files: list[InputFile], cfg: InputConfig, max_error_fract
     what = (f"{bad[0].uri}: prompt column {cfg.prompt_column!r} has type {bad[0].prompt_type}, not string{more}; "
             f"its rows ({rows:,} of {total:,}, {rows / total:.1%})")
     if too_many(rows, total, max_error_fraction):
-        raise TooManyErrors(f"{what} would be error rows, more than run.max_error_fraction={max_error_fraction}: the "
-                            "run would stop uncommitted (exit 3). Store the column as strings, or accept those rows with "
-                            "--set run.max_error_fraction=<higher>")
+        raise TooManyErrors(f"{what} would be error rows, more than run.max_error_fraction={max_error_fraction}: "
+                            "the run would stop uncommitted (exit 3). Store the column as strings, or accept those "
+                            "rows with --set run.max_error_fraction=<higher>")
     return f"{what} will be error rows (within run.max_error_fraction={max_error_fraction})"

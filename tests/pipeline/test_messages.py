@@ -128,7 +128,8 @@ def test_bytes_bound_below_the_k_largest_adapters_is_refused_alike_by_validate_a
     expected = (f"adapters.max_resident=1.0 KiB cannot hold the k=2 largest adapters at once ({format_bytes(two)}); "
                 "raise it to at least that")
     assert format_bytes(two).endswith("KiB")
-    args = _args("run", model, pool, tmp_path / "in", tmp_path / "out", "--k", "2", "--set", "adapters.max_resident=1KiB")
+    args = _args("run", model, pool, tmp_path / "in", tmp_path / "out", "--k", "2",
+                 "--set", "adapters.max_resident=1KiB")
     assert main(["validate", *args[1:]]) == 2
     out = capsys.readouterr().out
     assert "1 problem(s):" in out and expected in out
