@@ -6,6 +6,8 @@ driver makes the same check first, with the same function, on sizes it computes 
 weight: every tensor's shape from the adapter's safetensors header (`actors.adapters.read_header`),
 times the bytes per element of the dtype the actors hold factors in (`model.dtype`, resolved by
 `pipeline.placement`). `logo-batch validate` and `logo-batch run` both call `check_residency`.
+Only a bytes bound reads the headers; an s3:// pool is then fetched into the driver's cache first
+(`fetch.local_copy`, as validate's adapter checks do).
 """
 
 from __future__ import annotations
