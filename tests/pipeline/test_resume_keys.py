@@ -24,7 +24,8 @@ FLIPPED = {
     "adapters.max_resident": 3, "model.dtype": "float32", "model.device": "cpu",
     "routing.probe_module": ["v_proj", "q_proj"],
     "resources.actors": 1, "resources.batch_size": 5, "resources.rows_per_block": 30,
-    "resources.cpus_per_actor": 0.5, "storage.retries": 3, "storage.region": "eu-west-1",
+    "resources.cpus_per_actor": 0.5, "resources.gpus_per_actor": 0.0,
+    "storage.retries": 3, "storage.region": "eu-west-1",
     "run.max_error_fraction": 0.5, "run.lease_timeout_s": 60.0,
 }
 
