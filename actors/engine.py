@@ -23,6 +23,7 @@ from actors.grouping import Group, group_rows, length_buckets, single_group
 from actors.mixture import GroupTerm, MixtureState, install_mixture_layers
 from actors.options import GenerationConfig, RoutingConfig
 from actors.pool import AdapterPool
+from actors import residency
 from actors.residency import split_by_bound
 from actors.router import Router, Routing
 
@@ -115,15 +116,8 @@ class OverflowWatch(LogitsProcessor):
 
 
 def check_bound(pool: AdapterPool, routing: RoutingConfig) -> None:
-    """Refuse a residency bound that cannot hold one row's k adapters at once."""
-    k, bound = min(routing.k, len(pool)), pool.bound
-    if bound.adapters is not None and bound.adapters < k:
-        raise ValueError(f"max_resident={bound.adapters} adapters cannot hold one prompt's k={k} selected adapters "
-                         f"at once; set max_resident >= {k} (or null for the whole pool)")
-    largest = sum(sorted(pool.sizes())[-k:])
-    if bound.nbytes is not None and bound.nbytes < largest:
-        raise ValueError(f"max_resident={bound.describe()} cannot hold the k={k} largest adapters at once "
-                         f"({largest / 2**20:.1f} MiB); raise it to at least that (or null for the whole pool)")
+    """Refuse a residency bound that cannot hold one row's k adapters at once (`residency.check_bound`)."""
+    residency.check_bound(pool.bound, routing.k, pool.sizes())
 
 
 class LoGoEngine:

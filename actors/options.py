@@ -63,7 +63,8 @@ class RoutingConfig:
     probe_module: str | tuple[str, ...] = ("q_proj", "v_proj")
     """Module(s) of each probed block whose LoRA outputs are scored (last path component). With
     `probe_layers`, they define the (block, module) pairs whose scores are summed (after
-    calibration, when calibrated); a pair that no adapter adapts is left out."""
+    calibration, when calibrated); a pair that no adapter adapts is left out. A list is a set: kept
+    sorted, so its order changes nothing (the router scores block-major, modules in this order)."""
     probe_input: str = "residual"
     """`residual`: the residual stream entering the block; `module_input`: what the module receives."""
     calibration_score: str = "zscore"
@@ -88,6 +89,9 @@ class RoutingConfig:
         _check(isinstance(modules, tuple) and bool(modules) and all(isinstance(m, str) and m for m in modules),
                "probe_module", "holds an empty name or a non-string; give a module name such as q_proj, or a list "
                "of names", self.probe_module)
+        _check(len(set(modules)) == len(modules), "probe_module", "lists a module twice; list each once", modules)
+        if isinstance(self.probe_module, tuple):  # a set of names: the sum over pairs does not depend on order
+            object.__setattr__(self, "probe_module", tuple(sorted(self.probe_module)))
         _one_of(self.calibration_score, CALIBRATION_SCORES, "calibration_score")
 
     @property

@@ -22,6 +22,16 @@ UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)\s*$", re.IGNORECASE)
 
 
+def format_bytes(n: float) -> str:
+    """Bytes in the largest binary unit that keeps the number at least 1: `512 B`, `1.0 KiB`,
+    `3.2 MiB`, `20.0 GiB`."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 @dataclass(frozen=True)
 class ResidencyBound:
     """At most `adapters` adapters and at most `nbytes` bytes of factors (None: no such bound)."""
@@ -41,7 +51,7 @@ class ResidencyBound:
             return "all"
         if self.adapters is not None:
             return f"{self.adapters} adapters"
-        return f"{self.nbytes / 2**20:.1f} MiB"
+        return format_bytes(self.nbytes)
 
 
 def parse_max_resident(value: int | str | None) -> ResidencyBound:
@@ -66,6 +76,20 @@ def parse_max_resident(value: int | str | None) -> ResidencyBound:
     if nbytes < 1:
         raise ValueError(f"max_resident={value!r}: a size must be positive")
     return ResidencyBound(nbytes=nbytes)
+
+
+def check_bound(bound: ResidencyBound, k: int, sizes: list[int]) -> None:
+    """Refuse a bound that cannot hold one row's `k` adapters at once (`k` at most the pool's size;
+    `sizes`: every adapter's bytes of full factors). The one check of it: the actor makes it on its
+    pool, and the job's driver on the sizes in the adapters' file headers, before any work."""
+    k = min(k, len(sizes))
+    if bound.adapters is not None and bound.adapters < k:
+        raise ValueError(f"max_resident={bound.adapters} adapters cannot hold one prompt's k={k} selected adapters "
+                         f"at once; set max_resident >= {k} (or null for the whole pool)")
+    largest = sum(sorted(sizes)[-k:]) if k else 0
+    if bound.nbytes is not None and bound.nbytes < largest:
+        raise ValueError(f"max_resident={bound.describe()} cannot hold the k={k} largest adapters at once "
+                         f"({format_bytes(largest)}); raise it to at least that (or null for the whole pool)")
 
 
 K = TypeVar("K", bound=Hashable)

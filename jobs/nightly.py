@@ -88,11 +88,13 @@ def main(args: argparse.Namespace) -> int:
     from pipeline.commit import committed_manifest
     from pipeline.config_io import config_hash, parse_set
     from pipeline.outputs import MANIFEST, SUCCESS, read_json
+    from pipeline.placement import placed
 
     date = args.date or yesterday_utc()
 
     def build():
-        config = night_config(args.config, date, parse_set(args.set_items), args.fixed_input or args.force)
+        fixed = args.fixed_input or args.force
+        config = placed(night_config(args.config, date, parse_set(args.set_items), fixed))  # hashed as run_job does
         out = config.output.uri
         if storage.read_bytes(storage.join(out, SUCCESS), config.storage) is not None and not args.force:
             committed = read_json(storage.join(out, MANIFEST), config.storage) or {}

@@ -6,7 +6,8 @@
 Writes `report.json`, `report.md` and `report/*.png` beside the run's data (see
 `pipeline/run_report.py` for what each holds). `logo-batch run` writes them after every commit;
 this command redraws them, e.g. for a run committed by an older version. Exit status 2 when
-there is no committed run at OUTPUT.
+there is no committed run at OUTPUT, or it is damaged (a missing or unreadable manifest or data
+file: the message says which, and how to repair it).
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline import StorageConfig
+    from pipeline import ConfigError, OutputError, StorageConfig
     from pipeline.run_report import PLOT_DIR, REPORT_JSON, REPORT_MD, write_run_report
 
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         report = write_run_report(args.output, StorageConfig(endpoint=args.endpoint))
-    except FileNotFoundError as err:
+    except (OutputError, ConfigError) as err:  # not committed, damaged, or storage refused: says which and the fix
         print(f"logo-batch report: {err}", file=sys.stderr)
         return 2
     except (BotoCoreError, ClientError) as err:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from pipeline import pins, storage
 from pipeline.config import JobConfig
-from pipeline.config_io import config_hash
+from pipeline.config_io import changed_keys, config_hash, hashed_values
 from pipeline.errors import OutputError
 from pipeline.inputs import InputFile
 from pipeline.outputs import CALIBRATION, DATA_DIR, FORMAT, JOB_RECORD, MANIFEST, SUCCESS, PartFile, read_json
@@ -43,7 +43,8 @@ def job_record(config: JobConfig, files: list[InputFile]) -> dict:
     return {
         "format": FORMAT,
         "config_hash": config_hash(config),
-        "input_files": [{"uri": f.uri, "rows": f.rows} for f in files],
+        "config": hashed_values(config),
+        "input_files": [{"uri": storage.normal_uri(f.uri), "rows": f.rows} for f in files],
         "contents": pins.pins(config, files),
     }
 
@@ -52,6 +53,10 @@ def _same_job(record: dict, theirs: dict, where: str) -> None:
     if theirs.get("format", record["format"]) != record["format"]:
         raise OutputError(f"{where} has the run layout {theirs.get('format')!r}, not {record['format']!r}; pass "
                           "--overwrite to start again with this version, or choose another output.uri")
+    if theirs.get("config_hash") != record["config_hash"] and isinstance(theirs.get("config"), dict):
+        keys = "; ".join(changed_keys(theirs["config"], record["config"])) or "the same values, hashed otherwise"
+        raise OutputError(f"{where} belongs to a different job ({keys}; its value -> this job's): set them back to "
+                          "resume it, pass --overwrite to replace it, or choose another output.uri")
     if theirs.get("config_hash") != record["config_hash"]:
         raise OutputError(
             f"{where} belongs to a different job (configuration hash {str(theirs.get('config_hash'))[:12]}, this "
@@ -86,7 +91,8 @@ def committed_manifest(config: JobConfig) -> dict | None:
         except ValueError:
             raise OutputError(f"{_uri(config, SUCCESS)} is not valid JSON and there is no {JOB_RECORD}; restore "
                               "them, or pass --overwrite to start the run again") from None
-    record = {"format": FORMAT, "config_hash": config_hash(config), "input_files": None}
+    record = {"format": FORMAT, "config_hash": config_hash(config), "config": hashed_values(config),
+              "input_files": None}
     layout = FORMAT if theirs.get("format") in READABLE else theirs.get("format")  # nothing to compute in these
     _same_job(record, {**theirs, "input_files": None, "format": layout}, where)
     changed = pins.input_changes(theirs.get("contents", {}), config) if "contents" in theirs else []

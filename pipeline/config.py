@@ -76,7 +76,8 @@ class AdaptersConfig:
     """Most adapters whose full factors an actor keeps on its device (an int), or most bytes of
     them (e.g. '20GiB'); the others are read on demand from the node's copy of the pool, least
     recently used first out. Null: the whole pool. Routing reads the routing index either way.
-    Never changes an output, so not part of the job's hash."""
+    A size below the k largest adapters (in the actors' dtype) is refused before any work, by run and
+    validate alike (`pipeline.bounds`). Never changes an output, so not part of the job's hash."""
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "adapters.path", "is empty; give an adapter directory or s3:// prefix")

@@ -18,13 +18,26 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import SECTIONS, ConfigError, JobConfig
+from pipeline.config import CALIBRATION_SOURCES, SECTIONS, ConfigError, JobConfig
+from pipeline.storage import normal_uri
 
-# Sections that decide what a row's result is; the job hash covers only these, so changing the
-# number of actors or the batch size between a failed run and its rerun still resumes it.
-HASHED_SECTIONS = ("model", "adapters", "routing", "generation", "input")
-# Keys not in the hash: they never change a row's result, so they may change between attempts.
-UNHASHED = {("adapters", "max_resident")}
+HASHED_KEYS = (
+    "model.path", "model.dtype", "model.device",
+    "adapters.path",
+    "routing.k", "routing.signal", "routing.probe_layers", "routing.probe_module", "routing.probe_input",
+    "routing.calibration_score", "routing.calibration", "routing.calibration_sample",
+    "routing.calibration_min_rows", "routing.calibration_seed",
+    "generation.max_new_tokens", "generation.stop_at_newline", "generation.stop_strings", "generation.overlong",
+    "generation.max_prompt_tokens",
+    "input.uri", "input.prompt_column", "input.id_column", "input.passthrough",
+)
+"""The keys that decide a row's result: the job's hash covers these and nothing else, so every other
+key (resources, storage, output, run, `adapters.max_resident`, and the generation keys that only
+choose how rows are batched and grouped: grouping, max_groups, group_overhead, decode_union_cost,
+probe_bucket_overhead, generate_step_slots, ordering, time_groups) may change between a run and
+its resume. Each value is hashed in its normal form (`hashed_values`)."""
+URI_KEYS = ("model.path", "adapters.path", "input.uri", "routing.calibration")
+"""Hashed keys holding a location, compared as the place they name (`storage.normal_uri`)."""
 # Keys of earlier versions, still read: (section, old name) -> new name.
 RENAMED = {("routing", "probe_layer"): "probe_layers"}
 # Keys of earlier versions in another section, still read there: (old section, key) -> new section.
@@ -199,9 +212,36 @@ def config_to_dict(config: JobConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+def _normal_value(key: str, value: Any) -> Any:
+    if key in URI_KEYS and isinstance(value, str) and not (key == "routing.calibration"
+                                                           and value in CALIBRATION_SOURCES):
+        return normal_uri(value)
+    if key == "routing.probe_module":  # a set of names: the router scores them in sorted order
+        return sorted([value] if isinstance(value, str) else value)
+    return value
+
+
+def hashed_values(config: JobConfig) -> dict[str, Any]:
+    """`HASHED_KEYS` -> value, JSON-compatible, in normal form: locations as the place they name
+    (trailing slash, `.`, `..` and repeated slashes removed; local paths absolute), `probe_module`
+    as a sorted list, `auto` dtype and device resolved where the configuration decides them
+    (`pipeline.placement`). Recorded in `_job.json`, so a refused resume can name the keys."""
+    from pipeline.placement import resolve_placement
+
+    data = config_to_dict(resolve_placement(config))
+    out = {}
+    for key in HASHED_KEYS:
+        section, name = key.split(".")
+        out[key] = _normal_value(key, data[section][name])
+    return out
+
+
 def config_hash(config: JobConfig) -> str:
-    """SHA-256 over the sections that decide the results (not resources, storage or output)."""
-    data = config_to_dict(config)
-    hashed = {name: {key: value for key, value in data[name].items() if (name, key) not in UNHASHED}
-              for name in HASHED_SECTIONS}
-    return hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()
+    """SHA-256 over `hashed_values`: what decides the results (not resources, storage or output)."""
+    return hashlib.sha256(json.dumps(hashed_values(config), sort_keys=True).encode()).hexdigest()
+
+
+def changed_keys(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """`key: old -> new` for each hashed key whose value differs between two `hashed_values`."""
+    return [f"{key}: {json.dumps(recorded.get(key))} -> {json.dumps(now.get(key))}"
+            for key in sorted(set(recorded) | set(now)) if recorded.get(key) != now.get(key)]

@@ -78,6 +78,19 @@ def ensure_ray(config: JobConfig) -> None:
     quiet_ray_data()
 
 
+def cluster_gpus(config: JobConfig) -> float:
+    """GPUs of the Ray cluster the job runs on: asked of the cluster when this process has joined one
+    or is to join one (resources.ray_address, RAY_ADDRESS: joined first); for the local Ray the job
+    would start, the GPUs Ray's own detector finds on this machine (what that Ray will report), so
+    that nothing starts before the job's first checks."""
+    if ray.is_initialized() or config.resources.ray_address or os.environ.get("RAY_ADDRESS"):
+        ensure_ray(config)
+        return float(ray.cluster_resources().get("GPU", 0))
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+
+    return float(get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators())
+
+
 def actor_resources(config: JobConfig) -> tuple[float, float]:
     """(CPUs, GPUs) per LoGo actor, filling in the defaults (see `ResourcesConfig`)."""
     res = config.resources

@@ -20,3 +20,9 @@ class OutputError(RuntimeError):
 class TooManyErrors(RuntimeError):
     """Every row is accounted for, but more of them failed than `run.max_error_fraction` allows:
     the run is not committed and its rows are kept (rerun with `--retry-errors` once fixed)."""
+
+
+def too_many(errors: int, total: int, max_error_fraction: float) -> bool:
+    """More error rows than `run.max_error_fraction` allows: the run stops uncommitted (exit 3). The
+    one comparison: the run makes it on the rows written, `validate` on the rows it knows will fail."""
+    return bool(total) and errors / total > max_error_fraction

@@ -46,6 +46,11 @@ class InputFile:
     prompt_type: str
     """Arrow type of the prompt column in this file (a dictionary or string_view as `string`)."""
 
+    @property
+    def prompt_text(self) -> bool:
+        """The prompt column holds text (else every row of the file is an error row)."""
+        return self.prompt_type in ("string", "large_string")
+
 
 @dataclass(frozen=True)
 class Slice:
@@ -62,13 +67,16 @@ class Slice:
 def list_files(cfg: InputConfig, config: StorageConfig) -> list[tuple[str, str, str]]:
     """(fs path, name relative to the input, URI) for every Parquet file of the input, sorted."""
     fs, root = storage.filesystem(cfg.uri, config)
-    info = fs.get_file_info(root)
+    with storage.access(cfg.uri, config):  # the input's first request: refused credentials named in one line
+        info = fs.get_file_info(root)
+        listed = [] if info.type == pafs.FileType.File else \
+            fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     if info.type == pafs.FileType.File:
         return [(root, root.rsplit("/", 1)[-1], cfg.uri)]
     if info.type == pafs.FileType.NotFound and not storage.is_s3(cfg.uri):
         raise InputError(f"input.uri {cfg.uri!r}: no such file or directory")
     found = []
-    for item in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+    for item in listed:
         rel = item.path[len(root):].lstrip("/")
         hidden = any(part.startswith(("_", ".")) for part in rel.split("/"))
         if item.type == pafs.FileType.File and rel.endswith(".parquet") and not hidden:
@@ -101,19 +109,15 @@ def discover(cfg: InputConfig, config: StorageConfig) -> list[InputFile]:
             if column not in schema.names:
                 raise InputError(f"{uri}: no column {column!r} ({key}); columns there: {', '.join(schema.names)}")
         groups = tuple(meta.metadata.row_group(i).num_rows for i in range(meta.metadata.num_row_groups))
-        kept = {name: plain_type(schema.field(name).type) for name in cfg.passthrough}
+        kept = {("input.passthrough", name): plain_type(schema.field(name).type) for name in cfg.passthrough}
+        if cfg.id_column:
+            kept["input.id_column", cfg.id_column] = plain_type(schema.field(cfg.id_column).type)
         prompt_type = str(plain_type(schema.field(cfg.prompt_column).type))
         return InputFile(uri, rel, meta.metadata.num_rows, groups, prompt_type), kept
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         found = list(pool.map(inspect, list_files(cfg, config)))
-    first_file, first = found[0]
-    for f, types in found[1:]:
-        for name, tp in types.items():
-            if tp != first[name]:
-                raise InputError(f"pass-through column {name!r} (input.passthrough) has type {first[name]} in "
-                                 f"{first_file.uri} but {tp} in {f.uri}; give it one type in every file, or leave "
-                                 "it out of input.passthrough")
+    guards.check_column_types(found)
     return [f for f, _ in found]
 
 

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from actors import grouping, options
 from pipeline import storage
 from pipeline.config import StorageConfig
+from pipeline.errors import OutputError
 from pipeline.outputs import MANIFEST, SUCCESS, attempt_of, error_reason, read_json
 
 REPORT_JSON = "report.json"
@@ -162,11 +163,44 @@ def throughput(files: list[dict], mtimes: list[float]) -> list[dict]:
     return sorted(out.values(), key=lambda r: r["attempt"])
 
 
+REPAIR = (f"delete {SUCCESS} there and rerun the job (logo-batch run, same configuration): it checks the data files, "
+          "computes the rows that no readable file holds, and commits again")
+
+
+def committed_manifest_at(output_uri: str, storage_cfg: StorageConfig) -> dict:
+    """The manifest of the committed run at `output_uri`; raises OutputError saying what is wrong
+    (no `_SUCCESS`, a missing or unreadable manifest) and the fix."""
+    if storage.read_bytes(storage.join(output_uri, SUCCESS), storage_cfg) is None:
+        raise OutputError(f"{output_uri}: no {SUCCESS} marker; the run is not committed: run the job (logo-batch run) "
+                          "to finish it, then report it")
+    uri = storage.join(output_uri, MANIFEST)
+    try:
+        manifest = read_json(uri, storage_cfg)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise OutputError(f"{uri}: not valid JSON ({err}); the output is damaged: {REPAIR}") from None
+    if manifest is None:
+        raise OutputError(f"{uri}: missing, though {SUCCESS} is there; the output is damaged: {REPAIR}")
+    files = manifest.get("output", {}).get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, list) or not all(isinstance(f, dict) and "path" in f and "rows" in f for f in files):
+        raise OutputError(f"{uri}: lists no data files (no output.files of paths and rows); the output is damaged: "
+                          f"{REPAIR}")
+    return manifest
+
+
+def _read_data_file(fs, root: str, output_uri: str, entry: dict, columns: list[str]):
+    uri = storage.join(output_uri, entry["path"])
+    try:
+        return pq.read_table(f"{root}/{entry['path']}", filesystem=fs, columns=columns)
+    except FileNotFoundError:
+        raise OutputError(f"{uri}: listed in {MANIFEST} but missing; the output is damaged: {REPAIR}") from None
+    except (OSError, ValueError) as err:  # pyarrow: ArrowInvalid (a ValueError) or an IO error
+        raise OutputError(f"{uri}: cannot be read as Parquet ({' '.join(str(err).split())}); the output is "
+                          f"damaged: {REPAIR}") from None
+
+
 def compute_run_report(output_uri: str, storage_cfg: StorageConfig) -> dict:
     """The report's numbers for the committed run at `output_uri` (reads its data files once)."""
-    if storage.read_bytes(storage.join(output_uri, SUCCESS), storage_cfg) is None:
-        raise FileNotFoundError(f"{output_uri}: no {SUCCESS} marker; the run is not committed (run the job first)")
-    manifest = read_json(storage.join(output_uri, MANIFEST), storage_cfg) or {}
+    manifest = committed_manifest_at(output_uri, storage_cfg)
     config = manifest.get("config", {})
     batch_size = int(config.get("resources", {}).get("batch_size", 16))
     settings = grouping_settings(config)
@@ -175,7 +209,7 @@ def compute_run_report(output_uri: str, storage_cfg: StorageConfig) -> dict:
     tally = Tally()
     stride = max(1, math.ceil(sum(math.ceil(f["rows"] / batch_size) for f in files) / REPLAY_BATCHES))
     for entry in files:
-        table = pq.read_table(f"{root}/{entry['path']}", filesystem=fs, columns=[*_COLUMNS, "warning"])
+        table = _read_data_file(fs, root, output_uri, entry, [*_COLUMNS, "warning"])
         tally.warnings += table.num_rows - table.column("warning").null_count
         tally_file(table, batch_size, settings, tally, stride)
     mtimes = [info.mtime.timestamp() if info.mtime else 0.0

@@ -23,22 +23,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import posixpath
 import secrets
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-from pipeline import commit, inputs, outputs, storage
+from pipeline import bounds, commit, inputs, outputs, storage
 from pipeline.calibration import check_statistics
 from pipeline.config import ConfigError, JobConfig
-from pipeline.errors import TooManyErrors
+from pipeline.errors import TooManyErrors, too_many
 from pipeline.lease import Lease, LeaseLost
 from pipeline.outputs import PartFile
+from pipeline.placement import placed
 from pipeline.report import ProgressLine, RunReport, build_manifest, build_report, report_from_manifest
 
 log = logging.getLogger(__name__)
@@ -50,28 +48,19 @@ def new_attempt_id() -> str:
 
 
 def check_sources(config: JobConfig) -> None:
-    """The model, adapter pool and calibration file exist (cheap checks, before any actor)."""
+    """The model, adapter pool and calibration file exist, and a bytes `max_resident` holds the k
+    largest adapters (cheap checks, before any actor)."""
     named = [("model.path", config.model.path), ("adapters.path", config.adapters.path)]
     if config.routing.calibration not in (None, "input", "reference"):
         named.append(("routing.calibration", config.routing.calibration))
     for key, uri in named:
         if not storage.exists(uri, config.storage):
             raise ConfigError(f"{key}: nothing at {uri!r}; check the path (and storage.endpoint for s3://)")
-    out, inp = (_normal(u) for u in (config.output.uri, config.input.uri))
+    out, inp = (storage.normal_uri(u) for u in (config.output.uri, config.input.uri))
     if out == inp or out.startswith(inp + "/") or inp.startswith(out + "/"):
         raise ConfigError(f"output.uri {config.output.uri!r} overlaps input.uri {config.input.uri!r}: the run's data "
                           "files would be read as input; choose an output outside the input")
-
-
-def _normal(uri: str) -> str:
-    """The place a URI names, for comparing two of them: a local path with every symlink and `..`
-    resolved (also below a part that does not exist yet); an S3 key with `.`, `..` and repeated
-    slashes collapsed, as the path-style clients that build keys from paths do."""
-    if storage.is_s3(uri):
-        bucket, key = storage.split_s3(uri)
-        key = posixpath.normpath("/" + key).lstrip("/")
-        return f"s3://{bucket}/{key}".rstrip("/")
-    return os.path.realpath(Path(uri).expanduser()).rstrip("/")
+    bounds.check_residency(config)  # the actor's check, before any actor
 
 
 def statistics_for(config: JobConfig) -> Callable[[dict], dict | None]:
@@ -154,7 +143,7 @@ def check_errors(config: JobConfig, parts: list[PartFile], total: int) -> None:
     """Raise `TooManyErrors` when more than `run.max_error_fraction` of the rows are error rows."""
     errors = sum(p.errors for p in parts)
     limit = config.run.max_error_fraction
-    if total and errors / total > limit:
+    if too_many(errors, total, limit):
         reasons = sum((p.error_reasons for p in parts), start=Counter())
         reason, count = reasons.most_common(1)[0]
         raise TooManyErrors(
@@ -176,6 +165,7 @@ def run_job(config: JobConfig, *, fail_after_files: int | None = None, progress:
     """
     started = time.time()
     attempt = new_attempt_id()
+    config = placed(config)  # `auto` dtype and device made concrete: hashed and run as resolved
     if not config.output.overwrite and not retry_errors:
         committed = commit.committed_manifest(config)
         if committed is not None:

@@ -6,6 +6,10 @@ if it is absent (the commit marker and the job record), and listing objects with
 Endpoint and region come from `StorageConfig` or the usual AWS environment variables;
 credentials only from the environment (or the node's role).
 
+A request refused for its credentials (wrong, missing, expired) or for a bucket that does not exist
+raises one `ConfigError` line naming the URI, the credential variables and `storage.endpoint`
+(`access`), from boto3 and pyarrow alike, wherever a run makes its first request.
+
 Transient failures (connection refused or reset, timeouts, throttling, 5xx) are retried by the
 clients themselves with exponential backoff: boto3's `standard` retry mode and pyarrow's
 `AwsStandardS3RetryStrategy`, each with `StorageConfig.retries` attempts.
@@ -13,18 +17,77 @@ clients themselves with exponential backoff: boto3's `standard` retry mode and p
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from pipeline.config import StorageConfig
+from pipeline.config import ConfigError, StorageConfig
 
 
 CONNECT_TIMEOUT_S = 10
 REQUEST_TIMEOUT_S = 120
+
+
+AUTH_CODES = ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "InvalidToken", "ExpiredToken",
+              "TokenRefreshRequired", "AuthorizationHeaderMalformed", "InvalidSecurity")
+"""S3 error codes (boto3's spelling) of a request refused for its credentials."""
+CREDENTIALS = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials)"
+
+
+def _arrow_code(code: str) -> str:
+    return "".join(part.capitalize() for part in code.split("_"))
+
+
+def access_error(uri: str, err: BaseException, storage: StorageConfig) -> ConfigError | None:
+    """The one-line error for an S3 request refused for its credentials or bucket, else None."""
+    import botocore.exceptions
+
+    where = f"{endpoint_url(storage)} (storage.endpoint)" if endpoint_url(storage) else \
+        "AWS (no storage.endpoint or AWS_ENDPOINT_URL is set)"
+    if isinstance(err, (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError)):
+        return ConfigError(f"{uri}: no S3 credentials found ({err}); set {CREDENTIALS} in the environment, or give "
+                           f"the node a role, for the service at {where}")
+    code = None
+    if isinstance(err, botocore.exceptions.ClientError):
+        code = err.response.get("Error", {}).get("Code")
+    elif isinstance(err, OSError) and "AWS Error " in str(err):  # pyarrow: "AWS Error ACCESS_DENIED during ..."
+        code = _arrow_code(str(err).split("AWS Error ", 1)[1].split(" ", 1)[0])
+    if code == "NoSuchBucket":
+        return ConfigError(f"{uri}: the S3 service at {where} has no bucket {split_s3(uri)[0]!r}; check the URI and "
+                           "storage.endpoint")
+    if code in AUTH_CODES:
+        return ConfigError(f"{uri}: the S3 service at {where} refused the request ({code}); check {CREDENTIALS} "
+                           "and their permissions on the bucket, and that storage.endpoint names the service "
+                           "they belong to")
+    return None
+
+
+@contextlib.contextmanager
+def access(uri: str, storage: StorageConfig):
+    """Requests inside raise `access_error`'s one line when refused for credentials or a bucket."""
+    try:
+        yield
+    except Exception as err:
+        translated = access_error(uri, err, storage) if is_s3(uri) else None
+        if translated is None:
+            raise
+        raise translated from None
+
+
+def _access_checked(function):
+    """`function(uri, ..., storage)` inside `access(uri, storage)`."""
+    @functools.wraps(function)
+    def checked(uri: str, *args, **kwargs):
+        cfg = next((a for a in (*args, *kwargs.values()) if isinstance(a, StorageConfig)), StorageConfig())
+        with access(uri, cfg):
+            return function(uri, *args, **kwargs)
+    return checked
 
 
 def is_s3(uri: str) -> bool:
@@ -45,6 +108,17 @@ def join(uri: str, *parts: str) -> str:
     for part in parts:
         out = f"{out}/{part.strip('/')}"
     return out
+
+
+def normal_uri(uri: str) -> str:
+    """The place a URI names, for comparing two of them: a local path with every symlink and `..`
+    resolved (also below a part that does not exist yet); an S3 key with `.`, `..` and repeated
+    slashes collapsed, as the path-style clients that build keys from paths do. No trailing slash."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        key = posixpath.normpath("/" + key).lstrip("/")
+        return f"s3://{bucket}/{key}".rstrip("/")
+    return os.path.realpath(Path(uri).expanduser()).rstrip("/") or "/"
 
 
 def endpoint_url(storage: StorageConfig) -> str | None:
@@ -89,6 +163,7 @@ class ObjectInfo:
     """The S3 ETag without quotes (None for local files)."""
 
 
+@_access_checked
 def list_objects(uri: str, storage: StorageConfig) -> list[ObjectInfo]:
     """Every object (file) below a prefix or directory, recursively, sorted by key."""
     if not is_s3(uri):
@@ -107,6 +182,7 @@ def list_objects(uri: str, storage: StorageConfig) -> list[ObjectInfo]:
     return sorted(out, key=lambda o: o.key)
 
 
+@_access_checked
 def object_info(uri: str, storage: StorageConfig) -> ObjectInfo | None:
     """Size and ETag of one S3 object (its key is the base name), or None if there is none."""
     import botocore.exceptions
@@ -123,6 +199,7 @@ def object_info(uri: str, storage: StorageConfig) -> ObjectInfo | None:
     return ObjectInfo(key.rsplit("/", 1)[-1], int(head["ContentLength"]), head["ETag"].strip('"'))
 
 
+@_access_checked
 def read_bytes(uri: str, storage: StorageConfig) -> bytes | None:
     """The content of a small object, or None if it does not exist."""
     if not is_s3(uri):
@@ -136,6 +213,7 @@ def read_bytes(uri: str, storage: StorageConfig) -> bytes | None:
         return None
 
 
+@_access_checked
 def write_bytes(uri: str, data: bytes, storage: StorageConfig) -> None:
     """Create or replace a small object (locally: atomically, through a temporary file)."""
     if not is_s3(uri):
@@ -149,6 +227,7 @@ def write_bytes(uri: str, data: bytes, storage: StorageConfig) -> None:
     s3_client(storage).put_object(Bucket=bucket, Key=key, Body=data)
 
 
+@_access_checked
 def write_if_absent(uri: str, data: bytes, storage: StorageConfig) -> bool:
     """Create the object with `data` unless it exists; True if this call created it."""
     if not is_s3(uri):
@@ -175,6 +254,7 @@ def write_if_absent(uri: str, data: bytes, storage: StorageConfig) -> bool:
         raise
 
 
+@_access_checked
 def delete(uri: str, storage: StorageConfig) -> None:
     """Delete one object or file if it exists."""
     if not is_s3(uri):
@@ -184,6 +264,7 @@ def delete(uri: str, storage: StorageConfig) -> None:
     s3_client(storage).delete_object(Bucket=bucket, Key=key)
 
 
+@_access_checked
 def delete_prefix(uri: str, storage: StorageConfig) -> int:
     """Delete every object below a prefix or directory; returns how many were deleted."""
     objects = list_objects(uri, storage)
@@ -201,6 +282,7 @@ def delete_prefix(uri: str, storage: StorageConfig) -> int:
     return len(keys)
 
 
+@_access_checked
 def exists(uri: str, storage: StorageConfig) -> bool:
     """True if a file or directory exists at `uri` (local), or any object at or below it (S3)."""
     if not is_s3(uri):

@@ -1,10 +1,13 @@
 """`validate_job(config) -> Validation`: every check a run makes before its first actor, collected.
 
     output      committed already? another job's? a partial run of this job (what is written)?
-    input       files, columns and types, row counts and row groups, null and duplicate ids
+    input       files, columns and types (one type per column across files), row counts and row
+                groups, null and duplicate ids; rows a non-text prompt column makes error rows,
+                a problem only when they exceed run.max_error_fraction (the run would exit 3)
     prompts     token lengths of a sample; blank and over-long prompts counted in it
     model       config and tokenizer load; the context leaves room for max_new_tokens
-    adapters    every adapter reads and fits the model (on the meta device: no weights allocated)
+    adapters    every adapter reads and fits the model (on the meta device: no weights allocated); a
+                bytes max_resident holds the k largest (`bounds.check_residency`, as run checks it)
     plan        read tasks and slices for the rows still to do, from the Parquet footers
 
 Nothing is written and no actor starts (a duplicate-id check on a configured id column runs as
@@ -20,9 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline import commit, fetch, inputs, outputs, storage
+from pipeline import commit, fetch, guards, inputs, outputs, storage
 from pipeline.calibration import check_statistics
 from pipeline.config import CALIBRATION_SOURCES, ConfigError, JobConfig
+from pipeline.errors import TooManyErrors
+from pipeline.placement import placed
 from pipeline.runner import Plan, check_ids, check_sources, plan
 
 SAMPLE_ROWS = 1024
@@ -47,8 +52,9 @@ class Validation:
     def format(self) -> str:
         out = list(self.lines)
         if self.problems:
-            out.append(f"{len(self.problems)} problem(s):")
-            out += [f"  - {p}" for p in self.problems]
+            problems = list(dict.fromkeys(self.problems))  # one refused request can fail several checks alike
+            out.append(f"{len(problems)} problem(s):")
+            out += [f"  - {p}" for p in problems]
         else:
             out.append("no problems found")
         return "\n".join(out)
@@ -65,21 +71,21 @@ def _collect(result: Validation, *kinds: type[BaseException]):
 def validate_job(config: JobConfig, sample_rows: int = SAMPLE_ROWS) -> Validation:
     """Check the job as `run_job` would before starting actors, without writing anything."""
     result = Validation()
-    with _collect(result, commit.OutputError):
+    config = placed(config)  # as `run_job` does: the hash sees the dtype and device the actors use
+    with _collect(result, commit.OutputError, ConfigError):
         if commit.committed_manifest(config) is not None:
             result.lines.append(f"output: {config.output.uri} is committed; a run would do nothing")
     refused = bool(result.problems)  # a run would refuse the output as it is: a plan would contradict that
     t0 = time.perf_counter()
     files = None
-    with _collect(result, inputs.InputError):
+    with _collect(result, inputs.InputError, ConfigError):
         files = inputs.discover(config.input, config.storage)
     if files is not None:
         groups = sum(len(f.row_groups) for f in files)
         result.lines.append(f"input: {len(files)} Parquet files, {inputs.total_rows(files):,} rows, {groups} row groups")
-        for f in files:
-            if f.prompt_type not in ("string", "large_string"):
-                result.problems.append(f"{f.uri}: prompt column {config.input.prompt_column!r} has type "
-                                       f"{f.prompt_type}, not string; its {f.rows} rows would be error rows")
+        with _collect(result, TooManyErrors):  # what `run_job` refuses before any work
+            line = guards.check_prompt_types(files, config.input, config.run.max_error_fraction)
+            result.lines += [f"prompts: {line}"] if line else []
         with _collect(result, inputs.InputError, commit.OutputError):
             _check_partial(config, files)
             if not refused:

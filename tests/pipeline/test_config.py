@@ -155,9 +155,75 @@ def test_job_hash_covers_results_not_resources():
     assert config_hash(base) == config_hash(config_from_dict(with_("output", overwrite=True)))
     assert config_hash(base) != config_hash(config_from_dict(with_("routing", k=3)))
     assert config_hash(base) != config_hash(config_from_dict(with_("input", uri="other")))
-    assert config_hash(base) != config_hash(config_from_dict(with_("generation", decode_union_cost=2.0)))
+    assert config_hash(base) == config_hash(config_from_dict(with_("generation", decode_union_cost=2.0))), \
+        "how rows are grouped never changes a result"
     assert config_hash(base) == config_hash(config_from_dict(with_("adapters", path="a", max_resident=8))), \
         "which adapters are resident never changes a result"
+
+
+# Keys of the result sections that are not hashed: each only decides how rows are batched, grouped,
+# held or timed. A key added to a section must be added to HASHED_KEYS or here (and to the resume test).
+NOT_HASHED = {"adapters.max_resident", "generation.grouping", "generation.max_groups", "generation.group_overhead",
+              "generation.decode_union_cost", "generation.probe_bucket_overhead", "generation.generate_step_slots",
+              "generation.ordering", "generation.time_groups"}
+
+
+def test_hashed_keys_are_one_list_of_every_result_key():
+    import dataclasses
+
+    from pipeline.config import AdaptersConfig, GenerationConfig, InputConfig, ModelConfig, RoutingConfig
+    from pipeline.config_io import HASHED_KEYS
+
+    every = {f"{cls.section}.{f.name}" for cls in (ModelConfig, AdaptersConfig, RoutingConfig, GenerationConfig,
+                                                   InputConfig) for f in dataclasses.fields(cls)}
+    assert len(set(HASHED_KEYS)) == len(HASHED_KEYS)
+    assert set(HASHED_KEYS) | NOT_HASHED == every and not set(HASHED_KEYS) & NOT_HASHED
+    base = config_from_dict(BASE)
+    for key in HASHED_KEYS:  # each listed key is hashed
+        section, name = key.split(".")
+        value = {"model.dtype": "float16", "model.device": "cuda", "routing.calibration": "reference",
+                 "routing.probe_layers": [0], "routing.probe_module": "q_proj", "routing.k": 2,
+                 "routing.signal": "entropy", "routing.probe_input": "module_input",
+                 "routing.calibration_score": "ratio", "generation.stop_strings": ["###"],
+                 "generation.overlong": "error", "generation.stop_at_newline": True,
+                 "generation.max_prompt_tokens": 9, "input.id_column": "key", "input.passthrough": ["task"]
+                 }.get(key, "other" if isinstance(getattr(getattr(base, section), name), str) else 7)
+        assert config_hash(base) != config_hash(config_from_dict(with_(section, **{name: value}))), key
+
+
+def test_hash_sees_places_module_sets_and_resolved_auto(tmp_path):
+    from pipeline.config import ModelConfig
+    from pipeline.placement import resolve_placement
+
+    base = config_from_dict(with_("input", uri=str(tmp_path / "in")))
+    for uri in (f"{tmp_path}/in/", f"{tmp_path}/x/../in", f"{tmp_path}//in", f"{tmp_path}/./in"):
+        assert config_hash(base) == config_hash(config_from_dict(with_("input", uri=uri))), uri
+    s3 = config_from_dict(with_("input", uri="s3://b/p/in"))
+    for uri in ("s3://b/p/in/", "s3://b/p//in", "s3://b/p/x/../in", "s3://b/./p/in"):
+        assert config_hash(s3) == config_hash(config_from_dict(with_("input", uri=uri))), uri
+    assert config_hash(s3) != config_hash(config_from_dict(with_("input", uri="s3://b/p/in2")))
+    two = config_from_dict(with_("routing", probe_module=["v_proj", "q_proj"]))
+    assert two.routing.probe_module == ("q_proj", "v_proj"), "the router sees one order whatever is written"
+    assert config_hash(two) == config_hash(config_from_dict(with_("routing", probe_module=["q_proj", "v_proj"])))
+    assert config_hash(config_from_dict(with_("routing", probe_module="q_proj"))) == \
+        config_hash(config_from_dict(with_("routing", probe_module=["q_proj"])))
+    with pytest.raises(ConfigError, match=r"routing\.probe_module: lists a module twice"):
+        config_from_dict(with_("routing", probe_module=["q_proj", "q_proj"]))
+    cpu = with_("resources", gpus_per_actor=0)
+    auto = config_from_dict(cpu)
+    assert config_hash(auto) == config_hash(config_from_dict({**cpu, "model": {**cpu["model"], "dtype": "float32",
+                                                                                "device": "cpu"}}))
+    gpu = with_("resources", gpus_per_actor=1)
+    assert config_hash(config_from_dict(gpu)) == config_hash(config_from_dict(
+        {**gpu, "model": {**gpu["model"], "dtype": "bfloat16", "device": "cuda"}}))
+    assert config_hash(config_from_dict(gpu)) != config_hash(auto)
+    unset = config_from_dict(BASE)  # unset gpus_per_actor: auto depends on the cluster, asked only then
+    assert resolve_placement(unset).model.device == "auto"
+    assert resolve_placement(unset, lambda: 0.0).model == ModelConfig(path="m", dtype="float32", device="cpu")
+    placed = resolve_placement(unset, lambda: 2.0)
+    assert (placed.model.dtype, placed.model.device, placed.resources.gpus_per_actor) == ("bfloat16", "cuda", 1.0)
+    explicit = config_from_dict({**BASE, "model": {**BASE["model"], "device": "cpu"}})
+    assert resolve_placement(explicit, lambda: pytest.fail("not asked")).model.dtype == "float32"
 
 
 def test_readme_example_configuration_is_valid():

@@ -115,3 +115,37 @@ def test_report_computation_loads_no_torch(committed):
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_report_on_a_damaged_output_says_what_is_wrong_and_the_repair_works(committed, tmp_path, capsys):
+    import shutil
+
+    from pipeline import config_from_dict, read_output
+
+    def damaged(name, damage):
+        copy = tmp_path / name
+        shutil.copytree(committed, copy)
+        damage(copy)
+        assert main(["report", str(copy)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        return copy, err
+
+    files = json.loads((committed / "_manifest.json").read_text())["output"]["files"]
+    repair = "delete _SUCCESS there and rerun the job (logo-batch run, same configuration)"
+    _, err = damaged("unmarked", lambda d: (d / "_SUCCESS").unlink())
+    assert "no _SUCCESS marker; the run is not committed: run the job (logo-batch run) to finish it" in err
+    _, err = damaged("garbled", lambda d: (d / "_manifest.json").write_text("{not json"))
+    assert f"{tmp_path}/garbled/_manifest.json: not valid JSON (" in err and repair in err
+    _, err = damaged("unlisted", lambda d: (d / "_manifest.json").unlink())
+    assert "_manifest.json: missing, though _SUCCESS is there; the output is damaged" in err and repair in err
+    _, err = damaged("truncated", lambda d: (d / files[1]["path"]).write_bytes(b"PAR1 cut short"))
+    assert f"{tmp_path}/truncated/{files[1]['path']}: cannot be read as Parquet (" in err and repair in err
+    lost, err = damaged("lost", lambda d: (d / files[0]["path"]).unlink())
+    assert f"{lost}/{files[0]['path']}: listed in _manifest.json but missing; the output is damaged: {repair}" in err
+
+    (lost / "_SUCCESS").unlink()  # the repair the message names
+    config = json.loads((committed / "_manifest.json").read_text())["config"]
+    config["output"]["uri"] = str(lost)
+    assert run_job(config_from_dict(config), progress=False).rows_computed == files[0]["rows"]
+    assert main(["report", str(lost)]) == 0 and read_output(str(lost)).num_rows == 30

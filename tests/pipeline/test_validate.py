@@ -67,7 +67,7 @@ def test_plan_of_a_partial_run_counts_what_is_written(tiny_assets, tmp_path):
     write_prompts(tmp_path / "in", (40,), row_group_size=10)
     config = config_from_dict({"model": {"path": str(model)}, "adapters": {"path": str(pool)},
                                "input": {"uri": str(tmp_path / "in")}, "output": {"uri": str(tmp_path / "out")},
-                               "resources": {"rows_per_block": 10}})
+                               "resources": {"rows_per_block": 10, "gpus_per_actor": 0}})  # auto: cpu, float32
     files = inputs.discover(config.input, config.storage)
     commit.open_run(config, files, lambda contents: None)  # no statistics needed for the plan
     block = next(inputs.read_unit(inputs.plan_reads(files, {}, 15)[0], config.input, config.storage))
