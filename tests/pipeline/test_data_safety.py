@@ -113,6 +113,7 @@ def _up(alive_nodes, dashboard: str) -> bool:
         return False
 
 
+@pytest.mark.slow  # about 3 minutes each on 2 CPU cores: a Ray of its own, two drivers, a pause past the lease
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_driver_that_lost_its_lease_never_touches_the_run_another_committed(
         shared_cluster, ray_runtime, tiny_assets, s3_server, tmp_path, where, capsys):

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from actors import LoGoPredictor
-from pipeline import ConfigError, InputError, read_output, run_job
+from pipeline import ConfigError, InputError, OutputError, read_output, run_job
 from pipeline.config import RunConfig
 from pipeline.errors import InjectedFault, StageError, TooManyErrors
 from tests.pipeline.conftest import (OPTIONS, SIZES, assert_matches_reference, job, reference, settle,
@@ -48,8 +48,12 @@ def test_local_end_to_end_matches_in_process_predictor(ray_runtime, tiny_assets,
     assert sum(manifest["adapter_usage"].values()) == sum(SIZES) * OPTIONS["routing"]["k"]
     assert (tmp_path / "out" / "_SUCCESS").exists()
 
-    (tmp_path / "in").rename(tmp_path / "moved")  # committed: recognised without reading the input
-    again = run_job(config, progress=False)  # nothing to do
+    (tmp_path / "in").rename(tmp_path / "moved")  # the input gone since the commit: said, never "nothing to do"
+    with pytest.raises(OutputError, match="was computed from other input than is there now: the input cannot be "
+                                          "listed now"):
+        run_job(config, progress=False)
+    (tmp_path / "moved").rename(tmp_path / "in")
+    again = run_job(config, progress=False)  # nothing to do: only listed, no input file opened
     assert again.status == "already_committed" and again.rows_computed == 0 and again.rows == sum(SIZES)
     assert len(list((tmp_path / "out" / "data").iterdir())) == len(manifest["output"]["files"])
 
@@ -218,8 +222,12 @@ def test_input_calibration_matches_in_process_predictor(ray_runtime, tiny_assets
     order = [f"part-{f}.parquet:{r}" for f, n in enumerate((9, 7)) for r in range(n)]
     assert_matches_reference(read_output(str(tmp_path / "out")), ref, order)
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    import hashlib
+
+    digest = hashlib.sha256((tmp_path / "out" / "_calibration.json").read_bytes()).hexdigest()
     assert manifest["calibration"] == {"file": "_calibration.json", "setting": "input", "score": "zscore",
-                                       "source": f"input sample of {tmp_path / 'in'}", "prompts": 6, "seed": 0}
+                                       "source": f"input sample of {tmp_path / 'in'}", "prompts": 6, "seed": 0,
+                                       "sha256": digest}  # the statistics every row was routed with
     stored = json.loads((tmp_path / "out" / "_calibration.json").read_text())
     assert stored["mean"] == [list(row) for row in predictor.calibration.mean] and stored["count"] == 6
     with_reference = reference(model, pool, prompts)
