@@ -1,4 +1,8 @@
-"""Grouping rows whose adapter selections overlap, so that each group's union stays small.
+"""Grouping rows whose adapter selections overlap, and cutting rows into buckets of similar length.
+
+The engine no longer groups rows (every generate call mixes all its rows at once, a fixed number of
+ops per module: `actors.mixture`); `group_rows` stays for replaying the groups that runs of earlier
+versions formed (`pipeline.run_report`). `length_buckets` cuts probe passes and generate calls.
 
 The mixture of a group costs about |G| * |U_G| row-adapter products at every module (each row
 multiplies by every adapter of its group's union), plus reading the union's factors once

@@ -1,18 +1,34 @@
-"""The per-row output-space mixture (LOGO_SPEC section 2): reference, fast path, and the layer.
+"""The per-row output-space mixture (LOGO_SPEC section 2): reference, slot path, and the layer.
 
-Every adapted Linear of the base model is replaced by a `MixtureLinear` that adds, for each group of
-rows, the mixture of the group's adapters. Which adapters and weights apply is held in one
-`MixtureState` shared by all layers of a model and set by the engine around each generate call; with
-no plan set, the layer is exactly the base layer (this is how the probe runs with adapters off).
+Every adapted Linear of the base model is replaced by a `MixtureLinear` that adds each row's mixture
+of its selected adapters. The pool keeps every resident adapter in a slot of per-module stacked
+storage (`actors.pool`); one generate call's (row, adapter) pairs, sorted by slot, are a `SlotMix`,
+built once per call. With it, a forward pass costs a fixed number of ops per adapted module
+whatever the rows select: a gather of the pairs' inputs, a jagged grouped "shrink" and "expand"
+over the slots (`torch.nn.functional.grouped_mm`), and a per-row sum. Which mixture applies is held
+in one `MixtureState` shared by all layers of a model and set by the engine around each generate
+call; with none set, the layer is exactly the base layer (this is how the probe runs with adapters off).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+# (device type, dtype) where grouped_mm runs, and runs faster than a loop over slots. On this CPU
+# float16 runs too but 5x slower than the loop (1280 pairs over 64 slots, rank 16, 1024 wide:
+# 145 ms against 29 ms for shrink and expand), so float16 takes the loop; CUDA wants bfloat16.
+GROUPED_MM = {("cpu", torch.float32), ("cpu", torch.bfloat16), ("cuda", torch.bfloat16)}
+
+
+def slot_rank(rank: int, itemsize: int) -> int:
+    """A slot's rank: `rank` rounded up so that a row of it fills whole 16-byte units (grouped_mm
+    needs its operands' strides in multiples of 16 bytes)."""
+    unit = max(1, 16 // itemsize)
+    return -(-rank // unit) * unit
 
 
 def mixture_reference(
@@ -39,57 +55,121 @@ def mixture_reference(
     return delta
 
 
-def mixture_fast(x: torch.Tensor, A_U: torch.Tensor, B_U: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """Two matrix products with the per-row weights between them.
+@dataclass(frozen=True)
+class PairIndex:
+    """A `SlotMix` laid out for passes of T tokens per row (made once per T, on the device)."""
+
+    gather: torch.Tensor  # (P*T,) long: the token of x that each sorted pair-token reads
+    scatter: torch.Tensor  # (B*T*K,) long: the sorted pair-token of each (row, token, j)
+    weights: torch.Tensor  # (P*T, 1): w of each sorted pair-token, in the factors' dtype
+    offs: torch.Tensor  # (S,) int32: cumulative pair-tokens per slot (grouped_mm's group ends)
+
+
+class SlotMix:
+    """One generate call's mixture: every (row b, j-th selected adapter) pair, sorted by slot.
+
+    Each row's selection is padded to K = the longest selection with weight-0 pairs (on the row's
+    first slot), so the pairs are P = B*K and the per-row sum is a plain sum over K in selection
+    order, whatever slots the adapters happen to occupy. Everything here is computed once per call;
+    a pass only reads it (no host synchronisation in decode steps).
+    """
+
+    def __init__(self, slots: list[list[int]], weights: list[list[float]], n_slots: int,
+                 device: torch.device, dtype: torch.dtype):
+        self.rows, self.K = len(slots), max(1, max(len(s) for s in slots))
+        K = self.K
+        pair_slot: list[int] = []
+        pair_weight: list[float] = []
+        for s, w in zip(slots, weights):
+            pair_slot += list(s) + [s[0] if s else 0] * (K - len(s))
+            pair_weight += list(w) + [0.0] * (K - len(s))
+        order = sorted(range(len(pair_slot)), key=lambda p: (pair_slot[p], p))  # pairs by slot
+        position = [0] * len(order)
+        for q, p in enumerate(order):
+            position[p] = q
+        counts = [0] * n_slots
+        for s in pair_slot:
+            counts[s] += 1
+        ends, total = [], 0
+        for c in counts:
+            total += c
+            ends.append(total)
+        # host-side segments (slot, first pair, end pair) for the loop where grouped_mm does not run
+        self.segments = [(s, e - c, e) for s, (c, e) in enumerate(zip(counts, ends)) if c]
+        self.grouped = (torch.device(device).type, dtype) in GROUPED_MM
+        self.device, self.dtype = torch.device(device), dtype
+        self._row = torch.tensor([order[q] // K for q in range(len(order))], dtype=torch.long).to(device)  # (P,)
+        self._position = torch.tensor(position, dtype=torch.long).to(device).view(self.rows, 1, K)  # (B, 1, K)
+        self._weight = torch.tensor([pair_weight[p] for p in order], dtype=torch.float32).to(device, dtype)  # (P,)
+        self._ends = torch.tensor(ends, dtype=torch.int32).to(device)  # (S,)
+        self._by_tokens: dict[int, PairIndex] = {}
+
+    def index(self, T: int) -> PairIndex:
+        """The pair layout for passes of T tokens per row (cached: the engine makes T = 1 and the
+        prompt's width before generating, so decode steps only read)."""
+        found = self._by_tokens.get(T)
+        if found is None:
+            t = torch.arange(T, device=self.device)  # (T,)
+            found = PairIndex(
+                gather=(self._row[:, None] * T + t).reshape(-1),  # (P*T,)
+                scatter=(self._position * T + t.view(1, T, 1)).reshape(-1),  # (B*T*K,)
+                weights=self._weight.repeat_interleave(T).unsqueeze(1),  # (P*T, 1)
+                offs=self._ends * T)  # (S,)
+            self._by_tokens[T] = found
+        return found
+
+    def mm(self, a: torch.Tensor, b: torch.Tensor, index: PairIndex, T: int) -> torch.Tensor:
+        """Jagged product over slots: rows of `a` (sorted pair-tokens) times their slot's `b`.
+
+        Semantics:
+            out[q] = a[q] @ b[slot(q)]        for every sorted pair-token q
+
+        a: (P*T, m); b: (S, m, n). Returns (P*T, n).
+        """
+        if self.grouped:
+            return F.grouped_mm(a, b, offs=index.offs)
+        out = a.new_empty(a.shape[0], b.shape[-1])  # (P*T, n)
+        for slot, start, stop in self.segments:
+            torch.mm(a[start * T:stop * T], b[slot], out=out[start * T:stop * T])
+        return out
+
+
+def mixture_add_(y: torch.Tensor, x: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor, mix: SlotMix) -> None:
+    """`y += ` every row's mixture, in place, with a fixed number of ops whatever the selections.
 
     Semantics:
-        h[b, t, j]     = sum_d x[b, t, d] * A_U[j, d]          (every column j of the union)
-        delta[b, t, o] = sum_j h[b, t, j] * W[b, j] * B_U[o, j]
+        for every pair p = (row b, j) with slot s and weight w:
+            h_p = w * (x[b] @ A[s]^T)             (T, r)   shrink
+            o_p = h_p @ cB[s]^T                   (T, d_out) expand (scale c folded into cB)
+        y[b] += sum_j o_(b, j)
 
-    x: (B, T, d_in); A_U: (C, d_in) the union's stacked A rows; B_U: (d_out, C) the union's stacked B
-    columns with each adapter's scale c_i folded in; W: (B, C) with w_{b,i} on adapter i's columns.
+    y: (B, T, d_out); x: (B, T, d_in); A_t: (S, d_in, r) and B_t: (S, r, d_out), the slot storage
+    transposed (views of A (S, r, d_in) and cB (S, d_out, r)).
     """
-    h = x @ A_U.T  # (B, T, C)
-    h = h * W.unsqueeze(1)  # (B, T, C)
-    return h @ B_U.T  # (B, T, d_out)
-
-
-def mixture_add_(y: torch.Tensor, x: torch.Tensor, A_U: torch.Tensor, B_U: torch.Tensor, W: torch.Tensor) -> None:
-    """`y += mixture_fast(x, A_U, B_U, W)` in place, with one temporary and three kernels.
-
-    y: (B, T, d_out), contiguous, same dtype as the factors; other shapes as in `mixture_fast`.
-    """
-    rows, d_out = x.shape[0], y.shape[-1]
-    h = x.reshape(-1, x.shape[-1]) @ A_U.T  # (B*T, C)
-    h.view(rows, -1, h.shape[-1]).mul_(W.unsqueeze(1))  # (B, T, C)
-    y.view(-1, d_out).addmm_(h, B_U.T)  # (B*T, d_out)
-
-
-@dataclass(frozen=True)
-class GroupTerm:
-    """One group's share of the mixture at one module: rows [start, stop) of the batch."""
-
-    rows: slice
-    A: torch.Tensor  # (C, d_in)
-    B: torch.Tensor  # (d_out, C)
-    W: torch.Tensor  # (rows, C)
+    T, d_in = x.shape[-2], x.shape[-1]
+    index = mix.index(T)
+    xs = x.reshape(-1, d_in).index_select(0, index.gather)  # (P*T, d_in)
+    if xs.dtype != A_t.dtype:
+        xs = xs.to(A_t.dtype)
+    h = mix.mm(xs, A_t, index, T)  # (P*T, r)
+    h.mul_(index.weights)  # (P*T, r)
+    o = mix.mm(h, B_t, index, T)  # (P*T, d_out)
+    delta = o.index_select(0, index.scatter).view(mix.rows, T, mix.K, -1).sum(dim=2)  # (B, T, d_out)
+    y += delta if delta.dtype == y.dtype else delta.to(y.dtype)
 
 
 @dataclass
 class MixtureState:
-    """What the mixture layers of one model apply: module path -> group terms, or None (adapters off)."""
+    """What the mixture layers of one model apply: the slot storage, and the call's mixture or None."""
 
-    plan: dict[str, list[GroupTerm]] | None = None
-    """Terms of every forward pass (the prompt's prefill; also decode steps when `decode_plan` is None)."""
-    decode_plan: dict[str, list[GroupTerm]] | None = None
-    """Terms of passes with one token per row (decode steps), when they are grouped differently."""
-    timed: bool = False
-    """Accumulate per-group seconds in `group_seconds` (synchronises the device: slower on GPU)."""
-    group_seconds: list[float] = field(default_factory=list)
+    storage: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """Module path -> (A_t (S, d_in, r), B_t (S, r, d_out)): the pool's slot storage, transposed views."""
+    mix: SlotMix | None = None
+    """The rows' pairs of the generate call in progress; None: adapters off."""
 
 
 class MixtureLinear(nn.Module):
-    """A base Linear plus, per group of rows, the weighted sum of the group's LoRA deltas."""
+    """A base Linear plus, for every row, the weighted sum of its selected adapters' LoRA deltas."""
 
     def __init__(self, base_layer: nn.Linear, key: str, state: MixtureState):
         super().__init__()
@@ -101,26 +181,11 @@ class MixtureLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        plan = self.state.plan
-        if plan is None:
+        mix = self.state.mix
+        if mix is None:
             return y
-        if self.state.decode_plan is not None and x.dim() == 3 and x.shape[1] == 1:
-            plan = self.state.decode_plan
-        terms = plan.get(self.key)
-        if not terms:
-            return y
-        in_place = y.is_contiguous() and y.dtype == x.dtype
-        for g, term in enumerate(terms):
-            start = time.perf_counter() if self.state.timed else 0.0
-            xs = x[term.rows]  # (rows, T, d_in)
-            if in_place and isinstance(term.rows, slice) and term.A.dtype == y.dtype:
-                mixture_add_(y[term.rows], xs, term.A, term.B, term.W)  # a slice of y is a view
-            else:
-                y[term.rows] += mixture_fast(xs, term.A, term.B, term.W).to(y.dtype)
-            if self.state.timed:
-                if y.is_cuda:
-                    torch.cuda.synchronize(y.device)
-                self.state.group_seconds[g] += time.perf_counter() - start
+        A_t, B_t = self.state.storage[self.key]
+        mixture_add_(y, x, A_t, B_t, mix)
         return y
 
 

@@ -3,16 +3,19 @@
 Adapters are read one at a time, in name order (index order is name order, which is what makes
 routing ties deterministic): each is validated against the base model, its probe factors go into
 the routing index (float32, small: see `actors.index`), and its full factors are dropped unless the
-residency keeps them. The mixture asks for the full factors of a generate call's union with
-`acquire`; with `max_resident` set, at most that many adapters (or bytes) stay on the device and
-the others are read again from their files on demand, least recently used first out (see
-`actors.residency`). Per adapter and module, the device holds
+residency keeps them. The full factors of resident adapters live in slots of stacked storage, per
+adapted module
 
-    A   (r, d_in)        in the pool's dtype
-    cB  (d_out, r)       B with the adapter's scale folded in, in the pool's dtype
+    A   (S, r_m, d_in)       slot s holds adapter A rows 0..r-1, zeros after them
+    cB  (S, d_out, r_m)      B with the adapter's scale folded in, zero columns after r
 
-which is exactly what a fresh read gives, so which adapters happen to be resident never changes
-an output.
+in the pool's dtype, with S slots (the whole pool, or what `max_resident` allows) and r_m the
+largest rank any adapter has at module m, rounded up to 16 bytes a row (`actors.mixture.slot_rank`;
+an adapter lacking the module holds zeros there). The
+mixture reads the slots in place (`actors.mixture`); `acquire_slots` makes a generate call's union
+resident and says where, loading the others from their files least recently used first out (see
+`actors.residency`). A slot holds exactly what a fresh read gives, so which adapters happen to be
+resident, and where, never changes an output.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import nn
 
 from actors.adapters import Adapter, AdapterError, read_adapter, resolve_sources, validate_adapter
 from actors.index import RoutingIndex
+from actors.mixture import slot_rank
 from actors.residency import Residency, ResidencyBound, parse_max_resident
 
 INDEX_MODULES = ("q_proj", "v_proj")  # modules the routing index holds by default (the default probe)
@@ -72,10 +76,9 @@ class AdapterPool:
         self.entries: list[AdapterEntry] = []
         self._host: dict[str, Adapter] = {}
         self._reread = reread
-        self.residency: Residency[int, DeviceFactors] = Residency(self.bound, self._load,
-                                                                  lambda i: self.entries[i].nbytes)
         first: list[DeviceFactors] = []
-        itemsize = torch.tensor([], dtype=dtype).element_size()
+        dims: dict[str, tuple[int, int]] = {}  # module path -> (d_in, d_out)
+        itemsize = self.itemsize = torch.tensor([], dtype=dtype).element_size()
         for adapter in adapters:
             validate_adapter(adapter, model)
             _check_range(adapter, dtype)
@@ -87,6 +90,7 @@ class AdapterPool:
                 name=adapter.name, path=adapter.path,
                 ranks={m: f.rank for m, f in adapter.factors.items()},
                 nbytes=sum(f.A.numel() + f.B.numel() for f in adapter.factors.values()) * itemsize))
+            dims.update({m: (f.A.shape[1], f.B.shape[0]) for m, f in adapter.factors.items()})
             if reread is None:
                 self._host[adapter.name] = adapter
             if self.bound.unbounded:
@@ -99,12 +103,25 @@ class AdapterPool:
         self._index = {name: i for i, name in enumerate(self.names)}
         self.modules: tuple[str, ...] = tuple(sorted({m for e in self.entries for m in e.ranks}))
         self._sizes = [e.nbytes for e in self.entries]
-        if first:  # every adapter resident from the start: nothing is ever read again
+        self.slot_ranks = {m: slot_rank(max(e.ranks.get(m, 0) for e in self.entries), itemsize) for m in self.modules}
+        self.dims = {m: dims[m] for m in self.modules}
+        self.slot_nbytes = sum(r * sum(self.dims[m]) for m, r in self.slot_ranks.items()) * itemsize
+        self.slots = self._slot_count()
+        self.capacity = self.bound if self.bound.unbounded else ResidencyBound(self.slots, self.bound.nbytes)
+        """The bound a generate call's union must fit: the bound given, and the slots it allows."""
+        self.residency: Residency[int] = Residency(self.capacity, self.slots, self._load,
+                                                   lambda i: self.entries[i].nbytes)
+        self.A: dict[str, torch.Tensor] = {}  # module path -> (S, r_m, d_in)
+        self.B: dict[str, torch.Tensor] = {}  # module path -> (S, d_out, r_m)
+        for m, r in self.slot_ranks.items():  # one module at a time: its per-adapter copies go as it fills
+            d_in, d_out = self.dims[m]
+            self.A[m] = torch.zeros(self.slots, r, d_in, dtype=dtype, device=self.device)
+            self.B[m] = torch.zeros(self.slots, d_out, r, dtype=dtype, device=self.device)
             for i, factors in enumerate(first):
-                self.residency.held[i] = factors
-                self.residency.nbytes += self.entries[i].nbytes
-            self.residency.counts.peak_adapters = len(first)
-            self.residency.counts.peak_bytes = self.residency.nbytes
+                if m in factors:
+                    self._write(i, m, *factors.pop(m))
+        for i in range(len(first)):  # every adapter resident from the start: nothing is ever read again
+            self.residency.place(i, i)
 
     @classmethod
     def load(
@@ -137,22 +154,52 @@ class AdapterPool:
     def index(self, name: str) -> int:
         return self._index[name]
 
+    def _slot_count(self) -> int:
+        """Slots of the storage: the whole pool, at most `max_resident` adapters, or as many slots
+        as its bytes hold (0 when none fits: the engine refuses such a bound)."""
+        if self.bound.unbounded:
+            return len(self.entries)
+        if self.bound.adapters is not None:
+            return min(len(self.entries), self.bound.adapters)
+        return min(len(self.entries), self.bound.nbytes // self.slot_nbytes)
+
+    def _write(self, slot: int, module: str, A: torch.Tensor, cB: torch.Tensor) -> None:
+        """Slot `slot` of `module` := (A, cB), zero-padded to the slot's rank."""
+        r = A.shape[0]
+        self.A[module][slot, :r].copy_(A)
+        self.A[module][slot, r:].zero_()
+        self.B[module][slot, :, :r].copy_(cB)
+        self.B[module][slot, :, r:].zero_()
+
     def _device_factors(self, adapter: Adapter) -> DeviceFactors:
         return {m: (f.A.to(device=self.device, dtype=self.dtype).contiguous(),
                     (f.B * f.scale).to(device=self.device, dtype=self.dtype).contiguous())
                 for m, f in sorted(adapter.factors.items())}
 
-    def _load(self, i: int) -> DeviceFactors:
+    def _load(self, i: int, slot: int) -> None:
         entry = self.entries[i]
         adapter = self._host[entry.name] if self._reread is None else self._reread(entry)
         if {m: f.rank for m, f in adapter.factors.items()} != entry.ranks:
             raise AdapterError(f"adapter {entry.name!r} at {entry.path} changed since the pool was read (its modules "
                                "or ranks differ); keep adapter files unchanged while a job runs")
-        return self._device_factors(adapter)
+        factors = self._device_factors(adapter)
+        for m in self.modules:
+            if m in factors:
+                self._write(slot, m, *factors[m])
+            else:
+                self.A[m][slot].zero_()
+                self.B[m][slot].zero_()
+
+    def acquire_slots(self, indices: Iterable[int]) -> dict[int, int]:
+        """The slot of each of these adapters, all resident together (loading the others)."""
+        return self.residency.acquire(sorted(set(indices)))
 
     def acquire(self, indices: Iterable[int]) -> dict[int, DeviceFactors]:
-        """The device factors of these adapters, all resident together (loading the others)."""
-        return self.residency.acquire(sorted(set(indices)))
+        """The device factors of these adapters (views of their slots, each at its own rank), all
+        resident together."""
+        slots = self.acquire_slots(indices)
+        return {i: {m: (self.A[m][s, :r], self.B[m][s, :, :r]) for m, r in sorted(self.entries[i].ranks.items())}
+                for i, s in slots.items()}
 
     def sizes(self) -> list[int]:
         """Bytes of every adapter's full factors in the pool's dtype, by index (read on every
@@ -161,8 +208,13 @@ class AdapterPool:
 
     @property
     def nbytes(self) -> int:
-        """Device memory held by resident factors now."""
+        """Bytes of the resident adapters' factors now (each at its own rank)."""
         return self.residency.nbytes
+
+    @property
+    def storage_nbytes(self) -> int:
+        """Device memory of the slot storage (every slot at its module's largest rank)."""
+        return self.slots * self.slot_nbytes
 
     @property
     def full_nbytes(self) -> int:
@@ -173,5 +225,5 @@ class AdapterPool:
         ranks = sorted({r for e in self.entries for r in e.ranks.values()})
         return (f"{len(self)} adapters over {len(self.modules)} modules, ranks {ranks}; full factors "
                 f"{self.full_nbytes / 2**20:.1f} MiB on {self.device} ({self.dtype}), resident: "
-                f"{self.bound.describe()}; routing index {self.routing_index.nbytes / 2**20:.1f} MiB "
+                f"{self.bound.describe()} ({self.slots} slots, {self.storage_nbytes / 2**20:.1f} MiB); routing index {self.routing_index.nbytes / 2**20:.1f} MiB "
                 f"(float32, {', '.join(self.routing_index.modules)})")

@@ -1,10 +1,11 @@
-"""Bounded residency: which adapters' full factors live on the device, loaded on demand, LRU-evicted.
+"""Bounded residency: which adapters' full factors live in which slot of the device storage, LRU-evicted.
 
 Routing reads the routing index (every adapter's probe factors), so only the mixture needs full
-factors, and only for the adapters a generate call selected. `Residency` keeps at most a bounded
-number (or bytes) of adapters on the device, loads the others one at a time from their files when a
-call needs them, and evicts those used least recently. Which adapters are resident never changes
-an output: a resident adapter's factors are exactly what a fresh load would give.
+factors, and only for the adapters a generate call selected. The pool stores resident adapters in a
+fixed number of slots (`actors.pool`); `Residency` is the slot table: which adapter holds which
+slot, loading the others one at a time from their files into a free (or freed) slot when a call
+needs them, and evicting those used least recently. The slot a row uses is data: which adapters are
+resident, and where, never changes an output (a slot holds exactly what a fresh load would give).
 
 No torch import at module level: the job configuration validates `max_resident` with
 `parse_max_resident` without loading torch.
@@ -69,7 +70,6 @@ def parse_max_resident(value: int | str | None) -> ResidencyBound:
 
 
 K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
 
 
 @dataclass
@@ -87,23 +87,34 @@ class ResidencyCounts:
                 "peak_adapters": self.peak_adapters, "peak_bytes": self.peak_bytes}
 
 
-class Residency(Generic[K, V]):
-    """An LRU set of loaded values under a `ResidencyBound`; `load(key)` makes a value, `size(key)`
-    says its bytes (known before loading, so room is made first and the bound holds at every
-    moment). `acquire(keys)` makes every key resident at once (a generate call needs its whole
-    union), evicting least recently used keys outside `keys`."""
+class Residency(Generic[K]):
+    """An LRU slot table of `slots` slots under a `ResidencyBound`: `load(key, slot)` writes a key's
+    value into a slot, `size(key)` says its bytes (known before loading, so room is made first and
+    the bound holds at every moment). `acquire(keys)` makes every key resident at once (a generate
+    call needs its whole union) and says each key's slot, evicting least recently used keys outside
+    `keys`."""
 
-    def __init__(self, bound: ResidencyBound, load: Callable[[K], V], size: Callable[[K], int]):
+    def __init__(self, bound: ResidencyBound, slots: int, load: Callable[[K, int], None], size: Callable[[K], int]):
         self.bound, self._load, self._size = bound, load, size
-        self.held: OrderedDict[K, V] = OrderedDict()
+        self.held: OrderedDict[K, int] = OrderedDict()  # key -> slot, least recently used first
+        self.free = list(range(slots - 1, -1, -1))  # free slots, the lowest last (popped first)
         self.nbytes = 0
         self.counts = ResidencyCounts()
 
-    def acquire(self, keys: list[K]) -> dict[K, V]:
-        """Values of `keys`, all resident on return. The caller keeps the union of one call within
-        the bound (see `split_by_bound`); a single adapter larger than a bytes bound still loads."""
+    def place(self, key: K, slot: int) -> None:
+        """Record `key` as already in `slot` (a value written there without `load`)."""
+        self.free.remove(slot)
+        self.held[key] = slot
+        self.nbytes += self._size(key)
+        self.counts.peak_adapters = max(self.counts.peak_adapters, len(self.held))
+        self.counts.peak_bytes = max(self.counts.peak_bytes, self.nbytes)
+
+    def acquire(self, keys: list[K]) -> dict[K, int]:
+        """Slots of `keys`, all resident on return. The caller keeps the union of one call within
+        the bound and the slots (see `split_by_bound`); a single adapter larger than a bytes bound
+        still loads."""
         wanted = set(keys)
-        out: dict[K, V] = {}
+        out: dict[K, int] = {}
         for key in keys:
             if key in self.held:
                 self.held.move_to_end(key)
@@ -113,18 +124,25 @@ class Residency(Generic[K, V]):
             if key in out:
                 continue
             size = self._size(key)
-            while self.held and not self.bound.admits(len(self.held) + 1, self.nbytes + size):
+            while self.held and (not self.free or not self.bound.admits(len(self.held) + 1, self.nbytes + size)):
                 victim = next((k for k in self.held if k not in wanted), None)
                 if victim is None:
                     break
-                del self.held[victim]
+                self.free.append(self.held.pop(victim))
                 self.nbytes -= self._size(victim)
                 self.counts.evictions += 1
-            value = self._load(key)  # after the evictions: never one adapter over the bound
-            self.held[key] = value
+            if not self.free:
+                raise RuntimeError(f"no free slot for {key!r}: one call's union exceeds the {len(self.held)} slots")
+            slot = self.free.pop()
+            try:
+                self._load(key, slot)  # after the evictions: never one adapter over the bound
+            except BaseException:
+                self.free.append(slot)
+                raise
+            self.held[key] = slot
             self.nbytes += size
             self.counts.loads += 1
-            out[key] = value
+            out[key] = slot
         self.counts.peak_adapters = max(self.counts.peak_adapters, len(self.held))
         self.counts.peak_bytes = max(self.counts.peak_bytes, self.nbytes)
         return out

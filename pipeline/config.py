@@ -133,9 +133,10 @@ class RoutingConfig(options.RoutingConfig):
 @dataclass(frozen=True)
 class GenerationConfig(options.GenerationConfig):
     """`generation:`: the generation options of `actors.options.GenerationConfig` (max_new_tokens,
-    stop_at_newline, stop_strings, overlong, max_prompt_tokens, grouping, max_groups, group_overhead,
-    decode_union_cost, probe_bucket_overhead, generate_step_slots, ordering, time_groups:
-    documented there, the same defaults). An actor's generate calls hold `resources.batch_size` rows."""
+    stop_at_newline, stop_strings, overlong, max_prompt_tokens, probe_bucket_overhead,
+    generate_step_slots, ordering: documented there, the same defaults). An actor's generate calls
+    hold `resources.batch_size` rows. The grouping keys of earlier versions (`actors.options.RETIRED`)
+    are read and ignored."""
 
     section: ClassVar[str] = "generation"
 

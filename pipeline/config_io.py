@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import types
 import typing
 from collections.abc import Mapping
@@ -18,7 +19,10 @@ from typing import Any
 
 import yaml
 
+from actors.options import RETIRED as RETIRED_GENERATION
 from pipeline.config import SECTIONS, ConfigError, JobConfig
+
+log = logging.getLogger(__name__)
 
 # Sections that decide what a row's result is; the job hash covers only these, so changing the
 # number of actors or the batch size between a failed run and its rerun still resumes it.
@@ -29,6 +33,8 @@ UNHASHED = {("adapters", "max_resident")}
 RENAMED = {("routing", "probe_layer"): "probe_layers"}
 # Keys of earlier versions in another section, still read there: (old section, key) -> new section.
 MOVED = {("routing", "grouping"): "generation", ("routing", "max_groups"): "generation"}
+# Keys of earlier versions that no longer change anything: read and ignored, with a warning.
+RETIRED = {("generation", key) for key in RETIRED_GENERATION}
 
 
 def _type_name(tp: Any) -> str:
@@ -95,6 +101,10 @@ def _build_section(cls: type, data: Any, key: str) -> Any:
     for name, value in data.items():
         if isinstance(name, str):
             name = RENAMED.get((key, name), name)
+        if (key, name) in RETIRED:
+            log.warning("%s.%s no longer changes anything (every generate call mixes all its rows at once); "
+                        "ignored: remove it from the job file", key, name)
+            continue
         if not isinstance(name, str) or name not in known:
             raise ConfigError(f"{key}.{name}: unknown key; known keys: {', '.join(known)}")
         kwargs[name] = _coerce(value, hints[name], f"{key}.{name}")

@@ -92,7 +92,7 @@ class ShapeRun:
     prompts: int = 0
     """Prompts per regime for this shape (0: the run's `prompts`)."""
     lean: bool = False
-    """Our engine only at k = 1 and the largest k with grouping, and the largest k without."""
+    """Our engine only at k = 1 and the largest k."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ class BenchConfig:
     sweep_repeats: int = 2
     """Timed rounds of the sweep."""
     cluster_rows: int = 4
-    """Rows per cluster in the grouping experiment (rows of a cluster share one selection)."""
+    """Rows per cluster in the given-selections experiment (rows of a cluster share one selection)."""
     threads: int = 1
     """torch CPU threads (1 is steadier on a shared machine)."""
     device: str = "auto"

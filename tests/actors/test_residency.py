@@ -106,16 +106,15 @@ def test_an_adapter_changed_on_disk_is_refused_when_loaded_again(tiny_dir, tmp_p
 def test_residency_is_least_recently_used():
     loaded, held_at_load = [], []
 
-    def load(key):
-        loaded.append(key)
+    def load(key, slot):
+        loaded.append((key, slot))
         held_at_load.append(len(residency.held))
-        return key
 
-    residency = Residency(ResidencyBound(adapters=3), load, lambda k: 10)
-    residency.acquire([1, 2, 3])
+    residency = Residency(ResidencyBound(adapters=3), 3, load, lambda k: 10)
+    assert residency.acquire([1, 2, 3]) == {1: 0, 2: 1, 3: 2}
     residency.acquire([1])  # 1 is now the most recent
-    residency.acquire([4, 5])  # evicts 2 and 3
-    assert list(residency.held) == [1, 4, 5] and loaded == [1, 2, 3, 4, 5]
+    assert residency.acquire([4, 5]) == {4: 1, 5: 2}  # evicts 2 and 3, into their slots
+    assert list(residency.held) == [1, 4, 5] and [k for k, _ in loaded] == [1, 2, 3, 4, 5]
     assert max(held_at_load) <= 2  # room is made before a load: never one over the bound
     assert residency.counts.as_dict() == {"loads": 5, "hits": 1, "evictions": 2, "peak_adapters": 3, "peak_bytes": 30}
     residency.acquire([1, 4, 5])  # all resident: no load
