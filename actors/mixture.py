@@ -55,23 +55,14 @@ def mixture_reference(
     return delta
 
 
-@dataclass(frozen=True)
-class PairIndex:
-    """A `SlotMix` laid out for passes of T tokens per row (made once per T, on the device)."""
-
-    gather: torch.Tensor  # (P*T,) long: the token of x that each sorted pair-token reads
-    scatter: torch.Tensor  # (B*T*K,) long: the sorted pair-token of each (row, token, j)
-    weights: torch.Tensor  # (P*T, 1): w of each sorted pair-token, in the factors' dtype
-    offs: torch.Tensor  # (S,) int32: cumulative pair-tokens per slot (grouped_mm's group ends)
-
-
 class SlotMix:
     """One generate call's mixture: every (row b, j-th selected adapter) pair, sorted by slot.
 
     Each row's selection is padded to K = the longest selection with weight-0 pairs (on the row's
     first slot), so the pairs are P = B*K and the per-row sum is a plain sum over K in selection
-    order, whatever slots the adapters happen to occupy. Everything here is computed once per call;
-    a pass only reads it (no host synchronisation in decode steps).
+    order, whatever slots the adapters happen to occupy. Everything here is made once per call
+    (P + B*K int32 indices, P weights, S int32 group ends: what a call sends to the device); a pass
+    only reads it, so decode steps do no host synchronisation.
     """
 
     def __init__(self, slots: list[list[int]], weights: list[list[float]], n_slots: int,
@@ -83,8 +74,9 @@ class SlotMix:
         for s, w in zip(slots, weights):
             pair_slot += list(s) + [s[0] if s else 0] * (K - len(s))
             pair_weight += list(w) + [0.0] * (K - len(s))
-        order = sorted(range(len(pair_slot)), key=lambda p: (pair_slot[p], p))  # pairs by slot
-        position = [0] * len(order)
+        self.pairs = len(pair_slot)
+        order = sorted(range(self.pairs), key=lambda p: (pair_slot[p], p))  # pairs by slot
+        position = [0] * self.pairs
         for q, p in enumerate(order):
             position[p] = q
         counts = [0] * n_slots
@@ -97,37 +89,40 @@ class SlotMix:
         # host-side segments (slot, first pair, end pair) for the loop where grouped_mm does not run
         self.segments = [(s, e - c, e) for s, (c, e) in enumerate(zip(counts, ends)) if c]
         self.grouped = (torch.device(device).type, dtype) in GROUPED_MM
-        self.device, self.dtype = torch.device(device), dtype
-        self._row = torch.tensor([order[q] // K for q in range(len(order))], dtype=torch.long).to(device)  # (P,)
-        self._position = torch.tensor(position, dtype=torch.long).to(device).view(self.rows, 1, K)  # (B, 1, K)
-        self._weight = torch.tensor([pair_weight[p] for p in order], dtype=torch.float32).to(device, dtype)  # (P,)
-        self._ends = torch.tensor(ends, dtype=torch.int32).to(device)  # (S,)
-        self._by_tokens: dict[int, PairIndex] = {}
+        as_int = dict(dtype=torch.int32)
+        self.source = torch.tensor([p // K for p in order], **as_int).to(device)
+        """(P,): the row of each sorted pair."""
+        self.position = torch.tensor(position, **as_int).to(device)
+        """(B*K,): the sorted position of row b's j-th pair, at b*K + j."""
+        self.weights = torch.tensor([pair_weight[p] for p in order]).to(device, dtype).unsqueeze(1)
+        """(P, 1): each sorted pair's weight, in the factors' dtype."""
+        self.ends = torch.tensor(ends, **as_int).to(device)
+        """(S,): cumulative pairs per slot (grouped_mm's group ends for one token per row)."""
+        self._offs = {1: self.ends}
 
-    def index(self, T: int) -> PairIndex:
-        """The pair layout for passes of T tokens per row (cached: the engine makes T = 1 and the
-        prompt's width before generating, so decode steps only read)."""
-        found = self._by_tokens.get(T)
+    def offs(self, T: int) -> torch.Tensor:
+        """Group ends for passes of T tokens per row, (S,) int32 (cached: the engine makes those of
+        the prompt's width before generating)."""
+        found = self._offs.get(T)
         if found is None:
-            t = torch.arange(T, device=self.device)  # (T,)
-            found = PairIndex(
-                gather=(self._row[:, None] * T + t).reshape(-1),  # (P*T,)
-                scatter=(self._position * T + t.view(1, T, 1)).reshape(-1),  # (B*T*K,)
-                weights=self._weight.repeat_interleave(T).unsqueeze(1),  # (P*T, 1)
-                offs=self._ends * T)  # (S,)
-            self._by_tokens[T] = found
+            found = self._offs[T] = self.ends * T
         return found
 
-    def mm(self, a: torch.Tensor, b: torch.Tensor, index: PairIndex, T: int) -> torch.Tensor:
-        """Jagged product over slots: rows of `a` (sorted pair-tokens) times their slot's `b`.
+    @property
+    def nbytes(self) -> int:
+        """Bytes this call holds on the device (indices, weights, group ends)."""
+        return sum(t.nbytes for t in (self.source, self.position, self.weights, *self._offs.values()))
+
+    def mm(self, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, T: int) -> torch.Tensor:
+        """Jagged product over slots: rows of `a` (sorted pairs, T tokens each) times their slot's `b`.
 
         Semantics:
-            out[q] = a[q] @ b[slot(q)]        for every sorted pair-token q
+            out[q*T + t] = a[q*T + t] @ b[slot(q)]        for every sorted pair q and token t
 
         a: (P*T, m); b: (S, m, n). Returns (P*T, n).
         """
         if self.grouped:
-            return F.grouped_mm(a, b, offs=index.offs)
+            return F.grouped_mm(a, b, offs=offs)
         out = a.new_empty(a.shape[0], b.shape[-1])  # (P*T, n)
         for slot, start, stop in self.segments:
             torch.mm(a[start * T:stop * T], b[slot], out=out[start * T:stop * T])
@@ -135,26 +130,32 @@ class SlotMix:
 
 
 def mixture_add_(y: torch.Tensor, x: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor, mix: SlotMix) -> None:
-    """`y += ` every row's mixture, in place, with a fixed number of ops whatever the selections.
+    """`y += ` every row's mixture, in place, with a fixed number of ops whatever the selections
+    (9 for one token per row: a decode step).
 
     Semantics:
         for every pair p = (row b, j) with slot s and weight w:
-            h_p = w * (x[b] @ A[s]^T)             (T, r)   shrink
+            h_p = w * (x[b] @ A[s]^T)             (T, r)     shrink
             o_p = h_p @ cB[s]^T                   (T, d_out) expand (scale c folded into cB)
         y[b] += sum_j o_(b, j)
 
     y: (B, T, d_out); x: (B, T, d_in); A_t: (S, d_in, r) and B_t: (S, r, d_out), the slot storage
     transposed (views of A (S, r, d_in) and cB (S, d_out, r)).
     """
-    T, d_in = x.shape[-2], x.shape[-1]
-    index = mix.index(T)
-    xs = x.reshape(-1, d_in).index_select(0, index.gather)  # (P*T, d_in)
+    B, T, d_in = x.shape
+    P, K = mix.pairs, mix.K
+    offs = mix.offs(T)
+    xs = x.reshape(B, T * d_in).index_select(0, mix.source)  # (P, T*d_in)
     if xs.dtype != A_t.dtype:
         xs = xs.to(A_t.dtype)
-    h = mix.mm(xs, A_t, index, T)  # (P*T, r)
-    h.mul_(index.weights)  # (P*T, r)
-    o = mix.mm(h, B_t, index, T)  # (P*T, d_out)
-    delta = o.index_select(0, index.scatter).view(mix.rows, T, mix.K, -1).sum(dim=2)  # (B, T, d_out)
+    if T > 1:
+        xs = xs.view(P * T, d_in)  # (P*T, d_in)
+    h = mix.mm(xs, A_t, offs, T)  # (P*T, r)
+    (h if T == 1 else h.view(P, T, -1)).mul_(mix.weights if T == 1 else mix.weights.unsqueeze(1))
+    o = mix.mm(h, B_t, offs, T)  # (P*T, d_out)
+    if T > 1:
+        o = o.view(P, -1)  # (P, T*d_out)
+    delta = o.index_select(0, mix.position).view(B, K, T, -1).sum(dim=1)  # (B, T, d_out)
     y += delta if delta.dtype == y.dtype else delta.to(y.dtype)
 
 

@@ -185,7 +185,6 @@ def run(rows: int = ROWS, pool: int = POOL, long_rows: int = 200, seed: int = 0,
         selections = [rng.sample(range(260), 20) for _ in range(256)]
         started = time.perf_counter()
         mix = SlotMix(selections, [[0.05] * 20] * 256, 260, predictor.engine.device, predictor.pool.dtype)
-        mix.index(1)
         spread = next(x for x in out["ordering"] if x["input"] == "spread" and x["ordering"] == "selection")
         out["pairs_256"] = {"seconds": time.perf_counter() - started, "pairs": 256 * 20,
                             "generation_seconds": 256 / spread["rows_per_s"]}
