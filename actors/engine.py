@@ -51,6 +51,7 @@ class BatchStats:
     evictions: int = 0  # adapters dropped to make room
     grouping_seconds: float = 0.0  # time making each call's adapters resident and forming its slot pairs
     batches: int = 1  # generation batches these stats cover
+    oom_splits: int = 0  # probe passes and generate calls that ran out of memory and were halved
 
     def absorb(self, other: "BatchStats", rows: list[int]) -> None:
         """Add the stats of a batch made of these rows (its positions map to `rows`)."""
@@ -61,7 +62,8 @@ class BatchStats:
         self.decode_groups += mapped(other.decode_groups)
         self.decode_union_sizes += other.decode_union_sizes
         self.errors.update({rows[p]: why for p, why in other.errors.items()})
-        for name in ("generate_seconds", "new_tokens", "calls", "loads", "hits", "evictions", "grouping_seconds"):
+        for name in ("generate_seconds", "new_tokens", "calls", "loads", "hits", "evictions", "grouping_seconds",
+                     "oom_splits"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -170,18 +172,48 @@ class LoGoEngine:
             mask[b, sl] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def route(self, seqs: list[list[int]]) -> list[Routing]:
+    def route(self, seqs: list[list[int]], stats: BatchStats | None = None) -> list[Routing | None]:
         """Route each tokenised prompt (adapters off; one partial forward pass per length bucket).
 
         A row's routing does not depend on the rows padded with it, so buckets change only the cost.
+        A pass out of memory is halved (`split_on_oom`); a row that runs out of memory alone gets
+        None, and its error in `stats.errors` (which must then be given).
         """
         if len(seqs) < 2 or self.generation.probe_bucket_overhead == float("inf"):
-            return self.router.route(*self.pad(seqs))
+            buckets = [list(range(len(seqs)))]
+        else:
+            buckets = length_buckets([len(s) for s in seqs], self.generation.probe_bucket_overhead)
         routings: list[Routing | None] = [None] * len(seqs)
-        for bucket in length_buckets([len(s) for s in seqs], self.generation.probe_bucket_overhead):
-            for row, routing in zip(bucket, self.router.route(*self.pad([seqs[r] for r in bucket]))):
+        for bucket in buckets:
+            routed = self.split_on_oom(bucket, lambda rows: self.router.route(*self.pad([seqs[r] for r in rows])),
+                                       seqs, stats, "routing")
+            for row, routing in zip(bucket, routed):
                 routings[row] = routing
-        return routings  # type: ignore[return-value]
+        return routings
+
+    def split_on_oom(self, rows: list[int], run, seqs: list[list[int]], stats: BatchStats | None,
+                     what: str) -> list:
+        """`run(rows)` (one result per row); on running out of device memory, the cache is freed and
+        each half of the rows runs again, down to one row. A row out of memory alone gets None and
+        an error in `stats.errors` naming its prompt length (with no `stats`, the error is raised)."""
+        try:
+            return list(run(rows))
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(rows) == 1 and stats is None:
+                raise
+            if len(rows) == 1:
+                stats.errors[rows[0]] = (
+                    f"out of device memory {what} this row alone ({len(seqs[rows[0]])} prompt tokens, "
+                    f"max_new_tokens={self.generation.max_new_tokens}): shorten the prompt (max_prompt_tokens), "
+                    "lower max_new_tokens, or give the actor a device with more memory")
+                return [None]
+            if stats is not None:
+                stats.oom_splits += 1
+            half = len(rows) // 2
+            return (self.split_on_oom(rows[:half], run, seqs, stats, what)
+                    + self.split_on_oom(rows[half:], run, seqs, stats, what))
 
     @contextmanager
     def mixing(self, routings: list[Routing], widths: tuple[int, ...] = (1,)) -> Iterator[SlotMix | None]:
@@ -236,9 +268,10 @@ class LoGoEngine:
         texts, counts = [""] * len(seqs), [0] * len(seqs)
         t0 = time.perf_counter()
         for part in self.calls(seqs, routings):
-            part_texts, part_counts = self._generate_call(part, seqs, routings, stats)
-            for row, text, count in zip(part, part_texts, part_counts):
-                texts[row], counts[row] = text, count
+            results = self.split_on_oom(part, lambda rows: self._generate_call(rows, seqs, routings, stats),
+                                        seqs, stats, "generating")
+            for row, result in zip(part, results):
+                texts[row], counts[row] = result or ("", 0)
         stats.generate_seconds = time.perf_counter() - t0
         now = self.pool.residency.counts
         stats.loads, stats.hits = now.loads - counts_before.loads, now.hits - counts_before.hits
@@ -247,15 +280,10 @@ class LoGoEngine:
         return texts, counts, stats
 
     def _generate_call(self, part: list[int], seqs: list[list[int]], routings: list[Routing],
-                       stats: BatchStats) -> tuple[list[str], list[int]]:
-        """One generate call over rows `part` of the batch; adds its groups and errors to `stats`."""
+                       stats: BatchStats) -> list[tuple[str, int]]:
+        """One generate call over rows `part` of the batch: (text, new-token count) per row; adds
+        its group and errors to `stats` once it has run."""
         t0 = time.perf_counter()
-        union = len({i for r in part for i in routings[r].indices})  # all rows of a call mix at once
-        stats.calls += 1
-        stats.groups.append(tuple(part))
-        stats.union_sizes.append(union)
-        stats.decode_groups.append(tuple(part))
-        stats.decode_union_sizes.append(union)
         input_ids, attention_mask = self.pad([seqs[r] for r in part])
         watch = OverflowWatch(len(part), self.end_ids[0] if self.end_ids else self.tokenizer.pad_token_id,
                               input_ids.device)
@@ -268,12 +296,17 @@ class LoGoEngine:
                                           logits_processor=LogitsProcessorList([watch]))
         finally:
             handle.remove()
+        union = len({i for r in part for i in routings[r].indices})  # all rows of a call mix at once
+        stats.calls += 1
+        stats.groups.append(tuple(part))
+        stats.union_sizes.append(union)
+        stats.decode_groups.append(tuple(part))
+        stats.decode_union_sizes.append(union)
         new = out[:, input_ids.shape[1]:].tolist()
-        texts, counts = [], []
+        results = []
         for pos, (tokens, row) in enumerate(zip(new, part)):
             text, count = self.decode(tokens)
-            texts.append(text)
-            counts.append(count)
+            results.append((text, count))
             step = watch.first_bad[pos]
             if step is not None and step <= count and row not in stats.errors:
                 r, dtype = routings[row], str(self.pool.dtype).removeprefix("torch.")
@@ -282,7 +315,7 @@ class LoGoEngine:
                     f"the hidden states or logits overflowed (NaN or inf) at new token {step + 1} with adapters "
                     f"{list(r.adapters)} (weights {[round(w, 4) for w in r.weights]}) in {dtype}: an adapter's "
                     f"weights are too large for the model; {fix}")
-        return texts, counts
+        return results
 
     def decode(self, tokens: list[int]) -> tuple[str, int]:
         """New tokens of one row -> (text cut at the first stop, number of tokens generated)."""
