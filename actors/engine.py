@@ -23,7 +23,7 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
 from actors.base import decoder_blocks
-from actors.grouping import length_buckets
+from actors.grouping import exact_length_buckets, length_buckets
 from actors.mixture import MixtureState, SlotMix, install_mixture_layers
 from actors.options import GenerationConfig, RoutingConfig
 from actors.pool import AdapterPool
@@ -175,11 +175,14 @@ class LoGoEngine:
     def route(self, seqs: list[list[int]], stats: BatchStats | None = None) -> list[Routing | None]:
         """Route each tokenised prompt (adapters off; one partial forward pass per length bucket).
 
-        A row's routing does not depend on the rows padded with it, so buckets change only the cost.
-        A pass out of memory is halved (`split_on_oom`); a row that runs out of memory alone gets
+        A row's routing does not depend on the rows padded with it, so buckets change only the cost
+        (in float32 to its rounding, 1e-6; in bfloat16 and float16 rows of one length run together,
+        unpadded, so it is exact). A pass out of memory is halved (`split_on_oom`); a row that runs out of memory alone gets
         None, and its error in `stats.errors` (which must then be given).
         """
-        if len(seqs) < 2 or self.generation.probe_bucket_overhead == float("inf"):
+        if self.pool.dtype != torch.float32:  # see `exact_length_buckets`
+            buckets = exact_length_buckets([len(s) for s in seqs])
+        elif len(seqs) < 2 or self.generation.probe_bucket_overhead == float("inf"):
             buckets = [list(range(len(seqs)))]
         else:
             buckets = length_buckets([len(s) for s in seqs], self.generation.probe_bucket_overhead)

@@ -125,3 +125,17 @@ def length_buckets(lengths: Sequence[int], overhead: float) -> list[list[int]]:
         buckets.append(order[cut[j]:j])
         j = cut[j]
     return buckets[::-1]
+
+
+def exact_length_buckets(lengths: Sequence[int]) -> list[list[int]]:
+    """Rows cut into buckets of one length each (no padding), shortest first, input order inside.
+
+    What the probe uses in bfloat16 and float16: padding a row changes the width of its attention
+    reductions, and in those dtypes the rounding then moves its routing scores (measured: 18 of 96
+    top-20 selections of 48 prompts differed between alone and batched in bfloat16, 8 in float16),
+    whereas rows of one length computed together equal each row alone, bit for bit, on this CPU.
+    """
+    by_length: dict[int, list[int]] = {}
+    for row, n in enumerate(lengths):
+        by_length.setdefault(n, []).append(row)
+    return [by_length[n] for n in sorted(by_length)]
