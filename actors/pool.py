@@ -33,6 +33,8 @@ from actors.mixture import slot_rank
 from actors.residency import Residency, ResidencyBound, parse_max_resident
 
 INDEX_MODULES = ("q_proj", "v_proj")  # modules the routing index holds by default (the default probe)
+MEMORY_HEADROOM = 0.25
+"""With max_resident auto: the share of the device's memory left free for activations and the KV cache."""
 
 DeviceFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A, cB) on the device
 
@@ -59,19 +61,35 @@ def _check_range(adapter: Adapter, dtype: torch.dtype) -> None:
                 f"({limit:.3g}); the adapter's weights diverged, or use a wider dtype (float32)")
 
 
+def device_budget(device: torch.device, headroom: float) -> int | None:
+    """Bytes `device` can give adapter slots: what it has free now less `headroom` of its total
+    (CUDA), or None where memory is not the device's own to budget (the CPU: the whole pool)."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, int(free - headroom * total))
+
+
 class AdapterPool:
     """A validated pool of LoRA adapters for one base model: routing index plus resident factors."""
 
     def __init__(self, adapters: Iterable[Adapter], model: nn.Module, dtype: torch.dtype, device: torch.device,
                  index_modules: tuple[str, ...] = INDEX_MODULES, index_with_B: bool = False,
                  max_resident: int | str | ResidencyBound | None = None,
-                 reread: Callable[[AdapterEntry], Adapter] | None = None):
+                 reread: Callable[[AdapterEntry], Adapter] | None = None, memory_headroom: float = MEMORY_HEADROOM):
         """`adapters`: in name order when an iterator (a list is sorted here). `reread`: reads an
-        adapter again for a later load; None keeps the given adapters' host copies for that."""
+        adapter again for a later load; None keeps the given adapters' host copies for that.
+        `memory_headroom`: with max_resident auto, the share of the device's memory left free."""
         if isinstance(adapters, (list, tuple)):
             adapters = sorted(adapters, key=lambda a: a.name)
         self.dtype, self.device = dtype, torch.device(device)
         self.bound = max_resident if isinstance(max_resident, ResidencyBound) else parse_max_resident(max_resident)
+        if not 0 <= memory_headroom < 1:
+            raise ValueError(f"memory_headroom={memory_headroom!r}: give the share of device memory left free for "
+                             "activations and the KV cache, >= 0 and < 1 (e.g. 0.25)")
+        self.memory_headroom = memory_headroom
+        if self.bound.auto and device_budget(self.device, memory_headroom) is None:
+            self.bound = ResidencyBound()  # auto without a device budget (the CPU): the whole pool
         self.routing_index = RoutingIndex(tuple(index_modules), index_with_B, self.device)
         self.entries: list[AdapterEntry] = []
         self._host: dict[str, Adapter] = {}
@@ -134,6 +152,7 @@ class AdapterPool:
         index_modules: tuple[str, ...] = INDEX_MODULES,
         index_with_B: bool = False,
         max_resident: int | str | ResidencyBound | None = None,
+        memory_headroom: float = MEMORY_HEADROOM,
     ) -> "AdapterPool":
         """Read, validate and index a pool (a directory of adapter directories, or name -> path),
         one adapter at a time.
@@ -141,12 +160,13 @@ class AdapterPool:
         `index_modules`: module names (last path component) whose float32 probe factors the routing
         index keeps, at every block; `index_with_B`: keep B too (the entropy signal needs it);
         `max_resident`: at most this many adapters (or bytes, e.g. '20GiB') of full factors on the
-        device, None for all of them (see `actors.residency`)."""
+        device, `auto` for what the device has free less `memory_headroom` of it (the whole pool on
+        the CPU), None for all of them (see `actors.residency`)."""
         sources = resolve_sources(adapters)
         ordered = sorted(sources.items())
         reading = (read_adapter(name, path, model) for name, path in ordered)
         return cls(reading, model, dtype, torch.device(device), index_modules, index_with_B, max_resident,
-                   reread=lambda entry: read_adapter(entry.name, entry.path, model))
+                   reread=lambda entry: read_adapter(entry.name, entry.path, model), memory_headroom=memory_headroom)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -161,7 +181,14 @@ class AdapterPool:
             return len(self.entries)
         if self.bound.adapters is not None:
             return min(len(self.entries), self.bound.adapters)
-        return min(len(self.entries), self.bound.nbytes // self.slot_nbytes)
+        return min(len(self.entries), self._budget() // self.slot_nbytes)
+
+    def _budget(self) -> int:
+        """The bytes bound, or with `auto` the device's budget now (the model and the routing index
+        loaded, the slots not yet)."""
+        if not self.bound.auto:
+            return self.bound.nbytes
+        return device_budget(self.device, self.memory_headroom)
 
     def _write(self, slot: int, module: str, A: torch.Tensor, cB: torch.Tensor) -> None:
         """Slot `slot` of `module` := (A, cB), zero-padded to the slot's rank."""

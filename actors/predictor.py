@@ -27,7 +27,7 @@ from actors.batching import generation_batches
 from actors.calibration import CalibrationStats, compute_stats, reference_prompts
 from actors.engine import BatchStats, LoGoEngine
 from actors.options import OUTPUT_COLUMNS, GenerationConfig, RoutingConfig, build_options
-from actors.pool import AdapterPool
+from actors.pool import MEMORY_HEADROOM, AdapterPool
 from actors.router import Routing
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class LoGoPredictor:
         calibration: str | Path | Mapping | CalibrationStats | None = None,
         calibration_prompts: list[str] | str | None = None,
         max_resident: int | str | None = None,
+        memory_headroom: float = MEMORY_HEADROOM,
         batch_size: int = 16,
         dtype: str = "auto",
         device: str = "auto",
@@ -85,7 +86,8 @@ class LoGoPredictor:
         """`routing` and `generation` hold the options (actors.options); any of their fields may be
         given as a keyword instead (`k=3`, `max_new_tokens=16`), but not as both with different
         values. `max_resident`: at most this many adapters (an int) or bytes ('20GiB') of full factors
-        on the device; None keeps the whole pool resident. `batch_size`: rows per generate call (the
+        on the device, or `auto`: what the device has free once the model is loaded, less
+        `memory_headroom` of its memory (the whole pool on the CPU); None keeps the whole pool resident. `batch_size`: rows per generate call (the
         rows of a call are formed by `generation.ordering`)."""
         routing, generation = build_options(routing, generation, shortcuts,
                                             ("model", "adapters", *LoGoPredictor.__init__.__kwdefaults__))
@@ -109,7 +111,7 @@ class LoGoPredictor:
         self.max_prompt_tokens = min(limit, generation.max_prompt_tokens or limit)
         pool = AdapterPool.load(adapters, base, dtype=self.dtype, device=self.device,
                                 index_modules=routing.probe_modules, index_with_B=routing.signal == "entropy",
-                                max_resident=max_resident)
+                                max_resident=max_resident, memory_headroom=memory_headroom)
         self.engine = LoGoEngine(base, self.tokenizer, pool, replace(routing, calibration_score="raw"), generation)
         self.calibration = self._calibration(calibration, calibration_prompts)
         if self.calibration is not None or calibration_score != "raw":

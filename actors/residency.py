@@ -25,14 +25,17 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)\s*$", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class ResidencyBound:
-    """At most `adapters` adapters and at most `nbytes` bytes of factors (None: no such bound)."""
+    """At most `adapters` adapters and at most `nbytes` bytes of factors (None: no such bound);
+    `auto`: as many bytes as the device has free once the model is loaded, less a headroom (the
+    pool resolves it: `actors.pool`; on the CPU, the whole pool)."""
 
     adapters: int | None = None
     nbytes: int | None = None
+    auto: bool = False
 
     @property
     def unbounded(self) -> bool:
-        return self.adapters is None and self.nbytes is None
+        return self.adapters is None and self.nbytes is None and not self.auto
 
     def admits(self, count: int, nbytes: int) -> bool:
         return (self.adapters is None or count <= self.adapters) and (self.nbytes is None or nbytes <= self.nbytes)
@@ -40,6 +43,8 @@ class ResidencyBound:
     def describe(self) -> str:
         if self.unbounded:
             return "all"
+        if self.auto:
+            return "auto"
         if self.adapters is not None:
             return f"{self.adapters} adapters"
         return f"{self.nbytes / 2**20:.1f} MiB"
@@ -47,12 +52,15 @@ class ResidencyBound:
 
 def parse_max_resident(value: int | str | None) -> ResidencyBound:
     """`max_resident` -> its bound: None (every adapter resident), a number of adapters (int >= 1,
-    or its decimal string), or a size with a unit (`512MiB`, `20GB`, `1.5GiB`)."""
+    or its decimal string), a size with a unit (`512MiB`, `20GB`, `1.5GiB`), or `auto` (what the
+    device has free, less `memory_headroom`)."""
     if value is None:
         return ResidencyBound()
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"max_resident={value!r}: give a number of adapters (e.g. 32), a size (e.g. '20GiB') "
-                         "or null for the whole pool")
+        raise ValueError(f"max_resident={value!r}: give a number of adapters (e.g. 32), a size (e.g. '20GiB'), "
+                         "auto, or null for the whole pool")
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return ResidencyBound(auto=True)
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value.strip())
     if isinstance(value, int):
@@ -61,8 +69,8 @@ def parse_max_resident(value: int | str | None) -> ResidencyBound:
         return ResidencyBound(adapters=value)
     match = _SIZE.match(value)
     if not match:
-        raise ValueError(f"max_resident={value!r}: not a number of adapters nor a size; write e.g. 32, '512MiB' "
-                         "or '20GB'")
+        raise ValueError(f"max_resident={value!r}: not a number of adapters nor a size; write e.g. 32, '512MiB', "
+                         "'20GB' or auto")
     nbytes = int(float(match.group(1)) * UNITS[match.group(2).lower()])
     if nbytes < 1:
         raise ValueError(f"max_resident={value!r}: a size must be positive")

@@ -133,7 +133,8 @@ def test_split_by_bound_keeps_each_part_within_the_bound():
 
 @pytest.mark.parametrize("value, bound", [(8, ResidencyBound(adapters=8)), ("8", ResidencyBound(adapters=8)),
                                           ("1.5GiB", ResidencyBound(nbytes=3 * 2**29)),
-                                          ("20GB", ResidencyBound(nbytes=20 * 10**9)), (None, ResidencyBound())])
+                                          ("20GB", ResidencyBound(nbytes=20 * 10**9)), (None, ResidencyBound()),
+                                          ("auto", ResidencyBound(auto=True))])
 def test_max_resident_forms(value, bound):
     assert parse_max_resident(value) == bound
 
@@ -142,3 +143,30 @@ def test_max_resident_forms(value, bound):
 def test_bad_max_resident_is_refused(value):
     with pytest.raises(ValueError, match="max_resident"):
         parse_max_resident(value)
+
+
+def test_auto_is_the_whole_pool_on_the_cpu_and_the_free_memory_less_headroom_on_a_gpu(tiny_dir, big_pool,
+                                                                                       monkeypatch):
+    model = load_base(tiny_dir, torch.float32, torch.device("cpu"))[0]
+    pool = AdapterPool.load(big_pool, model, max_resident="auto")
+    assert pool.bound.unbounded and pool.slots == N_ADAPTERS and pool.nbytes == pool.full_nbytes
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (50 * gib, 140 * gib))
+    assert actors.pool.device_budget(torch.device("cuda:0"), 0.25) == 15 * gib
+    assert actors.pool.device_budget(torch.device("cuda:0"), 0.5) == 0
+    assert actors.pool.device_budget(torch.device("cpu"), 0.25) is None
+
+    slot = pool.slot_nbytes
+    monkeypatch.setattr(actors.pool, "device_budget", lambda device, headroom: int(10.5 * slot))
+    budgeted = AdapterPool.load(big_pool, model, max_resident="auto")
+    assert budgeted.slots == 10 and budgeted.storage_nbytes <= 10.5 * slot
+    assert budgeted.nbytes == 0 and budgeted.bound.describe() == "auto"
+    with pytest.raises(ValueError, match="memory_headroom=1.5"):
+        AdapterPool.load(big_pool, model, max_resident="auto", memory_headroom=1.5)
+
+
+def test_an_auto_budget_below_k_is_refused(tiny_dir, big_pool, monkeypatch):
+    monkeypatch.setattr(actors.pool, "device_budget", lambda device, headroom: 1000)
+    with pytest.raises(ValueError, match=r"max_resident=auto holds 0 adapter slots"):
+        LoGoPredictor(tiny_dir, big_pool, max_resident="auto", **OPTIONS)

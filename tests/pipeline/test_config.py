@@ -52,6 +52,8 @@ def test_unknown_section_is_refused():
     ("adapters", {"path": "a", "max_resident": "lots"}, r"adapters\.max_resident='lots': not a number of "
                                                        r"adapters nor a size; write e\.g\. 32, '512MiB'"),
     ("adapters", {"path": "a", "max_resident": 2.5}, r"adapters\.max_resident: expected int or str; got 2\.5"),
+    ("adapters", {"path": "a", "max_resident": "auto"}, None),
+    ("resources", {"memory_headroom": 1.0}, r"resources\.memory_headroom: must be >= 0 and < 1 .*; got 1\.0"),
     ("routing", {"grouping": False}, None),  # an earlier version's place and key: read and ignored
     ("generation", {"max_groups": 0, "time_groups": "yes"}, None),  # retired keys are not checked
 ])
@@ -131,6 +133,8 @@ def test_every_engine_option_is_a_job_key_and_reaches_the_predictor():
     assert got["generation"] == options.GenerationConfig(**{**values, "stop_strings": ("END",)})
     assert got["routing"] == options.RoutingConfig(**{**routing, "probe_layers": (0, -1)})
     assert got["max_resident"] == "20GiB" and got["batch_size"] == config.resources.batch_size
+    assert got["memory_headroom"] == 0.25
+    assert config_from_dict(with_("resources", memory_headroom=0.4)).predictor_options()["memory_headroom"] == 0.4
     assert config_from_dict(with_("adapters", path="a", max_resident=4)).predictor_options()["max_resident"] == 4
     assert config_from_dict(BASE).predictor_options()["max_resident"] is None
 
