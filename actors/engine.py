@@ -144,7 +144,7 @@ class LoGoEngine:
         self.routing, self.generation = routing, generation
         self.router = Router(model, pool, routing, calibration)
         check_bound(pool, routing)
-        self.state = MixtureState(storage={m: (pool.A[m].transpose(1, 2), pool.B[m].transpose(1, 2))
+        self.state = MixtureState(storage={m: (pool.A[m].transpose(1, 2), pool.B[m])
                                            for m in pool.modules})  # (S, d_in, r), (S, r, d_out)
         install_mixture_layers(model, list(pool.modules), self.state)
         self.device = next(model.parameters()).device

@@ -6,8 +6,8 @@ the routing index (float32, small: see `actors.index`), and its full factors are
 residency keeps them. The full factors of resident adapters live in slots of stacked storage, per
 adapted module
 
-    A   (S, r_m, d_in)       slot s holds adapter A rows 0..r-1, zeros after them
-    cB  (S, d_out, r_m)      B with the adapter's scale folded in, zero columns after r
+    A     (S, r_m, d_in)     slot s holds adapter A rows 0..r-1, zeros after them
+    cB^T  (S, r_m, d_out)    B with the adapter's scale folded in, transposed, zero rows after r
 
 in the pool's dtype, with S slots (the whole pool, or what `max_resident` allows) and r_m the
 largest rank any adapter has at module m, rounded up to 16 bytes a row (`actors.mixture.slot_rank`;
@@ -130,11 +130,11 @@ class AdapterPool:
         self.residency: Residency[int] = Residency(self.capacity, self.slots, self._load,
                                                    lambda i: self.entries[i].nbytes)
         self.A: dict[str, torch.Tensor] = {}  # module path -> (S, r_m, d_in)
-        self.B: dict[str, torch.Tensor] = {}  # module path -> (S, d_out, r_m)
+        self.B: dict[str, torch.Tensor] = {}  # module path -> (S, r_m, d_out): cB transposed
         for m, r in self.slot_ranks.items():  # one module at a time: its per-adapter copies go as it fills
             d_in, d_out = self.dims[m]
             self.A[m] = torch.zeros(self.slots, r, d_in, dtype=dtype, device=self.device)
-            self.B[m] = torch.zeros(self.slots, d_out, r, dtype=dtype, device=self.device)
+            self.B[m] = torch.zeros(self.slots, r, d_out, dtype=dtype, device=self.device)
             for i, factors in enumerate(first):
                 if m in factors:
                     self._write(i, m, *factors.pop(m))
@@ -195,8 +195,8 @@ class AdapterPool:
         r = A.shape[0]
         self.A[module][slot, :r].copy_(A)
         self.A[module][slot, r:].zero_()
-        self.B[module][slot, :, :r].copy_(cB)
-        self.B[module][slot, :, r:].zero_()
+        self.B[module][slot, :r].copy_(cB.T)
+        self.B[module][slot, r:].zero_()
 
     def _device_factors(self, adapter: Adapter) -> DeviceFactors:
         return {m: (f.A.to(device=self.device, dtype=self.dtype).contiguous(),
@@ -225,7 +225,7 @@ class AdapterPool:
         """The device factors of these adapters (views of their slots, each at its own rank), all
         resident together."""
         slots = self.acquire_slots(indices)
-        return {i: {m: (self.A[m][s, :r], self.B[m][s, :, :r]) for m, r in sorted(self.entries[i].ranks.items())}
+        return {i: {m: (self.A[m][s, :r], self.B[m][s, :r].T) for m, r in sorted(self.entries[i].ranks.items())}
                 for i, s in slots.items()}
 
     def sizes(self) -> list[int]:
