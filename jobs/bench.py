@@ -4,7 +4,8 @@
 
 Measures prompts/s, generated tokens/s and memory of the base model, PEFT with one adapter, PEFT
 mixed batches, the released code's batch-of-one procedure, PEFT Arrow and our engine (k in 1, 4, 20,
-with and without grouping) on the same prompts, pool and batch size, then sweeps the pool size.
+and k = 20 with given clustered and scattered selections) on the same prompts, pool and batch size,
+then sweeps the pool size.
 Writes a table to stdout, `bench.json` and `sweep.png` to --out.
 
     logo-batch bench --pipeline [--rows 100000,1000000] [--s3-endpoint URL] [--out runs/bench-pipeline]
