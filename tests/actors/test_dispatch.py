@@ -113,7 +113,7 @@ def engine_step(engine, routings) -> OpCount:
 def layer_ops(engine, routings) -> int:
     """Ops one adapted layer adds to a pass of one token per row."""
     layer = engine.model.get_submodule(engine.pool.modules[0])
-    x = torch.randn(len(routings), 1, layer.base_layer.in_features)
+    x = torch.randn(len(routings), 1, layer.base_layer.in_features, device=engine.device, dtype=engine.pool.dtype)
     with torch.inference_mode(), engine.mixing(routings):
         with OpCount() as mixed:
             layer(x)
