@@ -221,8 +221,9 @@ class LoGoEngine:
     @contextmanager
     def mixing(self, routings: list[Routing], widths: tuple[int, ...] = (1,)) -> Iterator[SlotMix | None]:
         """Within the block, every forward pass of the model applies row b's mixture `routings[b]`.
-        The union of all rows must fit the pool's slots (see `calls`). The group ends of passes of
-        each of `widths` tokens per row are made here (decode steps: 1), others on first use."""
+        The union of all rows must fit the pool's slots (see `calls`). The group ends (and per-row
+        weights) of passes of each of `widths` tokens per row are made here (decode steps: 1), others
+        on first use."""
         slots = self.pool.acquire_slots(i for r in routings for i in r.indices)
         mix = None
         if slots:
@@ -230,6 +231,9 @@ class LoGoEngine:
                           self.pool.slots, self.device, self.pool.dtype)
             for width in widths:
                 mix.offs(width)
+                for r in set(self.pool.slot_ranks.values()):
+                    if width > r:  # a prefill of this width multiplies rows by their slots (`_rows_mix`)
+                        mix.rank_weights(r)
         self.state.mix = mix
         try:
             yield mix
