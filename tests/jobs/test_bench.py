@@ -165,3 +165,20 @@ def test_smoke_run_writes_every_method(tmp_path: Path, capsys):
     assert sorted({(r["pool"], r["k"]) for r in rows}) == sorted((n, k) for n in cfg.sweep_pools for k in cfg.ks)
     assert (tmp_path / "sweep.png").stat().st_size > 1000
     assert "| peft-single |" in capsys.readouterr().out
+
+
+def test_the_gpu_preset_measures_both_8b_shapes_in_bfloat16_on_cuda():
+    cfg = preset("gpu")
+    assert (cfg.device, cfg.dtype, cfg.batch_size, cfg.sweep_pools) == ("cuda", "bfloat16", 64, ())
+    assert [part.shape.name for part in cfg.shapes] == ["8b-ratio", "8b-width"]
+    assert cfg.shapes[1].shape.lora_work_ratio() == pytest.approx(LLAMA_8B.lora_work_ratio(), rel=0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_smoke_run_on_cuda_in_bfloat16(tmp_path: Path):
+    from jobs.cli import main
+
+    assert main(["bench", "--smoke", "--device", "cuda", "--dtype", "bfloat16", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["device"].startswith("cuda") and report["dtype"] == "bfloat16"
