@@ -1,4 +1,8 @@
-"""The generation engine: route a batch, group it, and generate with each row's adapter mixture.
+"""The generation engine: route a batch, make its adapters resident, and generate with each row's mixture.
+
+A batch runs as one generate call or several (cut by the residency's slots and by prompt length);
+each call mixes all its rows at once: its (row, adapter) pairs, sorted by slot, are formed once
+(`actors.mixture.SlotMix`), and every forward pass reads them.
 
 A row whose routing weights, hidden states or logits overflow (an adapter with huge weights, or a
 dtype too narrow for the mixture) is not reported as an output: `BatchStats.errors` names its cause, and
@@ -19,8 +23,8 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
 from actors.base import decoder_blocks
-from actors.grouping import Group, group_rows, length_buckets, single_group
-from actors.mixture import GroupTerm, MixtureState, install_mixture_layers
+from actors.grouping import exact_length_buckets, length_buckets
+from actors.mixture import MixtureState, SlotMix, install_mixture_layers
 from actors.options import GenerationConfig, RoutingConfig
 from actors.pool import AdapterPool
 from actors import residency
@@ -30,14 +34,14 @@ from actors.router import Router, Routing
 
 @dataclass
 class BatchStats:
-    """What happened to one batch: its groups, their unions and timings."""
+    """What happened to one batch: its generate calls (each one group of rows mixed together, in
+    the prefill and in decode steps alike), their unions and timings."""
 
     rows: int = 0
-    groups: list[tuple[int, ...]] = field(default_factory=list)  # row positions per group (prefill)
+    groups: list[tuple[int, ...]] = field(default_factory=list)  # row positions per group (one per call)
     union_sizes: list[int] = field(default_factory=list)
-    decode_groups: list[tuple[int, ...]] = field(default_factory=list)  # row positions per decode group
+    decode_groups: list[tuple[int, ...]] = field(default_factory=list)  # the same groups, for decode steps
     decode_union_sizes: list[int] = field(default_factory=list)
-    group_seconds: list[float] | None = None  # mixture time per group, when timed
     probe_seconds: float = 0.0
     generate_seconds: float = 0.0
     new_tokens: int = 0
@@ -46,8 +50,9 @@ class BatchStats:
     loads: int = 0  # adapters read onto the device for this batch
     hits: int = 0  # adapters it needed that were already resident
     evictions: int = 0  # adapters dropped to make room
-    grouping_seconds: float = 0.0  # Python time spent forming groups and plans
+    grouping_seconds: float = 0.0  # time making each call's adapters resident and forming its slot pairs
     batches: int = 1  # generation batches these stats cover
+    oom_splits: int = 0  # probe passes and generate calls that ran out of memory and were halved
 
     def absorb(self, other: "BatchStats", rows: list[int]) -> None:
         """Add the stats of a batch made of these rows (its positions map to `rows`)."""
@@ -57,10 +62,9 @@ class BatchStats:
         self.union_sizes += other.union_sizes
         self.decode_groups += mapped(other.decode_groups)
         self.decode_union_sizes += other.decode_union_sizes
-        if other.group_seconds is not None:
-            self.group_seconds = (self.group_seconds or []) + other.group_seconds
         self.errors.update({rows[p]: why for p, why in other.errors.items()})
-        for name in ("generate_seconds", "new_tokens", "calls", "loads", "hits", "evictions", "grouping_seconds"):
+        for name in ("generate_seconds", "new_tokens", "calls", "loads", "hits", "evictions", "grouping_seconds",
+                     "oom_splits"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -82,42 +86,48 @@ class OverflowWatch(LogitsProcessor):
     Two signs, per row and step: the residual stream leaving the last block, at the position being
     decoded (rows are left-padded), has a mean square that is not finite (the final norm then
     divides by infinity and the row's logits collapse to a constant), or the logits hold NaN or
-    +inf (or are -inf everywhere). The first step showing either is recorded, and from then on the
-    row's next token is an end id, so it costs no further decode steps.
+    +inf (or are -inf everywhere): either way `max(logits) + mean(h^2)` is not finite. The first
+    step showing it is recorded, and from then on the row's next token is an end id, so it costs no
+    further decode steps. About ten ops per step, all on the device (no synchronisation).
     """
 
-    def __init__(self, batch: int, end_id: int, device: torch.device):
-        self.first = torch.full((batch,), -1, dtype=torch.long, device=device)  # (B,) step, -1: none yet
-        self.end_id, self.step = end_id, 0
+    NONE = 2**62  # "no bad step yet"
 
-    def _mark(self, bad: torch.Tensor) -> None:
-        """Record `step` for the rows newly `bad` (B,), on the device: no synchronisation per step."""
-        self.first = torch.where(bad & (self.first < 0), self.step, self.first)
+    def __init__(self, batch: int, end_id: int, device: torch.device):
+        self.first = torch.full((batch, 1), self.NONE, dtype=torch.long, device=device)  # (B, 1) first bad step
+        self.end_id, self.step = end_id, 0
+        self.h: torch.Tensor | None = None  # (B, d): the last block's output at the decoded position
+        self.forced: torch.Tensor | None = None  # (1, V): logits that pick the end id
 
     @property
     def first_bad(self) -> list[int | None]:
         """Per row, the first step that showed an overflow, or None."""
-        return [None if s < 0 else s for s in self.first.tolist()]
+        return [None if s >= self.NONE else s for s in self.first[:, 0].tolist()]
 
     def block_output(self, _module, _args, output) -> None:
         """Forward hook on the last decoder block."""
-        h = (output[0] if isinstance(output, tuple) else output)[:, -1]  # (B, d): the position that is decoded
-        self._mark(~torch.isfinite(h.float().pow(2).mean(dim=-1)))
+        self.h = (output[0] if isinstance(output, tuple) else output)[:, -1]  # (B, d)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         # -inf is how other processors forbid a token (e.g. min_new_tokens), so only NaN, +inf, or a row
-        # with every token at -inf counts
-        self._mark(scores.isnan().any(dim=-1) | scores.isposinf().any(dim=-1) | scores.isneginf().all(dim=-1))
-        ended = (self.first >= 0)[:, None]  # (B, 1)
-        scores = scores.masked_fill(ended, float("-inf"))  # (B, V)
-        scores[:, self.end_id] = torch.where(ended[:, 0], 0.0, scores[:, self.end_id])
+        # with every token at -inf counts: exactly the rows whose largest logit is not finite
+        sign = scores.amax(dim=-1, keepdim=True)  # (B, 1)
+        if self.h is not None:
+            h = self.h if self.h.dtype == torch.float32 else self.h.float()
+            sign = sign + h.pow(2).mean(dim=-1, keepdim=True)  # (B, 1)
+        self.first = torch.minimum(self.first, torch.where(torch.isfinite(sign), self.NONE, self.step))
+        if self.forced is None:
+            self.forced = torch.full_like(scores[:1], float("-inf"))  # (1, V)
+            self.forced[0, self.end_id] = 0.0
         self.step += 1
-        return scores
+        return torch.where(self.first < self.NONE, self.forced, scores)  # (B, V)
 
 
 def check_bound(pool: AdapterPool, routing: RoutingConfig) -> None:
-    """Refuse a residency bound that cannot hold one row's k adapters at once (`residency.check_bound`)."""
-    residency.check_bound(pool.bound, routing.k, pool.sizes())
+    """Refuse a residency bound whose slots cannot hold one row's k adapters at once
+    (`residency.check_bound`, the check the job's driver makes too)."""
+    residency.check_bound(pool.bound, routing.k, pool.slot_nbytes, len(pool),
+                          pool.budget() if pool.bound.auto else None)
 
 
 class LoGoEngine:
@@ -129,7 +139,8 @@ class LoGoEngine:
         self.routing, self.generation = routing, generation
         self.router = Router(model, pool, routing, calibration)
         check_bound(pool, routing)
-        self.state = MixtureState(timed=generation.time_groups)
+        self.state = MixtureState(storage={m: (pool.A[m].transpose(1, 2), pool.B[m])
+                                           for m in pool.modules})  # (S, d_in, r), (S, r, d_out)
         install_mixture_layers(model, list(pool.modules), self.state)
         self.device = next(model.parameters()).device
         self.end_ids = end_ids(model, tokenizer)
@@ -156,107 +167,78 @@ class LoGoEngine:
             mask[b, sl] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def route(self, seqs: list[list[int]]) -> list[Routing]:
+    def route(self, seqs: list[list[int]], stats: BatchStats | None = None) -> list[Routing | None]:
         """Route each tokenised prompt (adapters off; one partial forward pass per length bucket).
 
-        A row's routing does not depend on the rows padded with it, so buckets change only the cost.
+        A row's routing does not depend on the rows padded with it, so buckets change only the cost
+        (in float32 to its rounding, 1e-6; in bfloat16 and float16 rows of one length run together,
+        unpadded, so it is exact). A pass out of memory is halved (`split_on_oom`); a row that runs out of memory alone gets
+        None, and its error in `stats.errors` (which must then be given).
         """
-        if len(seqs) < 2 or self.generation.probe_bucket_overhead == float("inf"):
-            return self.router.route(*self.pad(seqs))
+        if self.pool.dtype != torch.float32:  # see `exact_length_buckets`
+            buckets = exact_length_buckets([len(s) for s in seqs])
+        elif len(seqs) < 2 or self.generation.probe_bucket_overhead == float("inf"):
+            buckets = [list(range(len(seqs)))]
+        else:
+            buckets = length_buckets([len(s) for s in seqs], self.generation.probe_bucket_overhead)
         routings: list[Routing | None] = [None] * len(seqs)
-        for bucket in length_buckets([len(s) for s in seqs], self.generation.probe_bucket_overhead):
-            for row, routing in zip(bucket, self.router.route(*self.pad([seqs[r] for r in bucket]))):
+        for bucket in buckets:
+            routed = self.split_on_oom(bucket, lambda rows: self.router.route(*self.pad([seqs[r] for r in rows])),
+                                       seqs, stats, "routing")
+            for row, routing in zip(bucket, routed):
                 routings[row] = routing
-        return routings  # type: ignore[return-value]
+        return routings
 
-    def group(self, routings: list[Routing]) -> list[Group]:
-        """Groups by products alone (what a prefill of many tokens per row wants)."""
-        selections = [r.indices for r in routings]
-        if not self.generation.grouping:
-            return single_group(selections)
-        return group_rows(selections, self.generation.max_groups, self.generation.group_overhead)
-
-    def phase_groups(self, routings: list[Routing]) -> list[tuple[Group, list[Group]]]:
-        """Decode groups (reads of the factors shared by overlapping selections), each with the
-        prefill groups it splits into (products alone). Row indices are positions in `routings`.
-        At most `max_groups` groups in each phase: the decode groups share the bound's prefill
-        groups, each at least one, the rest to the groups with the most rows."""
-        selections = [r.indices for r in routings]
-        gen = self.generation
-        if not gen.grouping:
-            (whole,) = single_group(selections)
-            return [(whole, [whole])]
-        coarse = group_rows(selections, gen.max_groups, gen.group_overhead, gen.decode_union_cost)
-        budget = [1] * len(coarse)
-        for _ in range(gen.max_groups - len(coarse)):  # each spare group to the most rows per group
-            g = max(range(len(coarse)), key=lambda g: (len(coarse[g].rows) / budget[g], -g))
-            budget[g] += 1
-        out = []
-        for group, most in zip(coarse, budget):
-            fine = group_rows([selections[r] for r in group.rows], most, gen.group_overhead)
-            out.append((group, [Group(rows=tuple(group.rows[i] for i in f.rows), union=f.union) for f in fine]))
-        return out
-
-    def plan(self, routings: list[Routing], groups: list[Group],
-             factors: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
-             ) -> dict[str, list[GroupTerm]]:
-        """Per module, one term per group: its union's factors (from `factors`, the resident device
-        factors by pool index; default: acquired now) concatenated along the rank axis in pool
-        order, and its rows' weights. Consecutive rows are addressed by a slice."""
-        if factors is None:
-            factors = self.pool.acquire(i for g in groups for i in g.union)
-        plan: dict[str, list[GroupTerm]] = {m: [] for m in self.pool.modules}
-        for group in groups:
-            first, n = group.rows[0], len(group.rows)
-            if group.rows == tuple(range(first, first + n)):
-                rows: slice | torch.Tensor = slice(first, first + n)
-            else:
-                rows = torch.tensor(group.rows, dtype=torch.long, device=self.device)
-            pos = {a: p for p, a in enumerate(group.union)}
-            W = torch.zeros(n, len(group.union), dtype=torch.float32)  # (rows, |U|)
-            for b, row in enumerate(group.rows):
-                for i, w in zip(routings[row].indices, routings[row].weights):
-                    W[b, pos[i]] = w
-            W = W.to(device=self.device, dtype=self.pool.dtype)
-            owners: dict[tuple[tuple[int, int], ...], torch.Tensor] = {}  # (position, rank) per adapter -> owner
-            for module in self.pool.modules:
-                held = [(p, factors[a][module]) for p, a in enumerate(group.union) if module in factors[a]]
-                if not held:
-                    continue
-                layout = tuple((p, A.shape[0]) for p, (A, _) in held)
-                if layout not in owners:
-                    owners[layout] = torch.tensor([p for p, r in layout for _ in range(r)], dtype=torch.long,
-                                                  device=self.device)
-                if len(held) == 1:
-                    A_U, B_U = held[0][1]
-                else:
-                    A_U = torch.cat([A for _, (A, _) in held], dim=0)  # (C, d_in)
-                    B_U = torch.cat([B for _, (_, B) in held], dim=1)  # (d_out, C)
-                plan[module].append(GroupTerm(rows=rows, A=A_U, B=B_U, W=W[:, owners[layout]]))  # W: (rows, C)
-        return plan
+    def split_on_oom(self, rows: list[int], run, seqs: list[list[int]], stats: BatchStats | None,
+                     what: str) -> list:
+        """`run(rows)` (one result per row); on running out of device memory, the cache is freed and
+        each half of the rows runs again, down to one row. A row out of memory alone gets None and
+        an error in `stats.errors` naming its prompt length (with no `stats`, the error is raised)."""
+        try:
+            return list(run(rows))
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(rows) == 1 and stats is None:
+                raise
+            if len(rows) == 1:
+                stats.errors[rows[0]] = (
+                    f"out of device memory {what} this row alone ({len(seqs[rows[0]])} prompt tokens, "
+                    f"max_new_tokens={self.generation.max_new_tokens}): shorten the prompt (max_prompt_tokens), "
+                    "lower max_new_tokens, or give the actor a device with more memory")
+                return [None]
+            if stats is not None:
+                stats.oom_splits += 1
+            half = len(rows) // 2
+            return (self.split_on_oom(rows[:half], run, seqs, stats, what)
+                    + self.split_on_oom(rows[half:], run, seqs, stats, what))
 
     @contextmanager
-    def mixing(self, routings: list[Routing], groups: list[Group] | None = None,
-               decode_groups: list[Group] | None = None) -> Iterator[list[Group]]:
-        """Within the block, every forward pass of the model applies row b's mixture `routings[b]`:
-        with `groups` (default: `group(routings)`), and in passes of one token per row with
-        `decode_groups` when given. Timed group slots are per position in whichever plan ran. The
-        union of all rows must fit the pool's residency bound (see `calls`)."""
-        groups = self.group(routings) if groups is None else groups
-        factors = self.pool.acquire(i for r in routings for i in r.indices)
-        self.state.group_seconds = [0.0] * max(len(groups), len(decode_groups or ()))
-        self.state.plan = self.plan(routings, groups, factors)
-        if decode_groups is not None and decode_groups != groups:
-            self.state.decode_plan = self.plan(routings, decode_groups, factors)
+    def mixing(self, routings: list[Routing], widths: tuple[int, ...] = (1,)) -> Iterator[SlotMix | None]:
+        """Within the block, every forward pass of the model applies row b's mixture `routings[b]`.
+        The union of all rows must fit the pool's slots (see `calls`). The group ends (and per-row
+        weights) of passes of each of `widths` tokens per row are made here (decode steps: 1), others
+        on first use."""
+        slots = self.pool.acquire_slots(i for r in routings for i in r.indices)
+        mix = None
+        if slots:
+            mix = SlotMix([[slots[i] for i in r.indices] for r in routings], [list(r.weights) for r in routings],
+                          self.pool.slots, self.device, self.pool.dtype)
+            for width in widths:
+                mix.offs(width)
+                for r in set(self.pool.slot_ranks.values()):
+                    if width > r:  # a prefill of this width multiplies rows by their slots (`_rows_mix`)
+                        mix.rank_weights(r)
+        self.state.mix = mix
         try:
-            yield groups
+            yield mix
         finally:
-            self.state.plan = self.state.decode_plan = None
+            self.state.mix = None
 
     def calls(self, seqs: list[list[int]], routings: list[Routing]) -> list[list[int]]:
         """A batch cut into generate calls: parts whose union of adapters fits the residency bound
         (rows sharing adapters together), each cut by prompt length (`generate_step_slots`)."""
-        parts = split_by_bound([r.indices for r in routings], self.pool.sizes(), self.pool.bound)
+        parts = split_by_bound([r.indices for r in routings], self.pool.sizes(), self.pool.capacity)
         overhead = self.generation.generate_step_slots * self.generation.max_new_tokens
         out = []
         for part in parts:
@@ -288,9 +270,10 @@ class LoGoEngine:
         texts, counts = [""] * len(seqs), [0] * len(seqs)
         t0 = time.perf_counter()
         for part in self.calls(seqs, routings):
-            part_texts, part_counts = self._generate_call(part, seqs, routings, stats)
-            for row, text, count in zip(part, part_texts, part_counts):
-                texts[row], counts[row] = text, count
+            results = self.split_on_oom(part, lambda rows: self._generate_call(rows, seqs, routings, stats),
+                                        seqs, stats, "generating")
+            for row, result in zip(part, results):
+                texts[row], counts[row] = result or ("", 0)
         stats.generate_seconds = time.perf_counter() - t0
         now = self.pool.residency.counts
         stats.loads, stats.hits = now.loads - counts_before.loads, now.hits - counts_before.hits
@@ -299,48 +282,33 @@ class LoGoEngine:
         return texts, counts, stats
 
     def _generate_call(self, part: list[int], seqs: list[list[int]], routings: list[Routing],
-                       stats: BatchStats) -> tuple[list[str], list[int]]:
-        """One generate call over rows `part` of the batch; adds its groups and errors to `stats`."""
+                       stats: BatchStats) -> list[tuple[str, int]]:
+        """One generate call over rows `part` of the batch: (text, new-token count) per row; adds
+        its group and errors to `stats` once it has run."""
         t0 = time.perf_counter()
-        sub = [routings[r] for r in part]
-        # Lay rows out decode group after decode group, prefill group after prefill group inside
-        # it, longest first inside that: every group of both phases is a slice of the call.
-        order: list[int] = []  # positions in `part`
-        groups, decode_groups = [], []
-        for coarse, fine in self.phase_groups(sub):
-            first = len(order)
-            for g in fine:
-                start = len(order)
-                order.extend(sorted(g.rows, key=lambda r: (-len(seqs[part[r]]), r)))
-                groups.append(Group(rows=tuple(range(start, len(order))), union=g.union))
-            decode_groups.append(Group(rows=tuple(range(first, len(order))), union=coarse.union))
-        rows = [part[p] for p in order]  # batch rows in call order
-        ordered = [routings[r] for r in rows]
-        stats.calls += 1
-        stats.groups += [tuple(rows[p] for p in g.rows) for g in groups]
-        stats.union_sizes += [len(g.union) for g in groups]
-        stats.decode_groups += [tuple(rows[p] for p in g.rows) for g in decode_groups]
-        stats.decode_union_sizes += [len(g.union) for g in decode_groups]
-        input_ids, attention_mask = self.pad([seqs[r] for r in rows])
-        watch = OverflowWatch(len(rows), self.end_ids[0] if self.end_ids else self.tokenizer.pad_token_id,
+        input_ids, attention_mask = self.pad([seqs[r] for r in part])
+        watch = OverflowWatch(len(part), self.end_ids[0] if self.end_ids else self.tokenizer.pad_token_id,
                               input_ids.device)
         handle = self.last_block.register_forward_hook(watch.block_output)
         try:
-            with self.mixing(ordered, groups, decode_groups):
+            with self.mixing([routings[r] for r in part], widths=(1, input_ids.shape[1])):
                 stats.grouping_seconds += time.perf_counter() - t0
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                           generation_config=self.hf_config, tokenizer=self.tokenizer,
                                           logits_processor=LogitsProcessorList([watch]))
         finally:
             handle.remove()
-        if self.state.timed:
-            stats.group_seconds = (stats.group_seconds or []) + list(self.state.group_seconds)
+        union = len({i for r in part for i in routings[r].indices})  # all rows of a call mix at once
+        stats.calls += 1
+        stats.groups.append(tuple(part))
+        stats.union_sizes.append(union)
+        stats.decode_groups.append(tuple(part))
+        stats.decode_union_sizes.append(union)
         new = out[:, input_ids.shape[1]:].tolist()
-        texts, counts = [], []
-        for pos, (tokens, row) in enumerate(zip(new, rows)):
+        results = []
+        for pos, (tokens, row) in enumerate(zip(new, part)):
             text, count = self.decode(tokens)
-            texts.append(text)
-            counts.append(count)
+            results.append((text, count))
             step = watch.first_bad[pos]
             if step is not None and step <= count and row not in stats.errors:
                 r, dtype = routings[row], str(self.pool.dtype).removeprefix("torch.")
@@ -349,8 +317,7 @@ class LoGoEngine:
                     f"the hidden states or logits overflowed (NaN or inf) at new token {step + 1} with adapters "
                     f"{list(r.adapters)} (weights {[round(w, 4) for w in r.weights]}) in {dtype}: an adapter's "
                     f"weights are too large for the model; {fix}")
-        by_row = dict(zip(rows, zip(texts, counts)))
-        return [by_row[r][0] for r in part], [by_row[r][1] for r in part]
+        return results
 
     def decode(self, tokens: list[int]) -> tuple[str, int]:
         """New tokens of one row -> (text cut at the first stop, number of tokens generated)."""

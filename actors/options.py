@@ -8,6 +8,10 @@ routed. `LoGoPredictor` and `LoGoEngine` take them, and a job file's `routing:` 
 sections are built from them (`pipeline.config` adds the keys only a job has, such as where the
 calibration statistics come from). A bad value raises ValueError naming the key and the fix,
 `key: what is wrong and what to give; got value`. The job reads them without loading torch.
+
+`RETIRED` names the generation options of earlier versions that no longer change anything (the
+grouping of rows: every generate call now mixes all its rows at once, see `actors.mixture`): a job
+file may still hold them (read and ignored, with a warning); the predictor's keywords refuse them.
 """
 
 from __future__ import annotations
@@ -112,7 +116,7 @@ class RoutingConfig:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """How outputs are generated once a batch is routed: decoding, prompt length, grouping."""
+    """How outputs are generated once a batch is routed: decoding, prompt length, batching."""
 
     max_new_tokens: int = 64
     """Most new tokens per row (greedy decoding; a row also ends at its end-of-sequence token)."""
@@ -125,16 +129,6 @@ class GenerationConfig:
     `error` (an error row)."""
     max_prompt_tokens: int | None = None
     """Longest prompt in tokens; None: the model's context length minus `max_new_tokens`."""
-    grouping: bool = True
-    """Split each batch into groups of rows with overlapping selections (False: one group)."""
-    max_groups: int = 8
-    """Most groups per batch when grouping."""
-    group_overhead: float = 8.0
-    """Fixed cost of one more group, in row-adapter products (see actors.grouping)."""
-    decode_union_cost: float = 8.0
-    """Cost of reading one adapter's factors in a decode step, in row-adapter products: decode steps
-    use groups formed with it (rows with overlapping selections share one read), and the prompt's
-    prefill splits those groups further, by products alone (see actors.grouping)."""
     probe_bucket_overhead: float = 64.0
     """Fixed cost of one more probe pass, in token slots: the probe runs the batch in buckets of
     similar prompt length, padded per bucket, chosen to minimise padded slots plus this per pass
@@ -149,14 +143,12 @@ class GenerationConfig:
     """How the predictor forms its generation batches of `batch_size` rows from the rows it routed:
     `selection` (sorted by selected adapters, then prompt length: rows sharing adapters are
     generated together) or `input` (input order); see actors.batching."""
-    time_groups: bool = False
-    """Measure seconds per group in the mixture layers (synchronises the GPU)."""
 
     def __post_init__(self) -> None:
         _check(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens",
                "must be an integer >= 1", self.max_new_tokens)
-        for key in ("stop_at_newline", "grouping", "time_groups"):
-            _check(isinstance(getattr(self, key), bool), key, "must be true or false", getattr(self, key))
+        _check(isinstance(self.stop_at_newline, bool), "stop_at_newline", "must be true or false",
+               self.stop_at_newline)
         if isinstance(self.stop_strings, list):
             object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         _check(isinstance(self.stop_strings, tuple) and all(isinstance(s, str) and s for s in self.stop_strings),
@@ -166,16 +158,18 @@ class GenerationConfig:
         _check(self.max_prompt_tokens is None or _is_int(self.max_prompt_tokens) and self.max_prompt_tokens >= 1,
                "max_prompt_tokens", "must be an integer >= 1, or None for the model's context minus "
                "max_new_tokens", self.max_prompt_tokens)
-        _check(_is_int(self.max_groups) and self.max_groups >= 1, "max_groups", "must be an integer >= 1",
-               self.max_groups)
         _one_of(self.ordering, ORDERINGS, "ordering")
-        for key in ("group_overhead", "decode_union_cost", "probe_bucket_overhead", "generate_step_slots"):
+        for key in ("probe_bucket_overhead", "generate_step_slots"):
             value = getattr(self, key)
             _check(_is_number(value) and value >= 0, key, "must be a number >= 0", value)
 
     @property
     def stops(self) -> tuple[str, ...]:
         return (("\n",) if self.stop_at_newline else ()) + tuple(self.stop_strings)
+
+
+RETIRED = ("grouping", "max_groups", "group_overhead", "decode_union_cost", "time_groups")
+"""Generation options of earlier versions that no longer change anything: read and ignored."""
 
 
 def field_names(cls: type) -> tuple[str, ...]:
@@ -194,6 +188,10 @@ def build_options(routing: RoutingConfig | None, generation: GenerationConfig | 
         if "probe_layers" in shortcuts:
             raise ValueError("pass probe_layers (one block, a list or 'all'), not also probe_layer")
         shortcuts["probe_layers"] = shortcuts.pop("probe_layer")
+    retired = sorted(set(shortcuts) & set(RETIRED))
+    if retired:
+        raise ValueError(f"option(s) {retired} no longer change anything (every generate call mixes all its rows "
+                         "at once, a fixed number of ops per module); remove them")
     unknown = sorted(set(shortcuts) - set(field_names(RoutingConfig) + field_names(GenerationConfig)))
     if unknown:
         known = other_options + field_names(RoutingConfig) + field_names(GenerationConfig)

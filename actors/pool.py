@@ -3,16 +3,19 @@
 Adapters are read one at a time, in name order (index order is name order, which is what makes
 routing ties deterministic): each is validated against the base model, its probe factors go into
 the routing index (float32, small: see `actors.index`), and its full factors are dropped unless the
-residency keeps them. The mixture asks for the full factors of a generate call's union with
-`acquire`; with `max_resident` set, at most that many adapters (or bytes) stay on the device and
-the others are read again from their files on demand, least recently used first out (see
-`actors.residency`). Per adapter and module, the device holds
+residency keeps them. The full factors of resident adapters live in slots of stacked storage, per
+adapted module
 
-    A   (r, d_in)        in the pool's dtype
-    cB  (d_out, r)       B with the adapter's scale folded in, in the pool's dtype
+    A     (S, r_m, d_in)     slot s holds adapter A rows 0..r-1, zeros after them
+    cB^T  (S, r_m, d_out)    B with the adapter's scale folded in, transposed, zero rows after r
 
-which is exactly what a fresh read gives, so which adapters happen to be resident never changes
-an output.
+in the pool's dtype, with S slots (the whole pool, or what `max_resident` allows) and r_m the
+largest rank any adapter has at module m, rounded up to 16 bytes a row (`actors.residency.slot_rank`;
+an adapter lacking the module holds zeros there). The
+mixture reads the slots in place (`actors.mixture`); `acquire_slots` makes a generate call's union
+resident and says where, loading the others from their files least recently used first out (see
+`actors.residency`). A slot holds exactly what a fresh read gives, so which adapters happen to be
+resident, and where, never changes an output.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from actors.adapters import (CONFIG_FILE, WEIGHTS_FILE, Adapter, AdapterError, r
                              validate_adapter)
 from actors.fingerprint import read_pinned
 from actors.index import RoutingIndex
-from actors.residency import Residency, ResidencyBound, parse_max_resident
+from actors.residency import Residency, ResidencyBound, parse_max_resident, slot_nbytes, slot_rank
 
 INDEX_MODULES = ("q_proj", "v_proj")  # modules the routing index holds by default (the default probe)
+MEMORY_HEADROOM = 0.25
+"""With max_resident auto: the share of the device's memory left free for activations and the KV cache."""
 
 DeviceFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A, cB) on the device
 
@@ -57,27 +62,42 @@ def _check_range(adapter: Adapter, dtype: torch.dtype) -> None:
                 f"({limit:.3g}); the adapter's weights diverged, or use a wider dtype (float32)")
 
 
+def device_budget(device: torch.device, headroom: float) -> int | None:
+    """Bytes `device` can give adapter slots: what it has free now less `headroom` of its total
+    (CUDA), or None where memory is not the device's own to budget (the CPU: the whole pool)."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, int(free - headroom * total))
+
+
 class AdapterPool:
     """A validated pool of LoRA adapters for one base model: routing index plus resident factors."""
 
     def __init__(self, adapters: Iterable[Adapter], model: nn.Module, dtype: torch.dtype, device: torch.device,
                  index_modules: tuple[str, ...] = INDEX_MODULES, index_with_B: bool = False,
                  max_resident: int | str | ResidencyBound | None = None,
-                 reread: Callable[[AdapterEntry], Adapter] | None = None):
+                 reread: Callable[[AdapterEntry], Adapter] | None = None, memory_headroom: float = MEMORY_HEADROOM):
         """`adapters`: in name order when an iterator (a list is sorted here). `reread`: reads an
-        adapter again for a later load; None keeps the given adapters' host copies for that."""
+        adapter again for a later load; None keeps the given adapters' host copies for that.
+        `memory_headroom`: with max_resident auto, the share of the device's memory left free."""
         if isinstance(adapters, (list, tuple)):
             adapters = sorted(adapters, key=lambda a: a.name)
         self.dtype, self.device = dtype, torch.device(device)
         self.bound = max_resident if isinstance(max_resident, ResidencyBound) else parse_max_resident(max_resident)
+        if not 0 <= memory_headroom < 1:
+            raise ValueError(f"memory_headroom={memory_headroom!r}: give the share of device memory left free for "
+                             "activations and the KV cache, >= 0 and < 1 (e.g. 0.25)")
+        self.memory_headroom = memory_headroom
+        if self.bound.auto and device_budget(self.device, memory_headroom) is None:
+            self.bound = ResidencyBound()  # auto without a device budget (the CPU): the whole pool
         self.routing_index = RoutingIndex(tuple(index_modules), index_with_B, self.device)
         self.entries: list[AdapterEntry] = []
         self._host: dict[str, Adapter] = {}
         self._reread = reread
-        self.residency: Residency[int, DeviceFactors] = Residency(self.bound, self._load,
-                                                                  lambda i: self.entries[i].nbytes)
         first: list[DeviceFactors] = []
-        itemsize = torch.tensor([], dtype=dtype).element_size()
+        dims: dict[str, tuple[int, int]] = {}  # module path -> (d_in, d_out)
+        itemsize = self.itemsize = torch.tensor([], dtype=dtype).element_size()
         for adapter in adapters:
             validate_adapter(adapter, model)
             _check_range(adapter, dtype)
@@ -89,6 +109,7 @@ class AdapterPool:
                 name=adapter.name, path=adapter.path,
                 ranks={m: f.rank for m, f in adapter.factors.items()},
                 nbytes=sum(f.A.numel() + f.B.numel() for f in adapter.factors.values()) * itemsize))
+            dims.update({m: (f.A.shape[1], f.B.shape[0]) for m, f in adapter.factors.items()})
             if reread is None:
                 self._host[adapter.name] = adapter
             if self.bound.unbounded:
@@ -101,12 +122,26 @@ class AdapterPool:
         self._index = {name: i for i, name in enumerate(self.names)}
         self.modules: tuple[str, ...] = tuple(sorted({m for e in self.entries for m in e.ranks}))
         self._sizes = [e.nbytes for e in self.entries]
-        if first:  # every adapter resident from the start: nothing is ever read again
+        self.slot_ranks = {m: slot_rank(max(e.ranks.get(m, 0) for e in self.entries), itemsize) for m in self.modules}
+        self.dims = {m: dims[m] for m in self.modules}
+        self.slot_nbytes = slot_nbytes({m: (max(e.ranks.get(m, 0) for e in self.entries), *self.dims[m])
+                                        for m in self.modules}, itemsize)
+        self.slots = self._slot_count()
+        self.capacity = self.bound if self.bound.unbounded else ResidencyBound(self.slots, self.bound.nbytes)
+        """The bound a generate call's union must fit: the bound given, and the slots it allows."""
+        self.residency: Residency[int] = Residency(self.capacity, self.slots, self._load,
+                                                   lambda i: self.entries[i].nbytes)
+        self.A: dict[str, torch.Tensor] = {}  # module path -> (S, r_m, d_in)
+        self.B: dict[str, torch.Tensor] = {}  # module path -> (S, r_m, d_out): cB transposed
+        for m, r in self.slot_ranks.items():  # one module at a time: its per-adapter copies go as it fills
+            d_in, d_out = self.dims[m]
+            self.A[m] = torch.zeros(self.slots, r, d_in, dtype=dtype, device=self.device)
+            self.B[m] = torch.zeros(self.slots, r, d_out, dtype=dtype, device=self.device)
             for i, factors in enumerate(first):
-                self.residency.held[i] = factors
-                self.residency.nbytes += self.entries[i].nbytes
-            self.residency.counts.peak_adapters = len(first)
-            self.residency.counts.peak_bytes = self.residency.nbytes
+                if m in factors:
+                    self._write(i, m, *factors.pop(m))
+        for i in range(len(first)):  # every adapter resident from the start: nothing is ever read again
+            self.residency.place(i, i)
 
     @classmethod
     def load(
@@ -120,6 +155,7 @@ class AdapterPool:
         index_with_B: bool = False,
         max_resident: int | str | ResidencyBound | None = None,
         pins: Mapping[str, str] | None = None,
+        memory_headroom: float = MEMORY_HEADROOM,
     ) -> "AdapterPool":
         """Read, validate and index a pool (a directory of adapter directories, or name -> path),
         one adapter at a time.
@@ -127,9 +163,10 @@ class AdapterPool:
         `index_modules`: module names (last path component) whose float32 probe factors the routing
         index keeps, at every block; `index_with_B`: keep B too (the entropy signal needs it);
         `max_resident`: at most this many adapters (or bytes, e.g. '20GiB') of full factors on the
-        device, None for all of them (see `actors.residency`); `pins`: `<name>/<file>` -> fingerprint
-        (a job's `_job.json`), checked at every read of an adapter, at start-up and after an eviction,
-        so that a file replaced mid-run stops the run instead of mixing two versions."""
+        device, `auto` for what the device has free less `memory_headroom` of it (the whole pool on
+        the CPU), None for all of them (see `actors.residency`); `pins`: `<name>/<file>` ->
+        fingerprint (a job's `_job.json`), checked at every read of an adapter, at start-up and after
+        an eviction, so that a file replaced mid-run stops the run instead of mixing two versions."""
         sources = resolve_sources(adapters)
 
         def read(name: str, path: Path) -> Adapter:
@@ -138,7 +175,7 @@ class AdapterPool:
 
         reading = (read(name, path) for name, path in sorted(sources.items()))
         return cls(reading, model, dtype, torch.device(device), index_modules, index_with_B, max_resident,
-                   reread=lambda entry: read(entry.name, entry.path))
+                   reread=lambda entry: read(entry.name, entry.path), memory_headroom=memory_headroom)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -146,22 +183,59 @@ class AdapterPool:
     def index(self, name: str) -> int:
         return self._index[name]
 
+    def _slot_count(self) -> int:
+        """Slots of the storage: the whole pool, at most `max_resident` adapters, or as many slots
+        as its bytes hold (0 when none fits: the engine refuses such a bound)."""
+        if self.bound.unbounded:
+            return len(self.entries)
+        if self.bound.adapters is not None:
+            return min(len(self.entries), self.bound.adapters)
+        return min(len(self.entries), self.budget() // self.slot_nbytes)
+
+    def budget(self) -> int:
+        """The bytes bound, or with `auto` the device's budget now (the model and the routing index
+        loaded, the slots not yet)."""
+        if not self.bound.auto:
+            return self.bound.nbytes
+        return device_budget(self.device, self.memory_headroom)
+
+    def _write(self, slot: int, module: str, A: torch.Tensor, cB: torch.Tensor) -> None:
+        """Slot `slot` of `module` := (A, cB), zero-padded to the slot's rank."""
+        r = A.shape[0]
+        self.A[module][slot, :r].copy_(A)
+        self.A[module][slot, r:].zero_()
+        self.B[module][slot, :r].copy_(cB.T)
+        self.B[module][slot, r:].zero_()
+
     def _device_factors(self, adapter: Adapter) -> DeviceFactors:
         return {m: (f.A.to(device=self.device, dtype=self.dtype).contiguous(),
                     (f.B * f.scale).to(device=self.device, dtype=self.dtype).contiguous())
                 for m, f in sorted(adapter.factors.items())}
 
-    def _load(self, i: int) -> DeviceFactors:
+    def _load(self, i: int, slot: int) -> None:
         entry = self.entries[i]
         adapter = self._host[entry.name] if self._reread is None else self._reread(entry)
         if {m: f.rank for m, f in adapter.factors.items()} != entry.ranks:
             raise AdapterError(f"adapter {entry.name!r} at {entry.path} changed since the pool was read (its modules "
                                "or ranks differ); keep adapter files unchanged while a job runs")
-        return self._device_factors(adapter)
+        factors = self._device_factors(adapter)
+        for m in self.modules:
+            if m in factors:
+                self._write(slot, m, *factors[m])
+            else:
+                self.A[m][slot].zero_()
+                self.B[m][slot].zero_()
+
+    def acquire_slots(self, indices: Iterable[int]) -> dict[int, int]:
+        """The slot of each of these adapters, all resident together (loading the others)."""
+        return self.residency.acquire(sorted(set(indices)))
 
     def acquire(self, indices: Iterable[int]) -> dict[int, DeviceFactors]:
-        """The device factors of these adapters, all resident together (loading the others)."""
-        return self.residency.acquire(sorted(set(indices)))
+        """The device factors of these adapters (views of their slots, each at its own rank), all
+        resident together."""
+        slots = self.acquire_slots(indices)
+        return {i: {m: (self.A[m][s, :r], self.B[m][s, :r].T) for m, r in sorted(self.entries[i].ranks.items())}
+                for i, s in slots.items()}
 
     def sizes(self) -> list[int]:
         """Bytes of every adapter's full factors in the pool's dtype, by index (read on every
@@ -170,8 +244,13 @@ class AdapterPool:
 
     @property
     def nbytes(self) -> int:
-        """Device memory held by resident factors now."""
+        """Bytes of the resident adapters' factors now (each at its own rank)."""
         return self.residency.nbytes
+
+    @property
+    def storage_nbytes(self) -> int:
+        """Device memory of the slot storage (every slot at its module's largest rank)."""
+        return self.slots * self.slot_nbytes
 
     @property
     def full_nbytes(self) -> int:
@@ -182,5 +261,5 @@ class AdapterPool:
         ranks = sorted({r for e in self.entries for r in e.ranks.values()})
         return (f"{len(self)} adapters over {len(self.modules)} modules, ranks {ranks}; full factors "
                 f"{self.full_nbytes / 2**20:.1f} MiB on {self.device} ({self.dtype}), resident: "
-                f"{self.bound.describe()}; routing index {self.routing_index.nbytes / 2**20:.1f} MiB "
+                f"{self.bound.describe()} ({self.slots} slots, {self.storage_nbytes / 2**20:.1f} MiB); routing index {self.routing_index.nbytes / 2**20:.1f} MiB "
                 f"(float32, {', '.join(self.routing_index.modules)})")

@@ -28,7 +28,7 @@ from actors.calibration import CalibrationStats, compute_stats, reference_prompt
 from actors.engine import BatchStats, LoGoEngine
 from actors.fingerprint import ChangedFileError, check_names, read_pinned, tree_files
 from actors.options import OUTPUT_COLUMNS, GenerationConfig, RoutingConfig, build_options
-from actors.pool import AdapterPool
+from actors.pool import MEMORY_HEADROOM, AdapterPool
 from actors.router import Routing
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class PredictorStats:
     loads: int = 0
     hits: int = 0
     evictions: int = 0
+    oom_splits: int = 0
     adapter_use: dict[str, int] = field(default_factory=dict)
 
 
@@ -76,6 +77,7 @@ class LoGoPredictor:
         calibration: str | Path | Mapping | CalibrationStats | None = None,
         calibration_prompts: list[str] | str | None = None,
         max_resident: int | str | None = None,
+        memory_headroom: float = MEMORY_HEADROOM,
         batch_size: int = 16,
         dtype: str = "auto",
         device: str = "auto",
@@ -86,11 +88,13 @@ class LoGoPredictor:
         """`routing` and `generation` hold the options (actors.options); any of their fields may be
         given as a keyword instead (`k=3`, `max_new_tokens=16`), but not as both with different
         values. `max_resident`: at most this many adapters (an int) or bytes ('20GiB') of full factors
-        on the device; None keeps the whole pool resident. `batch_size`: rows per generate call (the
-        rows of a call are formed by `generation.ordering`). `pins`: {"model": ..., "adapters": ...} (either
-        may be left out), relative file name -> fingerprint (a job's `_job.json`): the model's and
-        pool's files must be exactly these, each checked when it is read (`actors.fingerprint`);
-        `ChangedFileError` otherwise."""
+        on the device, or `auto`: what the device has free once the model is loaded, less
+        `memory_headroom` of its memory (the whole pool on the CPU); None keeps the whole pool
+        resident. `batch_size`: rows per generate call (the rows of a call are formed by
+        `generation.ordering`). `pins`: {"model": ..., "adapters": ...} (either may be left out),
+        relative file name -> fingerprint (a job's `_job.json`): the model's and pool's files must be
+        exactly these, each checked when it is read (`actors.fingerprint`); `ChangedFileError`
+        otherwise."""
         routing, generation = build_options(routing, generation, shortcuts,
                                             ("model", "adapters", *LoGoPredictor.__init__.__kwdefaults__))
         calibration_score = routing.calibration_score
@@ -119,7 +123,8 @@ class LoGoPredictor:
         self.max_prompt_tokens = min(limit, generation.max_prompt_tokens or limit)
         pool = AdapterPool.load(adapters, base, dtype=self.dtype, device=self.device,
                                 index_modules=routing.probe_modules, index_with_B=routing.signal == "entropy",
-                                max_resident=max_resident, pins=pins.get("adapters"))
+                                max_resident=max_resident, memory_headroom=memory_headroom,
+                                pins=pins.get("adapters"))
         self.engine = LoGoEngine(base, self.tokenizer, pool, replace(routing, calibration_score="raw"), generation)
         self.calibration = self._calibration(calibration, calibration_prompts)
         if self.calibration is not None or calibration_score != "raw":
@@ -171,18 +176,24 @@ class LoGoPredictor:
                           "max_new_tokens); shorten it or run with overlong='truncate'"), None
         return ids[-limit:], None, f"prompt truncated from the left: {len(ids)} -> {limit} tokens"
 
-    def process(self, seqs: list[list[int]]) -> tuple[list[Routing], list[str], list[int], BatchStats]:
+    def process(self, seqs: list[list[int]]) -> tuple[list[Routing | None], list[str], list[int], BatchStats]:
         """Route tokenised prompts (probe passes of `batch_size` rows), then generate them in batches
         of `batch_size` formed by `ordering` (see actors.batching). Stats cover all of them, with
-        row positions into `seqs`."""
+        row positions into `seqs`; a row whose probe ran out of memory alone has routing None and an
+        error in the stats."""
         t0 = time.perf_counter()
-        routings: list[Routing] = []
+        stats = BatchStats(rows=len(seqs))
+        routings: list[Routing | None] = []
         for start in range(0, len(seqs), self.batch_size):
-            routings += self.engine.route(seqs[start:start + self.batch_size])
-        stats = BatchStats(rows=len(seqs), probe_seconds=time.perf_counter() - t0)
+            chunk = BatchStats()
+            routings += self.engine.route(seqs[start:start + self.batch_size], chunk)
+            stats.absorb(chunk, list(range(start, min(start + self.batch_size, len(seqs)))))
+        stats.probe_seconds = time.perf_counter() - t0
         texts, counts = [""] * len(seqs), [0] * len(seqs)
-        batches = generation_batches([len(s) for s in seqs], [r.indices for r in routings], self.batch_size,
-                                     self.ordering)
+        routed = [r for r in range(len(seqs)) if routings[r] is not None]  # the others ran out of memory
+        batches = generation_batches([len(seqs[r]) for r in routed], [routings[r].indices for r in routed],
+                                     self.batch_size, self.ordering)
+        batches = [[routed[p] for p in rows] for rows in batches]
         for rows in batches:
             part_texts, part_counts, part = self.engine.generate([seqs[r] for r in rows], [routings[r] for r in rows])
             for r, text, count in zip(rows, part_texts, part_counts):
@@ -258,13 +269,14 @@ class LoGoPredictor:
 
     def batching(self) -> dict[str, float]:
         """Running totals of how rows were batched and adapters made resident (what a job records
-        per data file): generation batches, generate calls, prefill and decode groups with the sums
-        of their union sizes, adapter loads, hits and evictions, the peak resident, and seconds."""
+        per data file): generation batches, generate calls, prefill and decode groups (one per
+        call) with the sums of their union sizes, adapter loads, hits and evictions, probe passes and
+        generate calls halved for lack of device memory, the peak resident, and seconds."""
         s, counts = self.stats, self.pool.residency.counts
         return {"batches": s.generation_batches, "calls": s.calls, "groups": s.groups,
                 "union_sum": s.union_sum, "decode_groups": s.decode_groups,
                 "decode_union_sum": s.decode_union_sum, "loads": s.loads, "hits": s.hits,
-                "evictions": s.evictions, "peak_resident": counts.peak_adapters,
+                "evictions": s.evictions, "oom_splits": s.oom_splits, "peak_resident": counts.peak_adapters,
                 "peak_resident_bytes": counts.peak_bytes, "grouping_seconds": round(s.grouping_seconds, 6),
                 "generate_seconds": round(s.generate_seconds, 6)}
 
@@ -276,6 +288,6 @@ class LoGoPredictor:
         self.stats.generation_batches += stats.batches
         self.stats.grouping_seconds += stats.grouping_seconds
         self.stats.generate_seconds += stats.generate_seconds
-        for name in ("calls", "loads", "hits", "evictions"):
+        for name in ("calls", "loads", "hits", "evictions", "oom_splits"):
             setattr(self.stats, name, getattr(self.stats, name) + getattr(stats, name))
         self.stats.new_tokens += stats.new_tokens

@@ -1,10 +1,11 @@
-"""Bounded residency: which adapters' full factors live on the device, loaded on demand, LRU-evicted.
+"""Bounded residency: which adapters' full factors live in which slot of the device storage, LRU-evicted.
 
 Routing reads the routing index (every adapter's probe factors), so only the mixture needs full
-factors, and only for the adapters a generate call selected. `Residency` keeps at most a bounded
-number (or bytes) of adapters on the device, loads the others one at a time from their files when a
-call needs them, and evicts those used least recently. Which adapters are resident never changes
-an output: a resident adapter's factors are exactly what a fresh load would give.
+factors, and only for the adapters a generate call selected. The pool stores resident adapters in a
+fixed number of slots (`actors.pool`); `Residency` is the slot table: which adapter holds which
+slot, loading the others one at a time from their files into a free (or freed) slot when a call
+needs them, and evicting those used least recently. The slot a row uses is data: which adapters are
+resident, and where, never changes an output (a slot holds exactly what a fresh load would give).
 
 No torch import at module level: the job configuration validates `max_resident` with
 `parse_max_resident` without loading torch.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Generic, Hashable, TypeVar
+from typing import Callable, Generic, Hashable, Mapping, TypeVar
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -34,14 +35,17 @@ def format_bytes(n: float) -> str:
 
 @dataclass(frozen=True)
 class ResidencyBound:
-    """At most `adapters` adapters and at most `nbytes` bytes of factors (None: no such bound)."""
+    """At most `adapters` adapters and at most `nbytes` bytes of factors (None: no such bound);
+    `auto`: as many bytes as the device has free once the model is loaded, less a headroom (the
+    pool resolves it: `actors.pool`; on the CPU, the whole pool)."""
 
     adapters: int | None = None
     nbytes: int | None = None
+    auto: bool = False
 
     @property
     def unbounded(self) -> bool:
-        return self.adapters is None and self.nbytes is None
+        return self.adapters is None and self.nbytes is None and not self.auto
 
     def admits(self, count: int, nbytes: int) -> bool:
         return (self.adapters is None or count <= self.adapters) and (self.nbytes is None or nbytes <= self.nbytes)
@@ -49,6 +53,8 @@ class ResidencyBound:
     def describe(self) -> str:
         if self.unbounded:
             return "all"
+        if self.auto:
+            return "auto"
         if self.adapters is not None:
             return f"{self.adapters} adapters"
         return format_bytes(self.nbytes)
@@ -56,12 +62,15 @@ class ResidencyBound:
 
 def parse_max_resident(value: int | str | None) -> ResidencyBound:
     """`max_resident` -> its bound: None (every adapter resident), a number of adapters (int >= 1,
-    or its decimal string), or a size with a unit (`512MiB`, `20GB`, `1.5GiB`)."""
+    or its decimal string), a size with a unit (`512MiB`, `20GB`, `1.5GiB`), or `auto` (what the
+    device has free, less `memory_headroom`)."""
     if value is None:
         return ResidencyBound()
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"max_resident={value!r}: give a number of adapters (e.g. 32), a size (e.g. '20GiB') "
-                         "or null for the whole pool")
+        raise ValueError(f"max_resident={value!r}: give a number of adapters (e.g. 32), a size (e.g. '20GiB'), "
+                         "auto, or null for the whole pool")
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return ResidencyBound(auto=True)
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value.strip())
     if isinstance(value, int):
@@ -70,30 +79,45 @@ def parse_max_resident(value: int | str | None) -> ResidencyBound:
         return ResidencyBound(adapters=value)
     match = _SIZE.match(value)
     if not match:
-        raise ValueError(f"max_resident={value!r}: not a number of adapters nor a size; write e.g. 32, '512MiB' "
-                         "or '20GB'")
+        raise ValueError(f"max_resident={value!r}: not a number of adapters nor a size; write e.g. 32, '512MiB', "
+                         "'20GB' or auto")
     nbytes = int(float(match.group(1)) * UNITS[match.group(2).lower()])
     if nbytes < 1:
         raise ValueError(f"max_resident={value!r}: a size must be positive")
     return ResidencyBound(nbytes=nbytes)
 
 
-def check_bound(bound: ResidencyBound, k: int, sizes: list[int]) -> None:
-    """Refuse a bound that cannot hold one row's `k` adapters at once (`k` at most the pool's size;
-    `sizes`: every adapter's bytes of full factors). The one check of it: the actor makes it on its
-    pool, and the job's driver on the sizes in the adapters' file headers, before any work."""
-    k = min(k, len(sizes))
+def slot_rank(rank: int, itemsize: int) -> int:
+    """A slot's rank: `rank` rounded up so that a row of it fills whole 16-byte units (grouped_mm
+    needs its operands' strides in multiples of 16 bytes)."""
+    unit = max(1, 16 // itemsize)
+    return -(-rank // unit) * unit
+
+
+def slot_nbytes(modules: Mapping[str, tuple[int, int, int]], itemsize: int) -> int:
+    """Bytes of one adapter slot: every adapted module (path -> (largest rank in the pool, d_in,
+    d_out)) at its slot rank, A and cB."""
+    return sum(slot_rank(r, itemsize) * (d_in + d_out) for r, d_in, d_out in modules.values()) * itemsize
+
+
+def check_bound(bound: ResidencyBound, k: int, slot: int, adapters: int, budget: int | None = None) -> None:
+    """Refuse a bound whose slots cannot hold one row's `k` adapters at once (`k` at most the pool's
+    `adapters`; `slot`: bytes of one slot, `slot_nbytes`; `budget`: the bytes the slots may take,
+    default the bound's own). The one check of it: the actor makes it on its pool, and the job's
+    driver on the shapes in the adapters' file headers, before any work."""
+    k = min(k, adapters)
     if bound.adapters is not None and bound.adapters < k:
         raise ValueError(f"max_resident={bound.adapters} adapters cannot hold one prompt's k={k} selected adapters "
                          f"at once; set max_resident >= {k} (or null for the whole pool)")
-    largest = sum(sorted(sizes)[-k:]) if k else 0
-    if bound.nbytes is not None and bound.nbytes < largest:
-        raise ValueError(f"max_resident={bound.describe()} cannot hold the k={k} largest adapters at once "
-                         f"({format_bytes(largest)}); raise it to at least that (or null for the whole pool)")
+    budget = bound.nbytes if budget is None else budget
+    if budget is not None and budget // slot < k:
+        raise ValueError(f"max_resident={bound.describe()} holds {budget // slot} adapter slots of "
+                         f"{format_bytes(slot)} (every adapted module at the pool's largest rank there), fewer than "
+                         f"one prompt's k={k} adapters; raise it to at least {format_bytes(k * slot)} (or null for "
+                         "the whole pool)")
 
 
 K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
 
 
 @dataclass
@@ -111,23 +135,34 @@ class ResidencyCounts:
                 "peak_adapters": self.peak_adapters, "peak_bytes": self.peak_bytes}
 
 
-class Residency(Generic[K, V]):
-    """An LRU set of loaded values under a `ResidencyBound`; `load(key)` makes a value, `size(key)`
-    says its bytes (known before loading, so room is made first and the bound holds at every
-    moment). `acquire(keys)` makes every key resident at once (a generate call needs its whole
-    union), evicting least recently used keys outside `keys`."""
+class Residency(Generic[K]):
+    """An LRU slot table of `slots` slots under a `ResidencyBound`: `load(key, slot)` writes a key's
+    value into a slot, `size(key)` says its bytes (known before loading, so room is made first and
+    the bound holds at every moment). `acquire(keys)` makes every key resident at once (a generate
+    call needs its whole union) and says each key's slot, evicting least recently used keys outside
+    `keys`."""
 
-    def __init__(self, bound: ResidencyBound, load: Callable[[K], V], size: Callable[[K], int]):
+    def __init__(self, bound: ResidencyBound, slots: int, load: Callable[[K, int], None], size: Callable[[K], int]):
         self.bound, self._load, self._size = bound, load, size
-        self.held: OrderedDict[K, V] = OrderedDict()
+        self.held: OrderedDict[K, int] = OrderedDict()  # key -> slot, least recently used first
+        self.free = list(range(slots - 1, -1, -1))  # free slots, the lowest last (popped first)
         self.nbytes = 0
         self.counts = ResidencyCounts()
 
-    def acquire(self, keys: list[K]) -> dict[K, V]:
-        """Values of `keys`, all resident on return. The caller keeps the union of one call within
-        the bound (see `split_by_bound`); a single adapter larger than a bytes bound still loads."""
+    def place(self, key: K, slot: int) -> None:
+        """Record `key` as already in `slot` (a value written there without `load`)."""
+        self.free.remove(slot)
+        self.held[key] = slot
+        self.nbytes += self._size(key)
+        self.counts.peak_adapters = max(self.counts.peak_adapters, len(self.held))
+        self.counts.peak_bytes = max(self.counts.peak_bytes, self.nbytes)
+
+    def acquire(self, keys: list[K]) -> dict[K, int]:
+        """Slots of `keys`, all resident on return. The caller keeps the union of one call within
+        the bound and the slots (see `split_by_bound`); a single adapter larger than a bytes bound
+        still loads."""
         wanted = set(keys)
-        out: dict[K, V] = {}
+        out: dict[K, int] = {}
         for key in keys:
             if key in self.held:
                 self.held.move_to_end(key)
@@ -137,18 +172,25 @@ class Residency(Generic[K, V]):
             if key in out:
                 continue
             size = self._size(key)
-            while self.held and not self.bound.admits(len(self.held) + 1, self.nbytes + size):
+            while self.held and (not self.free or not self.bound.admits(len(self.held) + 1, self.nbytes + size)):
                 victim = next((k for k in self.held if k not in wanted), None)
                 if victim is None:
                     break
-                del self.held[victim]
+                self.free.append(self.held.pop(victim))
                 self.nbytes -= self._size(victim)
                 self.counts.evictions += 1
-            value = self._load(key)  # after the evictions: never one adapter over the bound
-            self.held[key] = value
+            if not self.free:
+                raise RuntimeError(f"no free slot for {key!r}: one call's union exceeds the {len(self.held)} slots")
+            slot = self.free.pop()
+            try:
+                self._load(key, slot)  # after the evictions: never one adapter over the bound
+            except BaseException:
+                self.free.append(slot)
+                raise
+            self.held[key] = slot
             self.nbytes += size
             self.counts.loads += 1
-            out[key] = value
+            out[key] = slot
         self.counts.peak_adapters = max(self.counts.peak_adapters, len(self.held))
         self.counts.peak_bytes = max(self.counts.peak_bytes, self.nbytes)
         return out

@@ -1,10 +1,11 @@
 """`logo-batch bench`: throughput of LoGo against single-adapter and peer baselines, in one run.
 
-    logo-batch bench [--full] [--out runs/bench] [--threads 1] [--device auto]
+    logo-batch bench [--full | --gpu] [--out runs/bench] [--threads 1] [--device auto]
 
 Measures prompts/s, generated tokens/s and memory of the base model, PEFT with one adapter, PEFT
 mixed batches, the released code's batch-of-one procedure, PEFT Arrow and our engine (k in 1, 4, 20,
-with and without grouping) on the same prompts, pool and batch size, then sweeps the pool size.
+and k = 20 with given clustered and scattered selections) on the same prompts, pool and batch size,
+then sweeps the pool size.
 Writes a table to stdout, `bench.json` and `sweep.png` to --out.
 
     logo-batch bench --pipeline [--rows 100000,1000000] [--s3-endpoint URL] [--out runs/bench-pipeline]
@@ -37,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="the default: minutes on two CPU cores")
     size.add_argument("--full", dest="preset", action="store_const", const="full",
                       help="more prompts, larger batches, SmolLM2 in both regimes, more rounds")
+    size.add_argument("--gpu", dest="preset", action="store_const", const="gpu",
+                      help="a lent CUDA device, bfloat16: the 8b-ratio and 8b-width shapes, 64 rows a batch")
     size.add_argument("--smoke", dest="preset", action="store_const", const="smoke",
                       help="a tiny model and workload (seconds; for tests)")
     size.add_argument("--pipeline", dest="preset", action="store_const", const="pipeline",

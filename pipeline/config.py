@@ -74,10 +74,12 @@ class AdaptersConfig:
 
     max_resident: int | str | None = None
     """Most adapters whose full factors an actor keeps on its device (an int), or most bytes of
-    them (e.g. '20GiB'); the others are read on demand from the node's copy of the pool, least
-    recently used first out. Null: the whole pool. Routing reads the routing index either way.
-    A size below the k largest adapters (in the actors' dtype) is refused before any work, by run and
-    validate alike (`pipeline.bounds`). Never changes an output, so not part of the job's hash."""
+    them (e.g. '20GiB'), or `auto`: what the device has free once the model is loaded, less
+    `resources.memory_headroom` of it (on the CPU: the whole pool); the others are read on demand
+    from the node's copy of the pool, least recently used first out. Null: the whole pool. Routing
+    reads the routing index either way. A size that holds fewer than k adapter slots (in the
+    actors' dtype) is refused before any work, by run and validate alike (`pipeline.bounds`).
+    Never changes an output, so not part of the job's hash."""
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "adapters.path", "is empty; give an adapter directory or s3:// prefix")
@@ -134,9 +136,10 @@ class RoutingConfig(options.RoutingConfig):
 @dataclass(frozen=True)
 class GenerationConfig(options.GenerationConfig):
     """`generation:`: the generation options of `actors.options.GenerationConfig` (max_new_tokens,
-    stop_at_newline, stop_strings, overlong, max_prompt_tokens, grouping, max_groups, group_overhead,
-    decode_union_cost, probe_bucket_overhead, generate_step_slots, ordering, time_groups:
-    documented there, the same defaults). An actor's generate calls hold `resources.batch_size` rows."""
+    stop_at_newline, stop_strings, overlong, max_prompt_tokens, probe_bucket_overhead,
+    generate_step_slots, ordering: documented there, the same defaults). An actor's generate calls
+    hold `resources.batch_size` rows. The grouping keys of earlier versions (`actors.options.RETIRED`)
+    are read and ignored."""
 
     section: ClassVar[str] = "generation"
 
@@ -221,9 +224,14 @@ class ResourcesConfig:
     at least `batch_size` rows and at most 4096."""
     ray_address: str | None = None
     """Ray cluster to join (e.g. auto or ray://host:10001); default: RAY_ADDRESS, else a local Ray."""
+    memory_headroom: float = 0.25
+    """With `adapters.max_resident: auto`, the share of each actor's device memory left free for
+    activations and the KV cache (the adapter slots take what the model leaves, less this)."""
 
     def __post_init__(self) -> None:
         _check(self.actors >= 1, "resources.actors", f"must be >= 1; got {self.actors}")
+        _check(0 <= self.memory_headroom < 1, "resources.memory_headroom",
+               f"must be >= 0 and < 1 (a share of device memory); got {self.memory_headroom}")
         _check(self.batch_size >= 1, "resources.batch_size", f"must be >= 1; got {self.batch_size}")
         if self.gpus_per_actor is not None:
             _check(self.gpus_per_actor >= 0, "resources.gpus_per_actor", f"must be >= 0; got {self.gpus_per_actor}")
@@ -311,7 +319,8 @@ class JobConfig:
         """Keyword arguments for `actors.LoGoPredictor`, less `model`, `adapters` and the calibration
         statistics (see `stages.predictor_from_config`)."""
         return dict(routing=self.routing.actor_options(), generation=self.generation.actor_options(),
-                    max_resident=self.adapters.max_resident, batch_size=self.resources.batch_size,
+                    max_resident=self.adapters.max_resident, memory_headroom=self.resources.memory_headroom,
+                    batch_size=self.resources.batch_size,
                     dtype=self.model.dtype, device=self.model.device, prompt_column=self.input.prompt_column)
 
 

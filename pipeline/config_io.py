@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import types
 import typing
 from collections.abc import Mapping
@@ -18,8 +19,11 @@ from typing import Any
 
 import yaml
 
+from actors.options import RETIRED as RETIRED_GENERATION
 from pipeline.config import CALIBRATION_SOURCES, SECTIONS, ConfigError, JobConfig
 from pipeline.storage import normal_uri
+
+log = logging.getLogger(__name__)
 
 HASHED_KEYS = (
     "model.path", "model.dtype", "model.device",
@@ -33,15 +37,16 @@ HASHED_KEYS = (
 )
 """The keys that decide a row's result: the job's hash covers these and nothing else, so every other
 key (resources, storage, output, run, `adapters.max_resident`, and the generation keys that only
-choose how rows are batched and grouped: grouping, max_groups, group_overhead, decode_union_cost,
-probe_bucket_overhead, generate_step_slots, ordering, time_groups) may change between a run and
-its resume. Each value is hashed in its normal form (`hashed_values`)."""
+choose how rows are batched: probe_bucket_overhead, generate_step_slots, ordering) may change
+between a run and its resume. Each value is hashed in its normal form (`hashed_values`)."""
 URI_KEYS = ("model.path", "adapters.path", "input.uri", "routing.calibration")
 """Hashed keys holding a location, compared as the place they name (`storage.normal_uri`)."""
 # Keys of earlier versions, still read: (section, old name) -> new name.
 RENAMED = {("routing", "probe_layer"): "probe_layers"}
 # Keys of earlier versions in another section, still read there: (old section, key) -> new section.
 MOVED = {("routing", "grouping"): "generation", ("routing", "max_groups"): "generation"}
+# Keys of earlier versions that no longer change anything: read and ignored, with a warning.
+RETIRED = {("generation", key) for key in RETIRED_GENERATION}
 
 
 def _type_name(tp: Any) -> str:
@@ -108,6 +113,10 @@ def _build_section(cls: type, data: Any, key: str) -> Any:
     for name, value in data.items():
         if isinstance(name, str):
             name = RENAMED.get((key, name), name)
+        if (key, name) in RETIRED:
+            log.warning("%s.%s no longer changes anything (every generate call mixes all its rows at once); "
+                        "ignored: remove it from the job file", key, name)
+            continue
         if not isinstance(name, str) or name not in known:
             raise ConfigError(f"{key}.{name}: unknown key; known keys: {', '.join(known)}")
         kwargs[name] = _coerce(value, hints[name], f"{key}.{name}")

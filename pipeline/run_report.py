@@ -18,9 +18,10 @@ whose size depends on the pool and the token lengths, never on the number of row
   evictions, peak resident), summed from the data files' records;
 - group union sizes: for every batch of `resources.batch_size` rows of a data file (consecutive, or
   in the actor's selection order when `generation.ordering` is selection), the
-  union of its selections (what the batch reads with grouping off), and `actors.grouping` replayed
-  with the job's grouping settings on an even sample of at most `REPLAY_BATCHES` batches (the
-  decode groups an actor forms for such a batch; the output holds selections, not the groups).
+  union of its selections (what the batch reads: every generate call mixes its rows at once), and,
+  for runs of earlier versions that recorded grouping settings, `actors.grouping` replayed with them
+  on an even sample of at most `REPLAY_BATCHES` batches (the decode groups such an actor formed; the
+  output holds selections, not the groups).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
-from actors import grouping, options
+from actors import grouping
 from pipeline import storage
 from pipeline.config import StorageConfig
 from pipeline.errors import OutputError
@@ -49,9 +50,9 @@ TOP_WEIGHT_STEP = 0.01
 REPLAY_BATCHES = 2000
 """Most batches whose grouping is replayed (an even sample; the replay costs about 1 ms a batch)."""
 _COLUMNS = ["adapters", "weights", "error", "prompt_tokens", "output_tokens"]
-# defaults of the grouping settings (actors.engine.GenerationConfig), for manifests that lack them
-_GROUPING_DEFAULTS = {**{key: getattr(options.GenerationConfig(), key)
-                         for key in ("grouping", "max_groups", "group_overhead", "decode_union_cost")},
+# grouping settings for manifests that lack them: runs of the slot engine record none, and mix all
+# rows of a generate call at once (one group); earlier runs recorded theirs
+_GROUPING_DEFAULTS = {"grouping": False, "max_groups": 8, "group_overhead": 8.0, "decode_union_cost": 8.0,
                       "ordering": "input"}  # runs that record no ordering batched in input order
 
 

@@ -57,8 +57,12 @@ LLAMA_8B = Shape("llama-3.1-8b", hidden=4096, intermediate=14336, layers=32, hea
 RATIO_8B = Shape("8b-ratio", hidden=1024, intermediate=3584, layers=2, heads=16, kv_heads=4, vocab=2048)
 SMOLLM2 = Shape("smollm2-135m", hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152,
                 targets=("q_proj", "v_proj"), pretrained="smollm2")
+# Llama-3.1-8B's widths and adapters on four of its blocks (the per-block costs of the real model;
+# random weights): the shape a lent GPU measures.
+WIDTH_8B = Shape("8b-width", hidden=4096, intermediate=14336, layers=4, heads=32, kv_heads=8, vocab=128256,
+                 targets=ALL_LINEAR)
 TINY = Shape("tiny", hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=96, rank=4)
-SHAPES = {s.name: s for s in (RATIO_8B, SMOLLM2, TINY)}
+SHAPES = {s.name: s for s in (RATIO_8B, SMOLLM2, WIDTH_8B, TINY)}
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ class ShapeRun:
     prompts: int = 0
     """Prompts per regime for this shape (0: the run's `prompts`)."""
     lean: bool = False
-    """Our engine only at k = 1 and the largest k with grouping, and the largest k without."""
+    """Our engine only at k = 1 and the largest k."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ class BenchConfig:
     sweep_repeats: int = 2
     """Timed rounds of the sweep."""
     cluster_rows: int = 4
-    """Rows per cluster in the grouping experiment (rows of a cluster share one selection)."""
+    """Rows per cluster in the given-selections experiment (rows of a cluster share one selection)."""
     threads: int = 1
     """torch CPU threads (1 is steadier on a shared machine)."""
     device: str = "auto"
@@ -135,16 +139,22 @@ class BenchConfig:
 
 
 def preset(name: str) -> BenchConfig:
-    """`quick` (the default, minutes on two CPU cores), `full` (more prompts and shapes), `smoke` (tests)."""
+    """`quick` (the default, minutes on two CPU cores), `full` (more prompts and shapes), `gpu` (a CUDA
+    device in bfloat16: the 8b-ratio and 8b-width shapes at 64 rows a batch, no sweep), `smoke` (tests)."""
     if name == "quick":
         return BenchConfig(shapes=(ShapeRun(RATIO_8B, (GENERATION, LABELLING)), ShapeRun(SMOLLM2, (LABELLING,), 24, prompts=4, lean=True)))
     if name == "full":
         return BenchConfig(shapes=(ShapeRun(RATIO_8B, (GENERATION, LABELLING)),
                                    ShapeRun(SMOLLM2, (GENERATION, LABELLING))),
                            prompts=32, batch_size=16, released_prompts=4, repeats=5, sweep_repeats=3)
+    if name == "gpu":
+        return BenchConfig(shapes=(ShapeRun(RATIO_8B, (GENERATION, LABELLING)),
+                                   ShapeRun(WIDTH_8B, (GENERATION, LABELLING), 32, lean=True)),
+                           prompts=128, batch_size=64, released_prompts=2, repeats=3, sweep_pools=(),
+                           device="cuda", dtype="bfloat16")
     if name == "smoke":
         tiny_regimes = (Regime("generation", 3, 8, 6), Regime("labelling", 10, 20, 2))
         return BenchConfig(shapes=(ShapeRun(TINY, tiny_regimes, 8),), prompts=4, batch_size=4, ks=(1, 4),
                            released_k=4, repeats=1, sweep_pools=(4, 8), sweep_shape="tiny", cluster_rows=2,
                            sweep_repeats=1)
-    raise ValueError(f"preset {name!r} is not known; use quick, full or smoke")
+    raise ValueError(f"preset {name!r} is not known; use quick, full, gpu or smoke")

@@ -44,7 +44,7 @@ def table(report: dict) -> str:
             lines.append("")
     if report.get("sweep"):
         sw = report["sweep"]
-        lines.append(f"### Pool-size sweep ({sw['shape']}, {sw['regime']['name']}, our engine with grouping)")
+        lines.append(f"### Pool-size sweep ({sw['shape']}, {sw['regime']['name']}, our engine)")
         lines.append("")
         lines.append("| N | k | prompts/s | probe s/batch | pool MiB | work MiB | mean union |")
         lines.append("|---:|---:|---:|---:|---:|---:|---:|")

@@ -65,7 +65,7 @@ def build(part: ShapeRun, cfg: BenchConfig, root: Path, device: torch.device, dt
     return Setup(shape, source, tokenizer, base, peft, arrow, ours, pool, dirs, device, tensor_bytes(base), one)
 
 
-def engine(s: Setup, k: int, grouping: bool, new_tokens: int, pool: AdapterPool | None = None) -> LoGoEngine:
+def engine(s: Setup, k: int, new_tokens: int, pool: AdapterPool | None = None) -> LoGoEngine:
     """Our engine with the default routing (calibrated per pair over every block), statistics from a
     fixed sample of random prompts of the shape's vocabulary (the bench's prompts are random too)."""
     pool = pool or s.pool
@@ -73,7 +73,7 @@ def engine(s: Setup, k: int, grouping: bool, new_tokens: int, pool: AdapterPool 
     rng = random.Random(11)
     sample = [[rng.randrange(4, s.shape.vocab) for _ in range(32)] for _ in range(16)]
     stats = compute_stats(Router(s.ours, pool, replace(routing, calibration_score="raw")), sample, "bench sample")
-    e = LoGoEngine(s.ours, s.tokenizer, pool, routing, GenerationConfig(max_new_tokens=new_tokens, grouping=grouping),
+    e = LoGoEngine(s.ours, s.tokenizer, pool, routing, GenerationConfig(max_new_tokens=new_tokens),
                    calibration=stats)
     e.hf_config = M.fixed_length(s.tokenizer, new_tokens)
     return e
@@ -87,12 +87,12 @@ def regime_methods(s: Setup, cfg: BenchConfig, regime: Regime, seqs: list[list[i
     held = s.base_bytes + len(s.dirs) * s.adapter_bytes  # base plus the whole pool
     first = s.dirs[0].name
     top = max(cfg.ks)
-    variants = [(1, True), (top, True), (top, False)] if lean else [(k, g) for k in cfg.ks for g in (True, False)]
-    engines = {(k, g): engine(s, k, g, regime.new_tokens) for k, g in variants}
-    e1 = engines.get((1, True)) or engine(s, 1, True, regime.new_tokens)
+    variants = sorted({1, top}) if lean else list(cfg.ks)
+    engines = {k: engine(s, k, regime.new_tokens) for k in variants}
+    e1 = engines.get(1) or engine(s, 1, regime.new_tokens)
     M.activate(e1)
     k1 = [r.adapters[0] for b in M.batches(seqs, bs) for r in e1.route(b)]  # our k = 1 choices, for PEFT
-    e_rel = engines.get((cfg.released_k, True)) or engine(s, cfg.released_k, True, regime.new_tokens)
+    e_rel = engines.get(cfg.released_k) or engine(s, cfg.released_k, regime.new_tokens)
     by_length = sorted(seqs, key=len)
     m = min(cfg.released_prompts, n)
     released = [by_length[(2 * i + 1) * n // (2 * m)] for i in range(m)]  # spread over the lengths
@@ -131,20 +131,17 @@ def regime_methods(s: Setup, cfg: BenchConfig, regime: Regime, seqs: list[list[i
                  lambda: M.hf_generate(s.arrow, seqs, bs, gen, dev), n, regime.new_tokens, tensor_bytes(s.arrow)),
         M.method("probe", "LoGo probe alone (blocks 0..T-1, adapters off)", probe_only, n, 0, ours_bytes),
     ]
-    for (k, g), e in engines.items():
-        out.append(M.method(f"ours-k{k}-{'grouped' if g else 'one-group'}",
-                            f"(5) our engine, k={k}, {'grouping' if g else 'no grouping'}",
+    for k, e in engines.items():
+        out.append(M.method(f"ours-k{k}", f"(5) our engine, k={k}",
                             lambda e=e: M.ours_run(e, seqs, bs)[1], n, regime.new_tokens, ours_bytes))
     if grouping_experiment:
-        k = top
+        k, e = top, engines[top]
         for kind, cluster in (("clustered", cfg.cluster_rows), ("scattered", 1)):
             rts = M.synthetic_routings(n, len(s.pool), k, cluster, cfg.seed + 7, s.pool.names)
-            for g in (True, False):
-                e = engines[(k, g)]
-                out.append(M.method(f"given-{kind}-k{k}-{'grouped' if g else 'one-group'}",
-                                    f"(5) given {kind} selections ({cluster} rows share one), generation only",
-                                    lambda e=e, rts=rts: M.ours_run(e, seqs, bs, rts)[1], n, regime.new_tokens,
-                                    ours_bytes))
+            out.append(M.method(f"given-{kind}-k{k}",
+                                f"(5) given {kind} selections ({cluster} rows share one), generation only",
+                                lambda e=e, rts=rts: M.ours_run(e, seqs, bs, rts)[1], n, regime.new_tokens,
+                                ours_bytes))
     return out
 
 
@@ -157,22 +154,21 @@ def summarise(results: list[dict], regime: Regime, cfg: BenchConfig) -> dict:
     per_prompt = {name: r["median_seconds"] / r["prompts"] for name, r in by.items()}
     floor_s = per_prompt["probe"] + per_prompt[BASELINE]
     top = max(cfg.ks)
-    ours = per_prompt[f"ours-k{top}-grouped"]
+    ours = per_prompt[f"ours-k{top}"]
     out = {"floor_prompts_per_s": 1.0 / floor_s, "floor_x_baseline": per_prompt[BASELINE] / floor_s,
            f"ours_k{top}_x_baseline": per_prompt[BASELINE] / ours,
            f"ours_k{top}_x_floor": floor_s / ours,
            f"ours_k{top}_x_released": per_prompt[f"released-k{cfg.released_k}"] / ours,
-           "grouped_x_one_group": {k: per_prompt[f"ours-k{k}-one-group"] / per_prompt[f"ours-k{k}-grouped"]
-                                   for k in cfg.ks if f"ours-k{k}-one-group" in per_prompt}}
-    for kind in ("clustered", "scattered"):
-        g, u = f"given-{kind}-k{top}-grouped", f"given-{kind}-k{top}-one-group"
-        if g in per_prompt:
-            out[f"grouped_x_one_group_{kind}"] = per_prompt[u] / per_prompt[g]
+           "ours_x_baseline": {k: per_prompt[BASELINE] / per_prompt[f"ours-k{k}"]
+                               for k in cfg.ks if f"ours-k{k}" in per_prompt}}
+    clustered, scattered = f"given-clustered-k{top}", f"given-scattered-k{top}"
+    if clustered in per_prompt:
+        out["clustered_x_scattered"] = per_prompt[scattered] / per_prompt[clustered]
     return out
 
 
 def sweep(s: Setup, cfg: BenchConfig, regime: Regime, log: Callable[[str], None]) -> list[dict]:
-    """Our engine (grouped) for every pool size and k on the labelling workload: time and memory."""
+    """Our engine for every pool size and k on the labelling workload: time and memory."""
     seqs = prompts(regime, cfg.prompts, s.shape.vocab, cfg.seed + 3)
     adapters = synthetic_pool(s.base, s.shape, max(cfg.sweep_pools), cfg.seed + 5)
     rows = []
@@ -180,7 +176,7 @@ def sweep(s: Setup, cfg: BenchConfig, regime: Regime, log: Callable[[str], None]
         pool = AdapterPool(adapters[:n], s.ours, s.pool.dtype, s.device)
         methods = []
         for k in cfg.ks:
-            e = engine(s, k, True, regime.new_tokens, pool)
+            e = engine(s, k, regime.new_tokens, pool)
             held = s.base_bytes + pool.nbytes + tensor_bytes(*held_tensors(e.router))
             methods.append(M.method(f"N{n}-k{k}", "", lambda e=e: M.ours_run(e, seqs, cfg.batch_size)[1],
                                     len(seqs), regime.new_tokens, held))

@@ -1,15 +1,12 @@
-"""Generation batches: selection order, max_groups as a true bound, length-split generate calls."""
+"""Generation batches: selection order and length-split generate calls."""
 
 from __future__ import annotations
-
-import random
 
 import numpy as np
 import pytest
 
 from actors import LoGoPredictor
 from actors.batching import generation_batches
-from actors.router import Routing
 from tests.actors.conftest import PROMPTS
 
 
@@ -27,27 +24,6 @@ def test_selection_order_puts_equal_selections_together_and_input_order_keeps_ro
 @pytest.fixture(scope="module")
 def predictor(tiny_dir, pool_dir):
     return LoGoPredictor(model=tiny_dir, adapters=pool_dir, k=3, max_new_tokens=4, device="cpu")
-
-
-@pytest.mark.parametrize("max_groups", [1, 3, 8])
-def test_max_groups_bounds_both_phases(predictor, max_groups):
-    """256 rows at k = 20 of 260 (as the paper's pool): at most max_groups prefill groups in all."""
-    rng = random.Random(max_groups)
-    routings = [Routing(indices=tuple(rng.sample(range(260), 20)), adapters=(), weights=(0.05,) * 20)
-                for _ in range(256)]
-    engine = predictor.engine
-    old = engine.generation
-    engine.generation = type(old)(max_new_tokens=4, max_groups=max_groups)
-    try:
-        phases = engine.phase_groups(routings)
-    finally:
-        engine.generation = old
-    fine = [g for _, groups in phases for g in groups]
-    assert len(phases) <= max_groups and len(fine) <= max_groups
-    assert sorted(r for g in fine for r in g.rows) == list(range(256))
-    for coarse, groups in phases:
-        assert sorted(r for g in groups for r in g.rows) == sorted(coarse.rows)
-        assert set().union(*(g.union for g in groups)) <= set(coarse.union)
 
 
 def test_one_long_prompt_runs_in_its_own_generate_call(predictor):

@@ -48,7 +48,7 @@ def test_output_independent_of_batch(request, which, tolerance):
     predictor = request.getfixturevalue(which)
     prompts = np.array(PROMPTS, dtype=object)
     batch = predictor({"prompt": prompts})
-    assert len(predictor.last_stats.groups) > 1, "a mixed batch should be split into several groups"
+    assert predictor.last_stats.union_sizes[0] > 3, "the rows of a call should select different adapters"
     reverse = predictor({"prompt": prompts[::-1].copy()})
     for i, prompt in enumerate(PROMPTS):
         alone = predictor({"prompt": np.array([prompt], dtype=object)})
@@ -59,10 +59,40 @@ def test_output_independent_of_batch(request, which, tolerance):
             assert out["error"][j] is None
 
 
-def test_grouping_does_not_change_outputs(tiny_dir, pool_dir, predictor):
-    ungrouped = LoGoPredictor(model=tiny_dir, adapters=pool_dir, k=3, max_new_tokens=12, device="cpu",
-                              grouping=False, generate_step_slots=float("inf"))  # one call, one group
+def test_the_generate_calls_a_batch_is_cut_into_do_not_change_outputs(tiny_dir, pool_dir, predictor):
+    options = dict(model=tiny_dir, adapters=pool_dir, k=3, max_new_tokens=12, device="cpu")
+    one = LoGoPredictor(**options, generate_step_slots=float("inf"))  # one call for the batch
+    many = LoGoPredictor(**options, generate_step_slots=0.0)  # a call per prompt length
     prompts = np.array(PROMPTS, dtype=object)
-    a, b = predictor({"prompt": prompts}), ungrouped({"prompt": prompts})
-    assert len(ungrouped.last_stats.groups) == 1
+    a, b = one({"prompt": prompts}), many({"prompt": prompts})
+    assert one.last_stats.calls == 1 and many.last_stats.calls > 8
     assert list(a["output"]) == list(b["output"])
+
+
+@pytest.fixture(scope="module")
+def pool_64(tiny_dir, tmp_path_factory):
+    from tests.tiny import tiny_pool
+
+    return tiny_pool(tiny_dir, tmp_path_factory.mktemp("pool-64"), 64, seed=7)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_routing_is_a_function_of_the_row_in_every_dtype(tiny_dir, pool_64, dtype):
+    """48 prompts at k = 20 of 64: a row alone, in a batch and in a shuffled batch gets the same
+    adapters and weights (bfloat16 and float16 probe rows of one length together, unpadded)."""
+    prompts = [f"{p} #{i}" for i in range(3) for p in PROMPTS]
+    predictor = LoGoPredictor(model=tiny_dir, adapters=pool_64, k=20, max_new_tokens=1, device="cpu", dtype=dtype,
+                              calibration_prompts=PROMPTS)
+    order = np.random.default_rng(1).permutation(len(prompts))
+    batch = predictor({"prompt": np.array(prompts, dtype=object)})
+    shuffled = predictor({"prompt": np.array([prompts[i] for i in order], dtype=object)})
+    back = {c: [None] * len(prompts) for c in ("adapters", "weights")}
+    for j, i in enumerate(order):
+        for c in back:
+            back[c][i] = shuffled[c][j]
+    for i, prompt in enumerate(prompts):
+        alone = predictor({"prompt": np.array([prompt], dtype=object)})
+        assert len(alone["adapters"][0]) == 20
+        for out in (batch, back):
+            assert out["adapters"][i] == alone["adapters"][0], f"row {prompt!r} in {dtype}"
+            assert out["weights"][i] == pytest.approx(alone["weights"][0], abs=2e-3)

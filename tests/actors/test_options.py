@@ -45,10 +45,10 @@ def test_actor_tests_import_nothing_from_jobs_or_pipeline():
 
 
 def test_shortcuts_map_onto_the_dataclasses():
-    routing, generation = build_options(None, None, dict(k=3, probe_layer=-1, max_new_tokens=5, max_groups=2,
-                                                         decode_union_cost=0.0))
+    routing, generation = build_options(None, None, dict(k=3, probe_layer=-1, max_new_tokens=5,
+                                                         generate_step_slots=0.0))
     assert routing == RoutingConfig(k=3, probe_layers=-1)
-    assert generation == GenerationConfig(max_new_tokens=5, max_groups=2, decode_union_cost=0.0)
+    assert generation == GenerationConfig(max_new_tokens=5, generate_step_slots=0.0)
     given = RoutingConfig(k=2, probe_module=["q_proj"])
     assert build_options(given, None, dict(k=2, probe_module=("q_proj",)))[0] is not None, "agreeing values pass"
     with pytest.raises(ValueError, match=r"^k=4 and routing=RoutingConfig\(k=2, \.\.\.\) disagree"):
@@ -60,16 +60,17 @@ def test_shortcuts_map_onto_the_dataclasses():
 
 def test_predictor_takes_the_dataclasses_and_routes_as_with_shortcuts(tiny_dir, pool_dir):
     routing = RoutingConfig(k=2, calibration_score="raw")
-    generation = GenerationConfig(max_new_tokens=4, max_groups=2, group_overhead=0.0, decode_union_cost=1.0,
+    generation = GenerationConfig(max_new_tokens=4, generate_step_slots=0.0,
                                   probe_bucket_overhead=float("inf"), stop_strings=["\n\n"])
     built = LoGoPredictor(tiny_dir, pool_dir, routing=routing, generation=generation, device="cpu")
     assert built.engine.routing == routing and built.engine.generation == generation
-    short = LoGoPredictor(tiny_dir, pool_dir, k=2, calibration_score="raw", max_new_tokens=4, max_groups=2,
-                          group_overhead=0.0, decode_union_cost=1.0, probe_bucket_overhead=float("inf"),
+    short = LoGoPredictor(tiny_dir, pool_dir, k=2, calibration_score="raw", max_new_tokens=4,
+                          generate_step_slots=0.0, probe_bucket_overhead=float("inf"),
                           stop_strings=["\n\n"], device="cpu")
     assert short.engine.routing == routing and short.engine.generation == generation
     prompts = np.array(PROMPTS[:6], dtype=object)
     a, b = built({"prompt": prompts}), short({"prompt": prompts})
     assert list(a["output"]) == list(b["output"]) and list(a["adapters"]) == list(b["adapters"])
     assert all(len(names) == 2 for names in a["adapters"])
-    assert len(built.last_stats.decode_groups) <= 2, "max_groups reached the engine"
+    lengths = {len(built.encode(p)[0]) for p in prompts}
+    assert built.last_stats.calls == len(lengths), "generate_step_slots=0 reached the engine: a call per length"

@@ -106,16 +106,15 @@ def test_an_adapter_changed_on_disk_is_refused_when_loaded_again(tiny_dir, tmp_p
 def test_residency_is_least_recently_used():
     loaded, held_at_load = [], []
 
-    def load(key):
-        loaded.append(key)
+    def load(key, slot):
+        loaded.append((key, slot))
         held_at_load.append(len(residency.held))
-        return key
 
-    residency = Residency(ResidencyBound(adapters=3), load, lambda k: 10)
-    residency.acquire([1, 2, 3])
+    residency = Residency(ResidencyBound(adapters=3), 3, load, lambda k: 10)
+    assert residency.acquire([1, 2, 3]) == {1: 0, 2: 1, 3: 2}
     residency.acquire([1])  # 1 is now the most recent
-    residency.acquire([4, 5])  # evicts 2 and 3
-    assert list(residency.held) == [1, 4, 5] and loaded == [1, 2, 3, 4, 5]
+    assert residency.acquire([4, 5]) == {4: 1, 5: 2}  # evicts 2 and 3, into their slots
+    assert list(residency.held) == [1, 4, 5] and [k for k, _ in loaded] == [1, 2, 3, 4, 5]
     assert max(held_at_load) <= 2  # room is made before a load: never one over the bound
     assert residency.counts.as_dict() == {"loads": 5, "hits": 1, "evictions": 2, "peak_adapters": 3, "peak_bytes": 30}
     residency.acquire([1, 4, 5])  # all resident: no load
@@ -134,7 +133,8 @@ def test_split_by_bound_keeps_each_part_within_the_bound():
 
 @pytest.mark.parametrize("value, bound", [(8, ResidencyBound(adapters=8)), ("8", ResidencyBound(adapters=8)),
                                           ("1.5GiB", ResidencyBound(nbytes=3 * 2**29)),
-                                          ("20GB", ResidencyBound(nbytes=20 * 10**9)), (None, ResidencyBound())])
+                                          ("20GB", ResidencyBound(nbytes=20 * 10**9)), (None, ResidencyBound()),
+                                          ("auto", ResidencyBound(auto=True))])
 def test_max_resident_forms(value, bound):
     assert parse_max_resident(value) == bound
 
@@ -143,3 +143,30 @@ def test_max_resident_forms(value, bound):
 def test_bad_max_resident_is_refused(value):
     with pytest.raises(ValueError, match="max_resident"):
         parse_max_resident(value)
+
+
+def test_auto_is_the_whole_pool_on_the_cpu_and_the_free_memory_less_headroom_on_a_gpu(tiny_dir, big_pool,
+                                                                                       monkeypatch):
+    model = load_base(tiny_dir, torch.float32, torch.device("cpu"))[0]
+    pool = AdapterPool.load(big_pool, model, max_resident="auto")
+    assert pool.bound.unbounded and pool.slots == N_ADAPTERS and pool.nbytes == pool.full_nbytes
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (50 * gib, 140 * gib))
+    assert actors.pool.device_budget(torch.device("cuda:0"), 0.25) == 15 * gib
+    assert actors.pool.device_budget(torch.device("cuda:0"), 0.5) == 0
+    assert actors.pool.device_budget(torch.device("cpu"), 0.25) is None
+
+    slot = pool.slot_nbytes
+    monkeypatch.setattr(actors.pool, "device_budget", lambda device, headroom: int(10.5 * slot))
+    budgeted = AdapterPool.load(big_pool, model, max_resident="auto")
+    assert budgeted.slots == 10 and budgeted.storage_nbytes <= 10.5 * slot
+    assert budgeted.nbytes == 0 and budgeted.bound.describe() == "auto"
+    with pytest.raises(ValueError, match="memory_headroom=1.5"):
+        AdapterPool.load(big_pool, model, max_resident="auto", memory_headroom=1.5)
+
+
+def test_an_auto_budget_below_k_is_refused(tiny_dir, big_pool, monkeypatch):
+    monkeypatch.setattr(actors.pool, "device_budget", lambda device, headroom: 1000)
+    with pytest.raises(ValueError, match=r"max_resident=auto holds 0 adapter slots"):
+        LoGoPredictor(tiny_dir, big_pool, max_resident="auto", **OPTIONS)

@@ -53,7 +53,7 @@ def test_synthetic_adapters_read_back_as_written(setup):
 
 
 def test_peft_single_and_mixed_equal_engine_at_k1(setup, seqs):
-    e = engine(setup, 1, True, NEW)
+    e = engine(setup, 1, NEW)
     gen = M.fixed_length(setup.tokenizer, NEW)
     texts, extra = M.ours_run(e, seqs, batch_size=4)
     M.activate(e)
@@ -75,7 +75,7 @@ def test_peft_single_and_mixed_equal_engine_at_k1(setup, seqs):
 
 
 def test_released_procedure_equals_engine_at_general_k(setup, seqs):
-    e = engine(setup, 4, True, NEW)
+    e = engine(setup, 4, NEW)
     gen = M.fixed_length(setup.tokenizer, NEW)
     M.activate(e)
     for seq in seqs[:3]:
@@ -87,30 +87,25 @@ def test_released_procedure_equals_engine_at_general_k(setup, seqs):
     setup.peft.base_model.set_adapter(setup.dirs[0].name)
 
 
-def test_given_clustered_selections_share_groups(setup, seqs):
+def test_given_clustered_selections_read_only_their_union(setup, seqs):
     rts = M.synthetic_routings(len(seqs), len(setup.pool), 4, 3, seed=1, names=setup.pool.names)
     assert len({r.indices for r in rts}) == 2
-    e = engine(setup, 4, True, NEW)
+    e = engine(setup, 4, NEW)
     _, extra = M.ours_run(e, seqs, len(seqs), routings=rts)
     assert extra["groups"] <= 2 and extra["max_union"] <= 8
 
 
-def test_decode_groups_differ_from_prefill_groups_and_give_the_same_outputs(setup, seqs):
-    """Scattered selections: the prefill keeps rows apart, decode steps share one read of the union;
-    outputs equal one group for everything, and the mixture reference (through the release procedure)."""
-    from actors import GenerationConfig, LoGoEngine, RoutingConfig
-
+def test_scattered_selections_in_one_call_equal_rows_alone_and_the_released_procedure(setup, seqs):
+    """Scattered selections: every row its own; one generate call for all of them gives each row's
+    output alone, and the mixture reference (through the release procedure)."""
     rts = M.synthetic_routings(len(seqs), len(setup.pool), 4, 1, seed=3, names=setup.pool.names)
-    split = LoGoEngine(setup.ours, setup.tokenizer, setup.pool, RoutingConfig(k=4, calibration_score="raw"),
-                       GenerationConfig(max_new_tokens=NEW, group_overhead=0.0, decode_union_cost=8.0))
-    split.hf_config = M.fixed_length(setup.tokenizer, NEW)
-    texts, _, stats = split.generate(seqs, rts)
-    assert len(stats.groups) > len(stats.decode_groups) == 1
-    one = engine(setup, 4, False, NEW)
-    assert M.ours_run(one, seqs, len(seqs), routings=rts)[0] == texts
+    e = engine(setup, 4, NEW)
+    texts, extra = M.ours_run(e, seqs, len(seqs), routings=rts)
+    assert extra["groups"] == 1 and extra["max_union"] > 4
+    assert [M.ours_run(e, [seq], 1, routings=[r])[0][0] for seq, r in zip(seqs, rts)] == texts
     gen = M.fixed_length(setup.tokenizer, NEW)
     for seq, routing, text in list(zip(seqs, rts, texts))[:2]:
-        assert split.decode(released_generate(setup.peft, seq, routing, gen, setup.device))[0] == text
+        assert e.decode(released_generate(setup.peft, seq, routing, gen, setup.device))[0] == text
     setup.peft.base_model.set_adapter(setup.dirs[0].name)
 
 
@@ -118,7 +113,7 @@ def test_probe_in_length_buckets_routes_like_one_pass(setup):
     import dataclasses
 
     seqs = prompts(PART.regimes[1], 6, PART.shape.vocab, seed=5)
-    e = engine(setup, 4, True, NEW)
+    e = engine(setup, 4, NEW)
     M.activate(e)
     e.generation = dataclasses.replace(e.generation, probe_bucket_overhead=0.0)  # one pass per row
     bucketed = e.route(seqs)
@@ -155,8 +150,8 @@ def test_smoke_run_writes_every_method(tmp_path: Path, capsys):
     cfg = SMOKE
     top = max(cfg.ks)
     expected = {"base", BASELINE, "peft-mixed", f"released-k{cfg.released_k}", "arrow", "probe"}
-    expected |= {f"ours-k{k}-{g}" for k in cfg.ks for g in ("grouped", "one-group")}
-    expected |= {f"given-{c}-k{top}-{g}" for c in ("clustered", "scattered") for g in ("grouped", "one-group")}
+    expected |= {f"ours-k{k}" for k in cfg.ks}
+    expected |= {f"given-{c}-k{top}" for c in ("clustered", "scattered")}
     (entry,) = report["shapes"]
     assert [r["regime"]["name"] for r in entry["regimes"]] == ["generation", "labelling"]
     for reg in entry["regimes"]:
@@ -165,8 +160,25 @@ def test_smoke_run_writes_every_method(tmp_path: Path, capsys):
         assert by[BASELINE]["x_baseline"] == pytest.approx(1.0)
         assert all(m["prompts_per_s"] > 0 for m in by.values())
         assert by["base"]["new_tokens"] == cfg.prompts * reg["regime"]["new_tokens"]
-        assert {"floor_prompts_per_s", f"ours_k{top}_x_floor", "grouped_x_one_group"} <= set(reg["summary"])
+        assert {"floor_prompts_per_s", f"ours_k{top}_x_floor", "ours_x_baseline"} <= set(reg["summary"])
     rows = report["sweep"]["rows"]
     assert sorted({(r["pool"], r["k"]) for r in rows}) == sorted((n, k) for n in cfg.sweep_pools for k in cfg.ks)
     assert (tmp_path / "sweep.png").stat().st_size > 1000
     assert "| peft-single |" in capsys.readouterr().out
+
+
+def test_the_gpu_preset_measures_both_8b_shapes_in_bfloat16_on_cuda():
+    cfg = preset("gpu")
+    assert (cfg.device, cfg.dtype, cfg.batch_size, cfg.sweep_pools) == ("cuda", "bfloat16", 64, ())
+    assert [part.shape.name for part in cfg.shapes] == ["8b-ratio", "8b-width"]
+    assert cfg.shapes[1].shape.lora_work_ratio() == pytest.approx(LLAMA_8B.lora_work_ratio(), rel=0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_smoke_run_on_cuda_in_bfloat16(tmp_path: Path):
+    from jobs.cli import main
+
+    assert main(["bench", "--smoke", "--device", "cuda", "--dtype", "bfloat16", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["device"].startswith("cuda") and report["dtype"] == "bfloat16"

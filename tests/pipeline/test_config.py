@@ -44,16 +44,18 @@ def test_unknown_section_is_refused():
     ("routing", {"probe_layers": [1, "a"]}, r"routing\.probe_layers: expected int or a list of integers or str"),
     ("routing", {"probe_layers": True}, r"routing\.probe_layers: expected int or a list of integers or str"),
     ("routing", {"calibration_min_rows": 0}, r"routing\.calibration_min_rows: must be >= 1"),
-    ("generation", {"max_groups": 0}, r"generation\.max_groups: must be an integer >= 1; got 0"),
-    ("generation", {"group_overhead": -1}, r"generation\.group_overhead: must be a number >= 0; got -1\.0"),
-    ("generation", {"decode_union_cost": "high"}, r"generation\.decode_union_cost: expected a number; got 'high'"),
+    ("generation", {"generate_step_slots": -1}, r"generation\.generate_step_slots: must be a number >= 0; got -1\.0"),
+    ("generation", {"generate_step_slots": "high"}, r"generation\.generate_step_slots: expected a number; got 'high'"),
     ("generation", {"probe_bucket_overhead": float("nan")}, r"generation\.probe_bucket_overhead: must be a number"),
     ("generation", {"max_prompt_tokens": 0}, r"generation\.max_prompt_tokens: must be an integer >= 1"),
     ("adapters", {"path": "a", "max_resident": 0}, r"adapters\.max_resident=0: must be >= 1 adapter"),
     ("adapters", {"path": "a", "max_resident": "lots"}, r"adapters\.max_resident='lots': not a number of "
                                                        r"adapters nor a size; write e\.g\. 32, '512MiB'"),
     ("adapters", {"path": "a", "max_resident": 2.5}, r"adapters\.max_resident: expected int or str; got 2\.5"),
-    ("routing", {"grouping": False}, None),  # an earlier version's place: read into generation
+    ("adapters", {"path": "a", "max_resident": "auto"}, None),
+    ("resources", {"memory_headroom": 1.0}, r"resources\.memory_headroom: must be >= 0 and < 1 .*; got 1\.0"),
+    ("routing", {"grouping": False}, None),  # an earlier version's place and key: read and ignored
+    ("generation", {"max_groups": 0, "time_groups": "yes"}, None),  # retired keys are not checked
 ])
 def test_bad_values_are_refused_naming_the_key(section, values, message):
     if message is None:
@@ -118,9 +120,8 @@ def test_every_engine_option_is_a_job_key_and_reaches_the_predictor():
     from actors import options
 
     values = {"max_new_tokens": 7, "stop_at_newline": True, "stop_strings": ["END"], "overlong": "error",
-              "max_prompt_tokens": 99, "grouping": False, "max_groups": 3, "group_overhead": 2.5,
-              "decode_union_cost": 0.0, "probe_bucket_overhead": float("inf"), "generate_step_slots": 0.0,
-              "ordering": "input", "time_groups": True}
+              "max_prompt_tokens": 99, "probe_bucket_overhead": float("inf"), "generate_step_slots": 0.0,
+              "ordering": "input"}
     assert set(values) == set(options.field_names(options.GenerationConfig)), "a new option needs a case here"
     routing = {"k": 4, "signal": "entropy", "probe_layers": [0, -1], "probe_module": "v_proj",
                "probe_input": "module_input", "calibration_score": "ratio"}
@@ -132,21 +133,30 @@ def test_every_engine_option_is_a_job_key_and_reaches_the_predictor():
     assert got["generation"] == options.GenerationConfig(**{**values, "stop_strings": ("END",)})
     assert got["routing"] == options.RoutingConfig(**{**routing, "probe_layers": (0, -1)})
     assert got["max_resident"] == "20GiB" and got["batch_size"] == config.resources.batch_size
+    assert got["memory_headroom"] == 0.25
+    assert config_from_dict(with_("resources", memory_headroom=0.4)).predictor_options()["memory_headroom"] == 0.4
     assert config_from_dict(with_("adapters", path="a", max_resident=4)).predictor_options()["max_resident"] == 4
     assert config_from_dict(BASE).predictor_options()["max_resident"] is None
 
 
-def test_grouping_keys_of_earlier_versions_under_routing_are_read_into_generation():
-    old = config_from_dict(with_("routing", grouping=False, max_groups=2))
-    assert (old.generation.grouping, old.generation.max_groups) == (False, 2)
-    assert not hasattr(old.routing, "grouping"), "one place for each option"
-    same = config_from_dict({**BASE, "routing": {"max_groups": 2}, "generation": {"max_groups": 2}})
-    assert same.generation.max_groups == 2
+def test_grouping_keys_of_earlier_versions_are_read_and_ignored(caplog):
+    from actors import options
+
+    plain = config_from_dict(BASE)
+    values = {"grouping": False, "max_groups": 3, "group_overhead": 2.5, "decode_union_cost": 0.0,
+              "time_groups": True}
+    assert set(values) == set(options.RETIRED)
+    with caplog.at_level("WARNING"):
+        old = config_from_dict(with_("generation", **values))
+    assert old == plain and config_hash(old) == config_hash(plain)
+    assert "generation.max_groups no longer changes anything" in caplog.text
+    moved = config_from_dict(with_("routing", grouping=False, max_groups=2))  # an earlier place of two of them
+    assert moved == plain and not hasattr(moved.routing, "grouping") and not hasattr(moved.generation, "grouping")
     with pytest.raises(ConfigError, match=r"^routing\.max_groups: now generation\.max_groups, which is set too, "
                                           r"to 4; keep only generation\.max_groups"):
         config_from_dict({**BASE, "routing": {"max_groups": 2}, "generation": {"max_groups": 4}})
     assert load_config(None, {**{f"{k}.{f}": v for k, fs in BASE.items() for f, v in fs.items()},
-                              "routing.grouping": False}).generation.grouping is False
+                              "routing.grouping": False}) == plain
 
 
 def test_job_hash_covers_results_not_resources():
@@ -155,17 +165,15 @@ def test_job_hash_covers_results_not_resources():
     assert config_hash(base) == config_hash(config_from_dict(with_("output", overwrite=True)))
     assert config_hash(base) != config_hash(config_from_dict(with_("routing", k=3)))
     assert config_hash(base) != config_hash(config_from_dict(with_("input", uri="other")))
-    assert config_hash(base) == config_hash(config_from_dict(with_("generation", decode_union_cost=2.0))), \
-        "how rows are grouped never changes a result"
+    assert config_hash(base) == config_hash(config_from_dict(with_("generation", generate_step_slots=2.0))), \
+        "how rows are batched never changes a result"
     assert config_hash(base) == config_hash(config_from_dict(with_("adapters", path="a", max_resident=8))), \
         "which adapters are resident never changes a result"
 
 
-# Keys of the result sections that are not hashed: each only decides how rows are batched, grouped,
-# held or timed. A key added to a section must be added to HASHED_KEYS or here (and to the resume test).
-NOT_HASHED = {"adapters.max_resident", "generation.grouping", "generation.max_groups", "generation.group_overhead",
-              "generation.decode_union_cost", "generation.probe_bucket_overhead", "generation.generate_step_slots",
-              "generation.ordering", "generation.time_groups"}
+# Keys of the result sections that are not hashed: each only decides how rows are batched or held. A key added to a section must be added to HASHED_KEYS or here (and to the resume test).
+NOT_HASHED = {"adapters.max_resident", "generation.probe_bucket_overhead", "generation.generate_step_slots",
+              "generation.ordering"}
 
 
 def test_hashed_keys_are_one_list_of_every_result_key():

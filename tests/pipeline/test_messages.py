@@ -110,7 +110,7 @@ def test_bytes_bound_below_the_k_largest_adapters_is_refused_alike_by_validate_a
     from actors import AdapterPool
     from actors.base import load_base
     from pipeline import load_config
-    from pipeline.bounds import adapter_sizes
+    from pipeline.bounds import slot_size
     from pipeline.placement import resolve_placement
 
     model, pool = tiny_assets
@@ -119,15 +119,16 @@ def test_bytes_bound_below_the_k_largest_adapters_is_refused_alike_by_validate_a
         config = load_config(None, {"model.path": str(model), "model.dtype": dtype, "adapters.path": str(pool),
                                     "input.uri": "i", "output.uri": "o"})
         base, _ = load_base(model, torch_dtype, torch.device("cpu"))
-        assert adapter_sizes(config) == AdapterPool.load(pool, base, dtype=torch_dtype).sizes(), \
-            "the driver's sizes are the actor's"
+        loaded = AdapterPool.load(pool, base, dtype=torch_dtype, max_resident="1MiB")
+        assert slot_size(config) == (loaded.slot_nbytes, len(loaded)), "the driver's slot is the actor's"
     config = resolve_placement(load_config(None, {"model.path": str(model), "adapters.path": str(pool),
                                                   "input.uri": "i", "output.uri": "o"}), lambda: 0)
     assert config.model.dtype == "float32"
-    two = sum(sorted(adapter_sizes(config))[-2:])  # k=2
-    expected = (f"adapters.max_resident=1.0 KiB cannot hold the k=2 largest adapters at once ({format_bytes(two)}); "
-                "raise it to at least that")
-    assert format_bytes(two).endswith("KiB")
+    slot, _ = slot_size(config)
+    expected = (f"adapters.max_resident=1.0 KiB holds {1024 // slot} adapter slots of {format_bytes(slot)} (every "
+                f"adapted module at the pool's largest rank there), fewer than one prompt's k=2 adapters; raise it "
+                f"to at least {format_bytes(2 * slot)}")
+    assert format_bytes(2 * slot).endswith("KiB")
     args = _args("run", model, pool, tmp_path / "in", tmp_path / "out", "--k", "2",
                  "--set", "adapters.max_resident=1KiB")
     assert main(["validate", *args[1:]]) == 2
@@ -136,8 +137,8 @@ def test_bytes_bound_below_the_k_largest_adapters_is_refused_alike_by_validate_a
     assert main(args) == 2
     assert expected in _one_line(capsys.readouterr().err, "run")
     assert not (tmp_path / "out").exists()  # refused before any work
-    roomy = [a if a != "adapters.max_resident=1KiB" else f"adapters.max_resident={two}B" for a in args]
-    assert main(["validate", *roomy[1:]]) == 0, "exactly the k largest fit"
+    roomy = [a if a != "adapters.max_resident=1KiB" else f"adapters.max_resident={2 * slot}B" for a in args]
+    assert main(["validate", *roomy[1:]]) == 0, "exactly k slots fit"
     capsys.readouterr()
 
 

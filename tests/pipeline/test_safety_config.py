@@ -45,8 +45,8 @@ def test_actor_option_refusals_are_found_when_a_section_is_built():
     assert JobConfig(**sections, routing=RoutingConfig(k=3)).predictor_options()["routing"].k == 3
     with pytest.raises(ConfigError, match=r"^routing\.k: must be an integer >= 1 .*; got 2\.5"):
         RoutingConfig(k=2.5)
-    with pytest.raises(ConfigError, match=r"^generation\.time_groups: must be true or false; got 'yes'"):
-        GenerationConfig(time_groups="yes")
+    with pytest.raises(ConfigError, match=r"^generation\.stop_at_newline: must be true or false; got 'yes'"):
+        GenerationConfig(stop_at_newline="yes")
     with pytest.raises(ConfigError, match=r"^adapters\.max_resident='20 apples': not a number of adapters"):
         AdaptersConfig(path="a", max_resident="20 apples")
 
