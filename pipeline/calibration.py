@@ -14,9 +14,6 @@ import random
 import re
 from dataclasses import replace
 
-from actors import LoGoPredictor
-from actors.adapters import CONFIG_FILE
-from actors.calibration import CalibrationStats
 from pipeline import inputs, storage
 from pipeline.config import CALIBRATION_SOURCES, ConfigError, InputConfig, JobConfig, StorageConfig
 from pipeline.fetch import local_copy
@@ -38,9 +35,11 @@ def sample_prompts(cfg: InputConfig, storage_cfg: StorageConfig, size: int, seed
 
 
 def calibrate(model: str, adapters: str, prompts: list[str] | str, storage_cfg: StorageConfig,
-              source: str, seed: int | None = None, pins: dict | None = None, **routing) -> CalibrationStats:
+              source: str, seed: int | None = None, pins: dict | None = None, **routing):
     """Statistics of every adapter's routing score over `prompts` (or 'reference'), with `routing`
     options; `pins` (a job's `contents`) hold the model and pool to the versions the job pinned."""
+    from actors import LoGoPredictor  # torch: only where statistics are computed
+
     sources = {"model": model, "adapters": adapters}
     local = {what: local_copy(uri, storage_cfg, None if pins is None else pins[what]) for what, uri in sources.items()}
     if pins is not None:
@@ -52,6 +51,8 @@ def calibrate(model: str, adapters: str, prompts: list[str] | str, storage_cfg: 
 
 def pool_names(config: JobConfig) -> tuple[str, ...]:
     """The adapter names of the pool, in order, from a listing (no adapter is read)."""
+    from actors.adapters import CONFIG_FILE
+
     listed = storage.list_objects(config.adapters.path, config.storage)
     return tuple(sorted({o.key.split("/")[0] for o in listed
                          if o.key.count("/") == 1 and o.key.endswith("/" + CONFIG_FILE) and not o.key.startswith(".")}))
@@ -119,6 +120,8 @@ def job_statistics(config: JobConfig, pins: dict | None = None) -> dict:
                           dtype=config.model.dtype, device=config.model.device,
                           max_resident=config.adapters.max_resident)
     else:
+        from actors.calibration import CalibrationStats
+
         try:
             stats = CalibrationStats.load(local_copy(r.calibration, config.storage))
         except ValueError as err:

@@ -40,7 +40,7 @@ from actors import grouping
 from pipeline import storage
 from pipeline.config import StorageConfig
 from pipeline.errors import OutputError
-from pipeline.outputs import MANIFEST, SUCCESS, attempt_of, error_reason, read_json
+from pipeline.outputs import MANIFEST, SUCCESS, attempt_of, error_reason
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -175,8 +175,9 @@ def committed_manifest_at(output_uri: str, storage_cfg: StorageConfig) -> dict:
         raise OutputError(f"{output_uri}: no {SUCCESS} marker; the run is not committed: run the job (logo-batch run) "
                           "to finish it, then report it")
     uri = storage.join(output_uri, MANIFEST)
+    data = storage.read_bytes(uri, storage_cfg)
     try:
-        manifest = read_json(uri, storage_cfg)
+        manifest = None if data is None else json.loads(data)
     except (ValueError, UnicodeDecodeError) as err:
         raise OutputError(f"{uri}: not valid JSON ({err}); the output is damaged: {REPAIR}") from None
     if manifest is None:

@@ -86,13 +86,12 @@ def _alive(tracked: dict[int, int]) -> list[int]:
 
 def main(argv: list[str]) -> int:
     driver, roots = int(argv[0]), {int(a) for a in argv[1:]}
-    first = _stat(driver)
-    if first is None:
-        return 0
     tracked: dict[int, int] = {}
-    while (now := _stat(driver)) is not None and now[1] == first[1]:
-        _track(tracked, roots)
+    _track(tracked, roots)  # first: a driver already gone still leaves its Ray to be stopped
+    first = _stat(driver)
+    while first is not None and (now := _stat(driver)) is not None and now[1] == first[1]:
         time.sleep(POLL_S)
+        _track(tracked, roots)
     for sig, wait in ((signal.SIGTERM, GRACE_S), (signal.SIGKILL, 0.0)):
         for pid in _alive(tracked):
             try:
