@@ -18,6 +18,10 @@ from pipeline import inputs, storage
 from pipeline.config import CALIBRATION_SOURCES, ConfigError, InputConfig, JobConfig, StorageConfig
 from pipeline.fetch import local_copy
 
+CONFIG_FILE = "adapter_config.json"
+"""A PEFT adapter's configuration file (as `actors.adapters.CONFIG_FILE`, without importing torch:
+the driver of a job never loads torch; on a Ray Jobs driver a late torch import has crashed)."""
+
 
 def sample_prompts(cfg: InputConfig, storage_cfg: StorageConfig, size: int, seed: int) -> list[str]:
     """`size` prompts drawn uniformly without replacement from every input row (seeded)."""
@@ -51,8 +55,6 @@ def calibrate(model: str, adapters: str, prompts: list[str] | str, storage_cfg: 
 
 def pool_names(config: JobConfig) -> tuple[str, ...]:
     """The adapter names of the pool, in order, from a listing (no adapter is read)."""
-    from actors.adapters import CONFIG_FILE
-
     listed = storage.list_objects(config.adapters.path, config.storage)
     return tuple(sorted({o.key.split("/")[0] for o in listed
                          if o.key.count("/") == 1 and o.key.endswith("/" + CONFIG_FILE) and not o.key.startswith(".")}))

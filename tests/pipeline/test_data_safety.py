@@ -161,6 +161,7 @@ def _perturb(weights: Path) -> None:
     save_file({k: v * 3 + 0.05 for k, v in tensors.items()}, str(weights))
 
 
+@pytest.mark.slow  # a driver process of its own and a resume: about a minute here
 def test_an_adapter_replaced_mid_run_stops_the_run_naming_it(ray_runtime, tiny_assets, tmp_path, capsys):
     import shutil
 
@@ -197,6 +198,7 @@ def test_an_adapter_replaced_mid_run_stops_the_run_naming_it(ray_runtime, tiny_a
     assert_matches_reference(table, reference(model, pool, prompts), EXPECTED)  # every row: the original weights
 
 
+@pytest.mark.slow  # a driver process of its own on SeaweedFS: about a minute here
 def test_a_pool_changed_on_s3_mid_run_is_never_mixed_into_the_run(ray_runtime, tiny_assets, s3_server, tmp_path,
                                                                   capsys):
     model, pool = tiny_assets
@@ -342,3 +344,16 @@ def test_nightly_refuses_an_input_without_date_unless_forced(tmp_path, capsys):
     assert "input.uri: has no {date} field, so every night would read the same input" in capsys.readouterr().err
     assert night_config(fixed, "2026-11-27", fixed_input=True).input.uri == "in/fixed"
 
+
+
+def test_the_driver_checks_statistics_without_loading_torch(tiny_assets, tmp_path):
+    """The driver of a job never imports torch (a Ray Jobs driver that did crashed loading it)."""
+    model, pool = tiny_assets
+    code = ("import sys\nfrom pipeline import config_from_dict\nfrom pipeline.calibration import check_statistics\n"
+            f"config = config_from_dict({{'model': {{'path': {str(model)!r}}}, 'adapters': {{'path': {str(pool)!r}}},"
+            " 'input': {'uri': 'i'}, 'output': {'uri': 'o'}})\n"
+            "try:\n    check_statistics({'adapters': ['x']}, config)\nexcept ValueError as err:\n"
+            "    assert 'another adapter pool' in str(err), err\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

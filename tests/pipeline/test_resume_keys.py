@@ -30,6 +30,7 @@ FLIPPED = {
 }
 
 
+@pytest.mark.slow  # an interrupted run and its resume: about a minute here
 def test_resume_accepts_every_key_outside_the_hash_and_names_a_key_inside(ray_runtime, tiny_assets, tmp_path,
                                                                           capsys):
     from tests.pipeline.test_config import NOT_HASHED
