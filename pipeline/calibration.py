@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from pipeline import inputs, storage
 from pipeline.config import CALIBRATION_SOURCES, ConfigError, InputConfig, JobConfig, StorageConfig
-from pipeline.fetch import local_copy
+from pipeline.fetch import local_copy, pinned_sources
 
 CONFIG_FILE = "adapter_config.json"
 """A PEFT adapter's configuration file (as `actors.adapters.CONFIG_FILE`, without importing torch:
@@ -44,11 +44,10 @@ def calibrate(model: str, adapters: str, prompts: list[str] | str, storage_cfg: 
     options; `pins` (a job's `contents`) hold the model and pool to the versions the job pinned."""
     from actors import LoGoPredictor  # torch: only where statistics are computed
 
-    sources = {"model": model, "adapters": adapters}
-    local = {what: local_copy(uri, storage_cfg, None if pins is None else pins[what]) for what, uri in sources.items()}
-    if pins is not None:
-        routing["pins"] = {what: pins[what] for what, uri in sources.items() if not storage.is_s3(uri)}
-    predictor = LoGoPredictor(model=local["model"], adapters=local["adapters"], calibration_prompts=prompts,
+    model, adapters, actor_pins = pinned_sources(model, adapters, storage_cfg, pins)
+    if actor_pins is not None:
+        routing["pins"] = actor_pins
+    predictor = LoGoPredictor(model=model, adapters=adapters, calibration_prompts=prompts,
                               max_new_tokens=1, calibration_score="raw", **routing)
     return replace(predictor.calibration, source=source, seed=seed)
 

@@ -91,6 +91,18 @@ def local_copy(uri: str, config: StorageConfig, pins: dict[str, str] | None = No
     return str(target / objects[0].key) if single is not None else str(target)
 
 
+def pinned_sources(model: str, adapters: str, config: StorageConfig,
+                   pins: dict | None) -> tuple[str, str, dict | None]:
+    """(local model, local pool, the pins an actor checks its reads against) for a model and a pool
+    as a job's `contents` pinned them: an s3:// one is copied only from a listing equal to its pins
+    (and then needs no check per read), a local one is checked by the actor at every read."""
+    sources = {"model": model, "adapters": adapters}
+    local = {what: local_copy(uri, config, None if pins is None else pins[what]) for what, uri in sources.items()}
+    actor_pins = None if pins is None else {what: pins[what] for what, uri in sources.items()
+                                            if not storage.is_s3(uri)}
+    return local["model"], local["adapters"], actor_pins
+
+
 def _check_pins(uri: str, listing: list[dict], pins: dict[str, str]) -> None:
     from actors.fingerprint import ChangedFileError
 

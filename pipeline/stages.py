@@ -16,7 +16,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from pipeline import fetch, storage
+from pipeline import fetch
 from pipeline.config import JobConfig
 from pipeline.inputs import INPUT_ERROR, INTERNAL_COLUMNS
 from pipeline.outputs import BATCHING_COLUMN, OUTPUT_FIELDS
@@ -38,12 +38,10 @@ def predictor_from_config(config: JobConfig, calibration: dict | None = None, pi
     options = config.predictor_options()
     if calibration is not None:
         options["calibration"] = calibration
-    sources = {"model": config.model.path, "adapters": config.adapters.path}
-    local = {what: fetch.local_copy(uri, config.storage, None if pins is None else pins[what])
-             for what, uri in sources.items()}
-    if pins is not None:  # s3:// copies were checked by their listing; local files are checked as read
-        options["pins"] = {what: pins[what] for what, uri in sources.items() if not storage.is_s3(uri)}
-    return LoGoPredictor(model=local["model"], adapters=local["adapters"], **options)
+    model, adapters, actor_pins = fetch.pinned_sources(config.model.path, config.adapters.path, config.storage, pins)
+    if actor_pins is not None:
+        options["pins"] = actor_pins
+    return LoGoPredictor(model=model, adapters=adapters, **options)
 
 
 def _objects(column: pa.ChunkedArray) -> np.ndarray:
