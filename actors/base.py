@@ -36,20 +36,37 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_base(path: str | Path, dtype: torch.dtype, device: torch.device
-              ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a local directory, in eval mode, on `device`."""
+def load_base(path: str | Path, dtype: torch.dtype, device: torch.device, gpus: int = 1,
+              headroom: float = 0.0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a local directory, in eval mode, on `device`; with
+    `gpus` > 1 on CUDA, spread over the first `gpus` visible devices (transformers' `device_map`,
+    each device filled to at most `1 - headroom` of its memory, the rest left for adapter slots,
+    the KV cache and activations)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"model={str(path)!r} is not a model directory (no config.json); pass a local "
                          "Hugging Face model directory (config.json, *.safetensors, tokenizer files)")
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    if gpus > 1 and device.type == "cuda":
+        visible = torch.cuda.device_count()
+        if visible < gpus:
+            raise ValueError(f"gpus={gpus} but this process sees {visible} CUDA devices; give the actor that many "
+                             "(resources.gpus_per_actor) or lower it")
+        max_memory = {i: int(torch.cuda.mem_get_info(i)[1] * (1 - headroom)) for i in range(gpus)}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto", max_memory=max_memory)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model = model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def block_devices(model: nn.Module) -> list[torch.device]:
+    """The device of each decoder block's weights, in order (one device unless a device map spread them)."""
+    return [next(block.parameters()).device for block in decoder_blocks(model)[1]]
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -114,7 +114,7 @@ class OverflowWatch(LogitsProcessor):
         sign = scores.amax(dim=-1, keepdim=True)  # (B, 1)
         if self.h is not None:
             h = self.h if self.h.dtype == torch.float32 else self.h.float()
-            sign = sign + h.pow(2).mean(dim=-1, keepdim=True)  # (B, 1)
+            sign = sign + h.pow(2).mean(dim=-1, keepdim=True).to(sign.device)  # (B, 1)
         self.first = torch.minimum(self.first, torch.where(torch.isfinite(sign), self.NONE, self.step))
         if self.forced is None:
             self.forced = torch.full_like(scores[:1], float("-inf"))  # (1, V)
@@ -126,8 +126,15 @@ class OverflowWatch(LogitsProcessor):
 def check_bound(pool: AdapterPool, routing: RoutingConfig) -> None:
     """Refuse a residency bound whose slots cannot hold one row's k adapters at once
     (`residency.check_bound`, the check the job's driver makes too)."""
-    residency.check_bound(pool.bound, routing.k, pool.slot_nbytes, len(pool),
-                          pool.budget() if pool.bound.auto else None)
+    if pool.budgets:  # auto on a GPU: the slots the free memory gives, at start-up
+        k = min(routing.k, len(pool))
+        if pool.slots < k:
+            raise ValueError(f"max_resident=auto holds {pool.slots} adapter slots, fewer than one prompt's k={k} "
+                             f"adapters: {'; '.join(pool.budget_lines())}. Lower resources.batch_size or "
+                             "generation.max_prompt_tokens (the KV cache reserved), resources.memory_headroom, "
+                             "or give the actor a device with more memory")
+        return
+    residency.check_bound(pool.bound, routing.k, pool.slot_nbytes, len(pool))
 
 
 class LoGoEngine:
@@ -218,20 +225,22 @@ class LoGoEngine:
         """Within the block, every forward pass of the model applies row b's mixture `routings[b]`.
         The union of all rows must fit the pool's slots (see `calls`). The group ends (and per-row
         weights) of passes of each of `widths` tokens per row are made here (decode steps: 1), others
-        on first use."""
+        on first use. Yields the mixture of the first device (the only one without a device map)."""
         slots = self.pool.acquire_slots(i for r in routings for i in r.indices)
-        mix = None
+        mixes: dict[torch.device, SlotMix] = {}
         if slots:
-            mix = SlotMix([[slots[i] for i in r.indices] for r in routings], [list(r.weights) for r in routings],
-                          self.pool.slots, self.device, self.pool.dtype)
-            for width in widths:
-                mix.offs(width)
-                for r in set(self.pool.slot_ranks.values()):
-                    if width > r:  # a prefill of this width multiplies rows by their slots (`_rows_mix`)
-                        mix.rank_weights(r)
-        self.state.mix = mix
+            selections = [[slots[i] for i in r.indices] for r in routings]
+            weights = [list(r.weights) for r in routings]
+            for device in self.pool.devices:  # each device's layers read its own copy of the call's indices
+                mix = mixes[device] = SlotMix(selections, weights, self.pool.slots, device, self.pool.dtype)
+                for width in widths:
+                    mix.offs(width)
+                    for r in set(self.pool.slot_ranks.values()):
+                        if width > r:  # a prefill of this width multiplies rows by their slots (`_rows_mix`)
+                            mix.rank_weights(r)
+        self.state.mix = mixes or None
         try:
-            yield mix
+            yield next(iter(mixes.values()), None)
         finally:
             self.state.mix = None
 

@@ -199,8 +199,9 @@ class MixtureState:
 
     storage: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """Module path -> (A_t (S, d_in, r), B_t (S, r, d_out)): the pool's slot storage (`mixture_add_`)."""
-    mix: SlotMix | None = None
-    """The rows' pairs of the generate call in progress; None: adapters off."""
+    mix: dict[torch.device, SlotMix] | None = None
+    """The rows' pairs of the generate call in progress, on each device holding slots (several with
+    a device map); None: adapters off."""
 
 
 class MixtureLinear(nn.Module):
@@ -220,7 +221,7 @@ class MixtureLinear(nn.Module):
         if mix is None:
             return y
         A_t, B_t = self.state.storage[self.key]
-        mixture_add_(y, x, A_t, B_t, mix)
+        mixture_add_(y, x, A_t, B_t, mix[A_t.device])
         return y
 
 

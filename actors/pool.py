@@ -31,11 +31,13 @@ from actors.adapters import (CONFIG_FILE, WEIGHTS_FILE, Adapter, AdapterError, r
                              validate_adapter)
 from actors.fingerprint import read_pinned
 from actors.index import RoutingIndex
-from actors.residency import Residency, ResidencyBound, parse_max_resident, slot_nbytes, slot_rank
+from actors.residency import (Residency, ResidencyBound, format_bytes, parse_max_resident, slot_nbytes,
+                              slot_rank)
 
 INDEX_MODULES = ("q_proj", "v_proj")  # modules the routing index holds by default (the default probe)
-MEMORY_HEADROOM = 0.25
-"""With max_resident auto: the share of the device's memory left free for activations and the KV cache."""
+MEMORY_HEADROOM = 0.10
+"""With max_resident auto: the share of each device's memory left free (activations, allocator
+slack); the KV cache of a full batch is reserved on top of it (`kv_cache_nbytes`)."""
 
 DeviceFactors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A, cB) on the device
 
@@ -62,13 +64,58 @@ def _check_range(adapter: Adapter, dtype: torch.dtype) -> None:
                 f"({limit:.3g}); the adapter's weights diverged, or use a wider dtype (float32)")
 
 
-def device_budget(device: torch.device, headroom: float) -> int | None:
-    """Bytes `device` can give adapter slots: what it has free now less `headroom` of its total
-    (CUDA), or None where memory is not the device's own to budget (the CPU: the whole pool)."""
+def kv_cache_nbytes(config, rows: int, tokens: int, itemsize: int) -> int:
+    """Bytes of the KV cache of `rows` sequences of `tokens` tokens, per decoder block: keys and
+    values of every key-value head (`num_key_value_heads` x `head_dim`, as transformers' caches
+    keep them), in the model's dtype."""
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or int(config.hidden_size) // heads)
+    return 2 * kv_heads * head_dim * itemsize * rows * tokens
+
+
+@dataclass(frozen=True)
+class DeviceBudget:
+    """What one device can give adapter slots: `free - headroom x total - reserved` (the KV cache of
+    a full batch for the decoder blocks it holds), measured once the model and the routing index are
+    loaded."""
+
+    device: torch.device
+    free: int
+    total: int
+    headroom: float
+    reserved: int
+
+    @property
+    def nbytes(self) -> int:
+        return max(0, int(self.free - self.headroom * self.total - self.reserved))
+
+    def describe(self) -> str:
+        return (f"{self.device}: {format_bytes(self.free)} free of {format_bytes(self.total)} - headroom "
+                f"{self.headroom:.0%} ({format_bytes(int(self.headroom * self.total))}) - KV cache "
+                f"{format_bytes(self.reserved)} = {format_bytes(self.nbytes)} for slots")
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """`cuda` as the device it means now (`cuda:0`, ...), as tensors' `.device` name it."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def device_budget(device: torch.device, headroom: float, reserved: int = 0) -> DeviceBudget | None:
+    """What `device` can give adapter slots now (CUDA), or None where memory is not the device's own
+    to budget (the CPU: the whole pool)."""
     if device.type != "cuda":
         return None
     free, total = torch.cuda.mem_get_info(device)
-    return max(0, int(free - headroom * total))
+    return DeviceBudget(device, int(free), int(total), headroom, int(reserved))
+
+
+def slots_within(budgets: Mapping[torch.device, DeviceBudget], slot_bytes: Mapping[torch.device, int]) -> int:
+    """Most slots every device holds its share of: min over devices of budget // its bytes per slot
+    (the modules a device holds set its share of each slot)."""
+    return min(budgets[d].nbytes // n for d, n in slot_bytes.items() if n)
 
 
 class AdapterPool:
@@ -77,25 +124,33 @@ class AdapterPool:
     def __init__(self, adapters: Iterable[Adapter], model: nn.Module, dtype: torch.dtype, device: torch.device,
                  index_modules: tuple[str, ...] = INDEX_MODULES, index_with_B: bool = False,
                  max_resident: int | str | ResidencyBound | None = None,
-                 reread: Callable[[AdapterEntry], Adapter] | None = None, memory_headroom: float = MEMORY_HEADROOM):
+                 reread: Callable[[AdapterEntry], Adapter] | None = None, memory_headroom: float = MEMORY_HEADROOM,
+                 kv_cache: Mapping[torch.device, int] | None = None):
         """`adapters`: in name order when an iterator (a list is sorted here). `reread`: reads an
         adapter again for a later load; None keeps the given adapters' host copies for that.
-        `memory_headroom`: with max_resident auto, the share of the device's memory left free."""
+        `memory_headroom`: with max_resident auto, the share of each device's memory left free;
+        `kv_cache`: bytes to keep free on each device for the KV cache of a full batch (auto only).
+        Each module's slots live on the device of the model's module (several with a device map);
+        the routing index on `device`."""
         if isinstance(adapters, (list, tuple)):
             adapters = sorted(adapters, key=lambda a: a.name)
         self.dtype, self.device = dtype, torch.device(device)
         self.bound = max_resident if isinstance(max_resident, ResidencyBound) else parse_max_resident(max_resident)
         if not 0 <= memory_headroom < 1:
             raise ValueError(f"memory_headroom={memory_headroom!r}: give the share of device memory left free for "
-                             "activations and the KV cache, >= 0 and < 1 (e.g. 0.25)")
+                             "activations and the allocator, >= 0 and < 1 (e.g. 0.1)")
         self.memory_headroom = memory_headroom
-        if self.bound.auto and device_budget(self.device, memory_headroom) is None:
+        self.kv_cache = {_indexed(torch.device(d)): n for d, n in (kv_cache or {}).items()}
+        if self.bound.auto and any(device_budget(d, memory_headroom) is None
+                                   for d in {p.device for p in model.parameters()}):
             self.bound = ResidencyBound()  # auto without a device budget (the CPU): the whole pool
         self.routing_index = RoutingIndex(tuple(index_modules), index_with_B, self.device)
         self.entries: list[AdapterEntry] = []
         self._host: dict[str, Adapter] = {}
         self._reread = reread
         first: list[DeviceFactors] = []
+        self.module_device: dict[str, torch.device] = {}  # module path -> where its slots live
+        self.budgets: dict[torch.device, DeviceBudget] = {}  # with auto on a GPU: each device's, at start-up
         dims: dict[str, tuple[int, int]] = {}  # module path -> (d_in, d_out)
         itemsize = self.itemsize = torch.tensor([], dtype=dtype).element_size()
         for adapter in adapters:
@@ -110,6 +165,9 @@ class AdapterPool:
                 ranks={m: f.rank for m, f in adapter.factors.items()},
                 nbytes=sum(f.A.numel() + f.B.numel() for f in adapter.factors.values()) * itemsize))
             dims.update({m: (f.A.shape[1], f.B.shape[0]) for m, f in adapter.factors.items()})
+            for m in adapter.factors:
+                if m not in self.module_device:
+                    self.module_device[m] = model.get_submodule(m).weight.device
             if reread is None:
                 self._host[adapter.name] = adapter
             if self.bound.unbounded:
@@ -124,8 +182,13 @@ class AdapterPool:
         self._sizes = [e.nbytes for e in self.entries]
         self.slot_ranks = {m: slot_rank(max(e.ranks.get(m, 0) for e in self.entries), itemsize) for m in self.modules}
         self.dims = {m: dims[m] for m in self.modules}
-        self.slot_nbytes = slot_nbytes({m: (max(e.ranks.get(m, 0) for e in self.entries), *self.dims[m])
-                                        for m in self.modules}, itemsize)
+        shapes = {m: (max(e.ranks.get(m, 0) for e in self.entries), *self.dims[m]) for m in self.modules}
+        self.slot_nbytes = slot_nbytes(shapes, itemsize)
+        self.devices = tuple(dict.fromkeys(self.module_device[m] for m in self.modules))
+        self.slot_bytes = {d: slot_nbytes({m: v for m, v in shapes.items() if self.module_device[m] == d}, itemsize)
+                           for d in self.devices}  # device -> its share of one slot
+        if self.bound.auto:  # measured now: the model and the routing index loaded, the slots not yet
+            self.budgets = {d: device_budget(d, memory_headroom, self.kv_cache.get(d, 0)) for d in self.devices}
         self.slots = self._slot_count()
         self.capacity = self.bound if self.bound.unbounded else ResidencyBound(self.slots, self.bound.nbytes)
         """The bound a generate call's union must fit: the bound given, and the slots it allows."""
@@ -135,8 +198,9 @@ class AdapterPool:
         self.B: dict[str, torch.Tensor] = {}  # module path -> (S, r_m, d_out): cB transposed
         for m, r in self.slot_ranks.items():  # one module at a time: its per-adapter copies go as it fills
             d_in, d_out = self.dims[m]
-            self.A[m] = torch.zeros(self.slots, r, d_in, dtype=dtype, device=self.device)
-            self.B[m] = torch.zeros(self.slots, r, d_out, dtype=dtype, device=self.device)
+            where = self.module_device[m]
+            self.A[m] = torch.zeros(self.slots, r, d_in, dtype=dtype, device=where)
+            self.B[m] = torch.zeros(self.slots, r, d_out, dtype=dtype, device=where)
             for i, factors in enumerate(first):
                 if m in factors:
                     self._write(i, m, *factors.pop(m))
@@ -156,6 +220,7 @@ class AdapterPool:
         max_resident: int | str | ResidencyBound | None = None,
         pins: Mapping[str, str] | None = None,
         memory_headroom: float = MEMORY_HEADROOM,
+        kv_cache: Mapping[torch.device, int] | None = None,
     ) -> "AdapterPool":
         """Read, validate and index a pool (a directory of adapter directories, or name -> path),
         one adapter at a time.
@@ -164,7 +229,8 @@ class AdapterPool:
         index keeps, at every block; `index_with_B`: keep B too (the entropy signal needs it);
         `max_resident`: at most this many adapters (or bytes, e.g. '20GiB') of full factors on the
         device, `auto` for what the device has free less `memory_headroom` of it (the whole pool on
-        the CPU), None for all of them (see `actors.residency`); `pins`: `<name>/<file>` ->
+        the CPU) and `kv_cache` (bytes per device) kept free, None for all of them (see
+        `actors.residency`); `pins`: `<name>/<file>` ->
         fingerprint (a job's `_job.json`), checked at every read of an adapter, at start-up and after
         an eviction, so that a file replaced mid-run stops the run instead of mixing two versions."""
         sources = resolve_sources(adapters)
@@ -175,7 +241,8 @@ class AdapterPool:
 
         reading = (read(name, path) for name, path in sorted(sources.items()))
         return cls(reading, model, dtype, torch.device(device), index_modules, index_with_B, max_resident,
-                   reread=lambda entry: read(entry.name, entry.path), memory_headroom=memory_headroom)
+                   reread=lambda entry: read(entry.name, entry.path), memory_headroom=memory_headroom,
+                   kv_cache=kv_cache)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -190,14 +257,17 @@ class AdapterPool:
             return len(self.entries)
         if self.bound.adapters is not None:
             return min(len(self.entries), self.bound.adapters)
-        return min(len(self.entries), self.budget() // self.slot_nbytes)
+        if self.bound.auto:
+            return min(len(self.entries), slots_within(self.budgets, self.slot_bytes))
+        return min(len(self.entries), self.bound.nbytes // self.slot_nbytes)
 
-    def budget(self) -> int:
-        """The bytes bound, or with `auto` the device's budget now (the model and the routing index
-        loaded, the slots not yet)."""
-        if not self.bound.auto:
-            return self.bound.nbytes
-        return device_budget(self.device, self.memory_headroom)
+    def budget_lines(self) -> list[str]:
+        """With auto on a GPU, the budget's arithmetic, one line per device and the slots it gives."""
+        if not self.budgets:
+            return []
+        return [*(b.describe() for b in self.budgets.values()),
+                f"= {self.slots} adapter slots of {format_bytes(self.slot_nbytes)} "
+                f"({format_bytes(self.storage_nbytes)}) for {len(self)} adapters"]
 
     def _write(self, slot: int, module: str, A: torch.Tensor, cB: torch.Tensor) -> None:
         """Slot `slot` of `module` := (A, cB), zero-padded to the slot's rank."""
@@ -208,9 +278,17 @@ class AdapterPool:
         self.B[module][slot, r:].zero_()
 
     def _device_factors(self, adapter: Adapter) -> DeviceFactors:
-        return {m: (f.A.to(device=self.device, dtype=self.dtype).contiguous(),
-                    (f.B * f.scale).to(device=self.device, dtype=self.dtype).contiguous())
+        return {m: (self._to_device(f.A, m), self._to_device(f.B * f.scale, m))
                 for m, f in sorted(adapter.factors.items())}
+
+    def _to_device(self, t: torch.Tensor, module: str) -> torch.Tensor:
+        """A host tensor on `module`'s device in the pool's dtype; to CUDA through pinned memory
+        without blocking the host (the copy into a slot is queued behind it on the same stream)."""
+        t = t.to(dtype=self.dtype).contiguous()
+        where = self.module_device[module]
+        if where.type == "cuda":
+            return t.pin_memory().to(where, non_blocking=True)
+        return t.to(where)
 
     def _load(self, i: int, slot: int) -> None:
         entry = self.entries[i]

@@ -22,16 +22,19 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from actors.base import context_length, load_base, resolve_device, resolve_dtype
+from actors.base import block_devices, context_length, load_base, resolve_device, resolve_dtype
 from actors.batching import generation_batches
 from actors.calibration import CalibrationStats, compute_stats, reference_prompts
 from actors.engine import BatchStats, LoGoEngine
 from actors.fingerprint import ChangedFileError, check_names, read_pinned, tree_files
 from actors.options import OUTPUT_COLUMNS, GenerationConfig, RoutingConfig, build_options
-from actors.pool import MEMORY_HEADROOM, AdapterPool
+from actors.pool import MEMORY_HEADROOM, AdapterPool, kv_cache_nbytes
 from actors.router import Routing
 
 log = logging.getLogger(__name__)
+
+KV_PROMPT_TOKENS = 4096
+"""With `max_resident: auto` and no `max_prompt_tokens`: the prompt length the KV cache reserve assumes."""
 
 FATAL = (torch.cuda.OutOfMemoryError, MemoryError, ChangedFileError)
 
@@ -76,8 +79,9 @@ class LoGoPredictor:
         generation: GenerationConfig | None = None,
         calibration: str | Path | Mapping | CalibrationStats | None = None,
         calibration_prompts: list[str] | str | None = None,
-        max_resident: int | str | None = None,
+        max_resident: int | str | None = "auto",
         memory_headroom: float = MEMORY_HEADROOM,
+        gpus: int = 1,
         batch_size: int = 16,
         dtype: str = "auto",
         device: str = "auto",
@@ -88,9 +92,12 @@ class LoGoPredictor:
         """`routing` and `generation` hold the options (actors.options); any of their fields may be
         given as a keyword instead (`k=3`, `max_new_tokens=16`), but not as both with different
         values. `max_resident`: at most this many adapters (an int) or bytes ('20GiB') of full factors
-        on the device, or `auto`: what the device has free once the model is loaded, less
-        `memory_headroom` of its memory (the whole pool on the CPU); None keeps the whole pool
-        resident. `batch_size`: rows per generate call (the rows of a call are formed by
+        on the device, or `auto` (the default): what the device has free once the model and the
+        routing index are loaded, less `memory_headroom` of its memory and the KV cache of a full
+        batch (`batch_size` rows of the longest prompt plus `max_new_tokens`), logged with its
+        arithmetic; the whole pool on the CPU; None keeps the whole pool resident. `gpus` > 1 (CUDA):
+        the model is spread over that many visible devices (a device map), each module's adapter
+        slots beside it. `batch_size`: rows per generate call (the rows of a call are formed by
         `generation.ordering`). `pins`: {"model": ..., "adapters": ...} (either may be left out),
         relative file name -> fingerprint (a job's `_job.json`): the model's and pool's files must be
         exactly these, each checked when it is read (`actors.fingerprint`); `ChangedFileError`
@@ -100,6 +107,8 @@ class LoGoPredictor:
         calibration_score = routing.calibration_score
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1 (rows per generate call)")
+        if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+            raise ValueError(f"gpus={gpus!r}: must be an integer >= 1 (CUDA devices to spread the model over)")
         if calibration is not None and calibration_prompts is not None:
             raise ValueError("pass either calibration (statistics) or calibration_prompts, not both")
         if calibration_score != "raw" and calibration is None and calibration_prompts is None:
@@ -114,7 +123,8 @@ class LoGoPredictor:
                 check_names(Path(root), pins[what], what)
         model_files = tree_files(Path(model)) if "model" in pins else {}
         base, self.tokenizer = read_pinned(model_files, pins.get("model"),
-                                           lambda: load_base(model, self.dtype, self.device), "model")
+                                           lambda: load_base(model, self.dtype, self.device, gpus, memory_headroom),
+                                           "model")
         max_new_tokens = generation.max_new_tokens
         limit = context_length(base) - max_new_tokens
         if limit < 1:
@@ -124,7 +134,7 @@ class LoGoPredictor:
         pool = AdapterPool.load(adapters, base, dtype=self.dtype, device=self.device,
                                 index_modules=routing.probe_modules, index_with_B=routing.signal == "entropy",
                                 max_resident=max_resident, memory_headroom=memory_headroom,
-                                pins=pins.get("adapters"))
+                                kv_cache=self._kv_cache(base, batch_size, generation), pins=pins.get("adapters"))
         self.engine = LoGoEngine(base, self.tokenizer, pool, replace(routing, calibration_score="raw"), generation)
         self.calibration = self._calibration(calibration, calibration_prompts)
         if self.calibration is not None or calibration_score != "raw":
@@ -132,6 +142,21 @@ class LoGoPredictor:
         self.stats = PredictorStats()
         self.last_stats: BatchStats | None = None
         log.info("LoGo predictor ready: %s", pool.describe())
+        for line in pool.budget_lines():
+            log.info("adapter slot budget: %s", line)
+
+    def _kv_cache(self, base, batch_size: int, generation: GenerationConfig) -> dict:
+        """Bytes per device of the KV cache of a full generate call: `batch_size` rows of the longest
+        prompt admitted plus `max_new_tokens`, for the blocks each device holds. The longest prompt
+        is `max_prompt_tokens` when set, else the model's context up to `KV_PROMPT_TOKENS` (a 128K
+        context would reserve a terabyte; a longer prompt still runs, in a call halved on out of memory)."""
+        longest = generation.max_prompt_tokens or min(self.max_prompt_tokens, KV_PROMPT_TOKENS)
+        per_block = kv_cache_nbytes(base.config, batch_size, min(longest, self.max_prompt_tokens)
+                                    + generation.max_new_tokens, torch.tensor([], dtype=self.dtype).element_size())
+        out: dict = {}
+        for device in block_devices(base):
+            out[device] = out.get(device, 0) + per_block
+        return out
 
     def _calibration(self, calibration, prompts) -> CalibrationStats | None:
         """Statistics given (object, dict or JSON file) or computed now from prompts."""
@@ -271,14 +296,25 @@ class LoGoPredictor:
         """Running totals of how rows were batched and adapters made resident (what a job records
         per data file): generation batches, generate calls, prefill and decode groups (one per
         call) with the sums of their union sizes, adapter loads, hits and evictions, probe passes and
-        generate calls halved for lack of device memory, the peak resident, and seconds."""
+        generate calls halved for lack of device memory, the peak resident, seconds, and on CUDA the
+        peak device memory against its budget (`device_memory`)."""
         s, counts = self.stats, self.pool.residency.counts
         return {"batches": s.generation_batches, "calls": s.calls, "groups": s.groups,
                 "union_sum": s.union_sum, "decode_groups": s.decode_groups,
                 "decode_union_sum": s.decode_union_sum, "loads": s.loads, "hits": s.hits,
                 "evictions": s.evictions, "oom_splits": s.oom_splits, "peak_resident": counts.peak_adapters,
                 "peak_resident_bytes": counts.peak_bytes, "grouping_seconds": round(s.grouping_seconds, 6),
-                "generate_seconds": round(s.generate_seconds, 6)}
+                "generate_seconds": round(s.generate_seconds, 6), **self.device_memory()}
+
+    def device_memory(self) -> dict[str, int]:
+        """On CUDA, the most device memory this actor's tensors took (summed over its devices) and
+        the budget it plans within: each device's memory less `memory_headroom` of it. Empty on the CPU."""
+        devices = [d for d in self.pool.devices if d.type == "cuda"]
+        if not devices:
+            return {}
+        total = sum(torch.cuda.get_device_properties(d).total_memory for d in devices)
+        return {"peak_device_bytes": sum(torch.cuda.max_memory_allocated(d) for d in devices),
+                "peak_device_budget_bytes": int(total * (1 - self.pool.memory_headroom))}
 
     def _count_batch(self, stats: BatchStats) -> None:
         self.stats.groups += len(stats.groups)

@@ -109,11 +109,13 @@ class Router:
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         last = last_token_index(attention_mask)  # (B,)
         captured: dict = {}
+        index_device = self.pool.routing_index.device
 
         def hook(key):
             def record(_module, args, kwargs):
                 states = args[0] if args else kwargs["hidden_states"]  # (B, L, d)
-                captured[key] = states[rows, last].float()  # (B, d)
+                d = states.device  # a block's own under a device map; the index's for the scores
+                captured[key] = states[rows.to(d), last.to(d)].float().to(index_device)  # (B, d)
                 if len(captured) == len(targets):
                     raise _ProbeDone()
             return record

@@ -2,6 +2,10 @@
 
     logo-batch bench [--full | --gpu] [--out runs/bench] [--threads 1] [--device auto]
 
+`--gpu` first runs the GPU check (`jobs.benchmarks.gpu_check`: bfloat16 equivalence to the
+reference and PEFT, decode-step time of base, PEFT and ours at k = 1, 4, 20 on 64 rows, a decode
+step in a CUDA graph, peak memory against the budget), then the throughput suite in bfloat16.
+
 Measures prompts/s, generated tokens/s and memory of the base model, PEFT with one adapter, PEFT
 mixed batches, the released code's batch-of-one procedure, PEFT Arrow and our engine (k in 1, 4, 20,
 and k = 20 with given clustered and scattered selections) on the same prompts, pool and batch size,
@@ -102,6 +106,24 @@ def pipeline_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def gpu_check(args: argparse.Namespace) -> int:
+    """`--gpu` first: `jobs.benchmarks.gpu_check` (equivalence, decode-step time, CUDA graph, memory)."""
+    import torch
+
+    from jobs.benchmarks import gpu_check as check
+
+    if not torch.cuda.is_available():
+        print("logo-batch bench --gpu: no CUDA device is visible; run it on a machine with a GPU", file=sys.stderr)
+        return 2
+    result = check.run(log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    result["machine"] = machine()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu-check.json").write_text(json.dumps(result, indent=1))
+    print(check.table(result))
+    print(f"wrote {args.out / 'gpu-check.json'}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     import logging
 
@@ -141,6 +163,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"routing probe per prompt ({machine()}, {torch.get_num_threads()} thread(s), CPU time)")
         print(probe.table(rows))
         return 0
+    if args.preset == "gpu" and (code := gpu_check(args)) != 0:
+        return code
     cfg = preset(args.preset)
     changes = {name: getattr(args, name) for name in ("repeats", "threads", "device", "dtype")
                if getattr(args, name, None) is not None}

@@ -72,10 +72,12 @@ class AdaptersConfig:
     PEFT format (adapter_config.json + adapter_model.safetensors); the sub-directory name is the
     adapter name reported in the output."""
 
-    max_resident: int | str | None = None
+    max_resident: int | str | None = "auto"
     """Most adapters whose full factors an actor keeps on its device (an int), or most bytes of
-    them (e.g. '20GiB'), or `auto`: what the device has free once the model is loaded, less
-    `resources.memory_headroom` of it (on the CPU: the whole pool); the others are read on demand
+    them (e.g. '20GiB'), or `auto` (the default): what the device has free once the model and the
+    routing index are loaded, less `resources.memory_headroom` of it and the KV cache of a full
+    batch (`resources.batch_size` rows of `generation.max_prompt_tokens` plus `max_new_tokens`),
+    logged by each actor with its arithmetic (on the CPU: the whole pool); the others are read on demand
     from the node's copy of the pool, least recently used first out. Null: the whole pool. Routing
     reads the routing index either way. A size that holds fewer than k adapter slots (in the
     actors' dtype) is refused before any work, by run and validate alike (`pipeline.bounds`).
@@ -214,7 +216,9 @@ class ResourcesConfig:
     """Rows per generate call of an actor (it routes a whole block, then generates it in batches
     of this many rows formed by `generation.ordering`)."""
     gpus_per_actor: float | None = None
-    """GPUs reserved per actor. Default: 1 when the Ray cluster has GPUs, else 0."""
+    """GPUs reserved per actor. Default: 1 when the Ray cluster has GPUs, else 0. A whole number
+    N > 1 spreads the model over the actor's N GPUs (a transformers device map), each adapted
+    module's adapter slots on its module's GPU; a fraction below 1 shares a GPU between actors."""
     cpus_per_actor: float | None = None
     """CPUs reserved per actor. Default: 1 with GPUs; without GPUs an equal share of the cluster's
     CPUs less one kept for reading and writing (fractional below 1; two 1-CPU actors on a
@@ -224,9 +228,10 @@ class ResourcesConfig:
     at least `batch_size` rows and at most 4096."""
     ray_address: str | None = None
     """Ray cluster to join (e.g. auto or ray://host:10001); default: RAY_ADDRESS, else a local Ray."""
-    memory_headroom: float = 0.25
+    memory_headroom: float = 0.1
     """With `adapters.max_resident: auto`, the share of each actor's device memory left free for
-    activations and the KV cache (the adapter slots take what the model leaves, less this)."""
+    activations and the allocator (the adapter slots take what the model, the routing index and the
+    KV cache of a full batch leave, less this)."""
 
     def __post_init__(self) -> None:
         _check(self.actors >= 1, "resources.actors", f"must be >= 1; got {self.actors}")
@@ -235,6 +240,8 @@ class ResourcesConfig:
         _check(self.batch_size >= 1, "resources.batch_size", f"must be >= 1; got {self.batch_size}")
         if self.gpus_per_actor is not None:
             _check(self.gpus_per_actor >= 0, "resources.gpus_per_actor", f"must be >= 0; got {self.gpus_per_actor}")
+            _check(self.gpus_per_actor <= 1 or float(self.gpus_per_actor).is_integer(), "resources.gpus_per_actor",
+                   f"above 1 must be a whole number of GPUs (the model is spread over them); got {self.gpus_per_actor}")
         if self.cpus_per_actor is not None:
             cpus = self.cpus_per_actor
             _check(cpus > 0, "resources.cpus_per_actor", f"must be > 0; got {cpus}")
@@ -320,6 +327,7 @@ class JobConfig:
         statistics (see `stages.predictor_from_config`)."""
         return dict(routing=self.routing.actor_options(), generation=self.generation.actor_options(),
                     max_resident=self.adapters.max_resident, memory_headroom=self.resources.memory_headroom,
+                    gpus=int(self.resources.gpus_per_actor) if (self.resources.gpus_per_actor or 0) > 1 else 1,
                     batch_size=self.resources.batch_size,
                     dtype=self.model.dtype, device=self.model.device, prompt_column=self.input.prompt_column)
 

@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from importlib import metadata
 
+from actors.residency import format_bytes
 from pipeline.config import JobConfig
 from pipeline.config_io import config_hash, config_to_dict
 from pipeline.inputs import InputFile
@@ -77,6 +78,9 @@ class RunReport:
                          f"mean union {b['mean_decode_union']:.1f}; adapter loads {b['loads']:.0f} "
                          f"({b['loads_per_1000_rows']:.1f} per 1,000 rows), evictions {b['evictions']:.0f}, peak "
                          f"resident {b['peak_resident']:.0f}")
+        if b.get("peak_device_bytes"):
+            lines.append(f"  peak device memory {format_bytes(b['peak_device_bytes'])} of a budget of "
+                         f"{format_bytes(b['peak_device_budget_bytes'])} (an actor's device memory less its headroom)")
         for reason, count in self.error_reasons.items():
             lines.append(f"  error x{count}: {reason}")
         return "\n".join(lines)

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from actors.residency import format_bytes  # noqa: E402
+
 TOP_ADAPTERS = 40
 """Adapters drawn in the adapter plot (most selected first)."""
 TOP_ROWS = 20
@@ -189,4 +191,7 @@ def _batching_lines(b: dict) -> list[str]:
             "| generation batches | generate calls | decode groups | mean decode union | adapter loads | "
             "loads / 1,000 rows | evictions | peak resident adapters |", "|---:|---:|---:|---:|---:|---:|---:|---:|",
             f"| {b['batches']:.0f} | {b['calls']:.0f} | {b['decode_groups']:.0f} | {b['mean_decode_union']:.2f} | "
-            f"{b['loads']:.0f} | {b['loads_per_1000_rows']:.1f} | {b['evictions']:.0f} | {b['peak_resident']:.0f} |", ""]
+            f"{b['loads']:.0f} | {b['loads_per_1000_rows']:.1f} | {b['evictions']:.0f} | {b['peak_resident']:.0f} |", "",
+            *([f"Peak device memory of an actor: {format_bytes(b['peak_device_bytes'])} of a budget of "
+               f"{format_bytes(b['peak_device_budget_bytes'])} (its device memory less `resources.memory_headroom`).", ""]
+              if b.get("peak_device_bytes") else [])]

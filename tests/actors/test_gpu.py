@@ -4,6 +4,7 @@ of ops, and `max_resident: auto` sizes the slots to the free memory."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,3 +63,24 @@ def test_auto_residency_takes_the_free_memory_less_the_headroom(tmp_path):
     assert pool.bound.describe() == "auto" and pool.slots == 8  # a tiny pool fits in half the device
     free, total = torch.cuda.mem_get_info()
     assert free >= 0.4 * total - pool.storage_nbytes
+    assert pool.budget_lines() and "KV cache" in pool.budget_lines()[0]
+    predictor({"prompt": np.array(["a b c", "d e"], dtype=object)})
+    memory = predictor.batching()
+    assert 0 < memory["peak_device_bytes"] <= memory["peak_device_budget_bytes"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_gpus_spread_the_model_and_give_the_same_outputs(tmp_path):
+    """`gpus=2`: the model over two devices (a device map), each module's slots beside it, the
+    routing index on the first; outputs and routing as on one device."""
+    model_dir = tiny_model_dir(tmp_path / "m", layers=4)
+    pool_dir = tiny_pool(model_dir, tmp_path / "pool", 8, seed=1)
+    options = dict(k=3, max_new_tokens=6, device="cuda", dtype="float32", calibration_prompts=["a b", "c d e"])
+    one = LoGoPredictor(model_dir, pool_dir, **options)
+    two = LoGoPredictor(model_dir, pool_dir, gpus=2, **options)
+    assert len(two.pool.devices) == 2
+    for m in two.pool.modules:
+        assert two.pool.A[m].device == two.engine.model.get_submodule(m).weight.device
+    prompts = {"prompt": np.array(["a b c", "d e", "f g h i"], dtype=object)}
+    a, b = one(dict(prompts)), two(dict(prompts))
+    assert list(a["output"]) == list(b["output"]) and list(a["adapters"]) == list(b["adapters"])

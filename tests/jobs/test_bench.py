@@ -182,3 +182,23 @@ def test_smoke_run_on_cuda_in_bfloat16(tmp_path: Path):
     assert main(["bench", "--smoke", "--device", "cuda", "--dtype", "bfloat16", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["device"].startswith("cuda") and report["dtype"] == "bfloat16"
+
+
+def test_the_gpu_check_runs_its_four_parts_on_the_cpu(capsys):
+    """The check `bench --gpu` runs first, on the CPU in float32 with a tiny shape: the slot mixture
+    equals the reference and PEFT at k = 1, every decode step is timed, the graph is said to be
+    skipped, and without CUDA `bench --gpu` refuses in one line."""
+    from jobs.benchmarks import gpu_check
+    from jobs.benchmarks.config import TINY
+    from jobs.cli import main
+
+    result = gpu_check.run(device="cpu", dtype="float32", shape=TINY, pool_size=8, rows=4, prompt_tokens=5,
+                           ks=(1, 4), steps=2, log=lambda msg: None)
+    assert result["mixture_vs_reference"] < 1e-5 and result["k1_vs_peft"] < 1e-4
+    assert set(result["step_ms"]) == {"base", "peft single", "ours k=1", "ours k=4"}
+    assert all(ms > 0 for ms in result["step_ms"].values())
+    assert result["graph"] == {"captured": False, "error": "no CUDA device"}
+    assert "| ours k=4 |" in gpu_check.table(result)
+    if not torch.cuda.is_available():
+        assert main(["bench", "--gpu"]) == 2
+        assert "no CUDA device is visible" in capsys.readouterr().err

@@ -149,3 +149,32 @@ def test_report_on_a_damaged_output_says_what_is_wrong_and_the_repair_works(comm
     config["output"]["uri"] = str(lost)
     assert run_job(config_from_dict(config), progress=False).rows_computed == files[0]["rows"]
     assert main(["report", str(lost)]) == 0 and read_output(str(lost)).num_rows == 30
+
+
+def test_peak_device_memory_is_reported_against_its_budget():
+    """An actor on CUDA records its peak device memory and the budget it plans within; the data
+    files' largest is what the summary line and report.md show (absent on the CPU)."""
+    import time
+
+    from pipeline.outputs import PartFile
+    from pipeline.report import build_report
+    from pipeline.run_report_plots import _batching_lines
+
+    config = job("model", "pool", "in", "out")
+    base = {"batches": 2, "calls": 2, "groups": 2, "union_sum": 2, "decode_groups": 2, "decode_union_sum": 2,
+            "loads": 1, "hits": 1, "evictions": 0, "peak_resident": 1}
+
+    def part(name: str, **memory) -> PartFile:
+        return PartFile(name=f"{name}.parquet", attempt="a", ranges=[(name, 0, 5)], rows=5,
+                        batching=Counter(base, **memory))
+
+    gib = 2**30
+    report = build_report(config, [part("x", peak_device_bytes=3 * gib, peak_device_budget_bytes=72 * gib),
+                                   part("y", peak_device_bytes=5 * gib, peak_device_budget_bytes=72 * gib)],
+                          "a", time.time(), 10)
+    assert report.batching["peak_device_bytes"] == 5 * gib and report.batching["loads"] == 2
+    assert "peak device memory 5.0 GiB of a budget of 72.0 GiB" in report.format()
+    assert any("5.0 GiB of a budget of 72.0 GiB" in line for line in _batching_lines(report.batching))
+    cpu = build_report(config, [part("x"), part("y")], "a", time.time(), 10)
+    assert "peak device memory" not in cpu.format()
+    assert not any("Peak device memory" in line for line in _batching_lines(cpu.batching))
