@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 FATAL = (torch.cuda.OutOfMemoryError, MemoryError, ChangedFileError)
 
 
+TRUNCATED = "prompt truncated from the left"
+"""How the warning of a row whose prompt was cut to the allowed length begins."""
+
+
 @dataclass
 class PredictorStats:
     """Running totals over the batches one predictor has processed."""
@@ -174,7 +178,7 @@ class LoGoPredictor:
         if self.overlong == "error":
             return None, (f"prompt has {len(ids)} tokens, more than the {limit} allowed (context minus "
                           "max_new_tokens); shorten it or run with overlong='truncate'"), None
-        return ids[-limit:], None, f"prompt truncated from the left: {len(ids)} -> {limit} tokens"
+        return ids[-limit:], None, f"{TRUNCATED}: {len(ids)} -> {limit} tokens"
 
     def process(self, seqs: list[list[int]]) -> tuple[list[Routing | None], list[str], list[int], BatchStats]:
         """Route tokenised prompts (probe passes of `batch_size` rows), then generate them in batches
@@ -248,8 +252,13 @@ class LoGoPredictor:
         for r, (routing, text, count) in results.items():
             cols["output"][r], cols["output_tokens"][r] = text, count
             cols["adapters"][r], cols["weights"][r] = list(routing.adapters), list(routing.weights)
+            notes = []
             if routing.uniform_fallback:
-                note = "every selected adapter scored 0 or below: uniform weights"
+                notes.append("every selected adapter scored 0 or below: uniform weights")
+            if not text and cols["warning"][r] and cols["warning"][r].startswith(TRUNCATED):
+                notes.append(f"output is empty after the prompt was truncated ({cols['prompt_tokens'][r]} tokens "
+                             "kept): its start, where the instruction usually is, was dropped; shorten the prompt")
+            for note in notes:
                 cols["warning"][r] = f"{cols['warning'][r]}; {note}" if cols["warning"][r] else note
             for name in routing.adapters:
                 self.stats.adapter_use[name] = self.stats.adapter_use.get(name, 0) + 1
