@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -133,6 +133,9 @@ class LoGoPredictor:
         self.calibration = self._calibration(calibration, calibration_prompts)
         if self.calibration is not None or calibration_score != "raw":
             self.engine.set_routing(routing, self.calibration)
+        self._call_rows = self._reported = 0
+        self.on_rows: Callable[[int], None] | None = None
+        """Called with a number of rows each time that many of a call's rows are done (progress)."""
         self.stats = PredictorStats()
         self.last_stats: BatchStats | None = None
         log.info("LoGo predictor ready: %s", pool.describe())
@@ -180,6 +183,14 @@ class LoGoPredictor:
                           "max_new_tokens); shorten it or run with overlong='truncate'"), None
         return ids[-limit:], None, f"{TRUNCATED}: {len(ids)} -> {limit} tokens"
 
+    def _done(self, rows: int) -> None:
+        """Report `rows` more rows of the current call done (never more than the call has)."""
+        rows = min(rows, self._call_rows - self._reported)
+        if rows > 0:
+            self._reported += rows
+            if self.on_rows is not None:
+                self.on_rows(rows)
+
     def process(self, seqs: list[list[int]]) -> tuple[list[Routing | None], list[str], list[int], BatchStats]:
         """Route tokenised prompts (probe passes of `batch_size` rows), then generate them in batches
         of `batch_size` formed by `ordering` (see actors.batching). Stats cover all of them, with
@@ -203,6 +214,7 @@ class LoGoPredictor:
             for r, text, count in zip(rows, part_texts, part_counts):
                 texts[r], counts[r] = text, count
             stats.absorb(part, rows)
+            self._done(len(rows))
         stats.batches = len(batches)
         return routings, texts, counts, stats
 
@@ -212,6 +224,7 @@ class LoGoPredictor:
         t0 = time.perf_counter()
         prompts = batch[self.prompt_column]
         n = len(prompts)
+        self._call_rows, self._reported = n, 0
         cols: dict[str, list] = {c: [None] * n for c in OUTPUT_COLUMNS}
         cols["adapters"], cols["weights"] = [[] for _ in range(n)], [[] for _ in range(n)]
         cols["prompt_tokens"], cols["output_tokens"] = [0] * n, [0] * n
@@ -262,6 +275,7 @@ class LoGoPredictor:
                 cols["warning"][r] = f"{cols['warning'][r]}; {note}" if cols["warning"][r] else note
             for name in routing.adapters:
                 self.stats.adapter_use[name] = self.stats.adapter_use.get(name, 0) + 1
+        self._done(n - self._reported)  # the rows that needed no generation (errors), or were retried
         errors = sum(e is not None for e in cols["error"])
         self.stats.batches += 1
         self.stats.rows += n

@@ -46,13 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="the pipeline benchmark: the whole job on generated inputs, and validate at 10M rows")
     parser.set_defaults(preset="quick")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for bench.json and sweep.png")
-    parser.add_argument("--repeats", type=int, help="timed rounds per method (median counts); None: the preset's")
+    parser.add_argument("--repeats", type=int, help="timed rounds per method (median counts) (default: the preset's)")
     parser.add_argument("--threads", type=int,
-                        help="torch CPU threads; None: the preset's, 1 (steadier on a shared machine)")
+                        help="torch CPU threads (default: the preset's, 1: steadier on a shared machine)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
-                        help="device of the measured models; None: the preset's, auto")
+                        help="device of the measured models (default: the preset's, auto)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"),
-                        help="weight dtype of the measured models; None: the preset's, auto")
+                        help="weight dtype of the measured models (default: the preset's, auto)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the pool-size sweep")
     parser.add_argument("--residency", action="store_true",
                         help="only residency {8, 32, all} and selection-aware ordering on 1,000 adapters, and one "
@@ -60,11 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe", action="store_true",
                         help="only the routing probe's cost per prompt, paper vs default, at N = 8, 256, 1000")
     pipe = parser.add_argument_group("--pipeline options")
-    pipe.add_argument("--rows", default="100000", help="input sizes run through the pipeline (default 100000)")
-    pipe.add_argument("--row-groups", default="1000000,10000", help="Parquet row-group sizes (default 1000000,10000)")
+    pipe.add_argument("--rows", default="100000", help="input sizes run through the pipeline")
+    pipe.add_argument("--row-groups", default="1000000,10000", help="Parquet row-group sizes")
     pipe.add_argument("--validate-rows", default="100000,10000000", help="input sizes planned by validate")
-    pipe.add_argument("--batch-size", type=int, default=256, help="rows per actor call (default 256)")
-    pipe.add_argument("--s3-endpoint", help="also run every case with input and output on this S3 endpoint")
+    pipe.add_argument("--batch-size", type=int, default=256, help="rows per actor call")
+    pipe.add_argument("--s3-endpoint", help="also run every case with input and output on this S3 endpoint (default: none, local disk only)")
 
 
 def machine() -> str:

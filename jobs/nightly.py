@@ -12,7 +12,9 @@ replaced by the night's date (YYYY-MM-DD), e.g.
 
 A night whose output is already committed is skipped (exit 0, saying so) before anything else is
 read but a listing of its input; one committed with another configuration, or whose input files
-changed since, is refused (exit 2); `--force` deletes it and computes it again. An input URI
+changed since, is refused (exit 2); `--force` computes it again, and the committed night stays
+readable until the new one commits (its files are deleted only then; an interrupted `--force`
+leaves the old night readable, and the next `--force` resumes the replacement). An input URI
 without `{date}` would make every night read the same input: it is refused unless
 `--fixed-input` (or `--force`) says that is meant. A night that was interrupted resumes: only its
 missing rows are computed. Exit status as for `run`: 0 when the night is committed (now or
@@ -73,7 +75,7 @@ def night_config(path: str, date: str, overrides: dict | None = None, fixed_inpu
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="job file (YAML) whose values may contain {date}")
     parser.add_argument("--date", type=parse_date, default=None,
-                        help="the night to run, YYYY-MM-DD (None: yesterday, UTC)")
+                        help="the night to run, YYYY-MM-DD (default: yesterday, UTC)")
     parser.add_argument("--force", action="store_true",
                         help="recompute a night that is already committed (and accept an input without {date})")
     parser.add_argument("--fixed-input", action="store_true",
@@ -106,11 +108,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"logo-batch nightly: {date} is already committed at {out}; nothing to do "
                   "(--force computes it again)")
             return 0
-        if args.force:
-            import dataclasses
-
-            config = dataclasses.replace(config, output=dataclasses.replace(config.output, overwrite=True))
         print(f"logo-batch nightly: {date}: {config.input.uri} -> {out}", flush=True)
         return config
 
-    return run_to_exit("nightly", build)
+    return run_to_exit("nightly", build, replace=args.force)

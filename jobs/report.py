@@ -3,7 +3,7 @@
     logo-batch report runs/2026-11-28                      # local output directory
     logo-batch report s3://results/logo/2026-11-28 --endpoint http://127.0.0.1:8333
 
-Writes `report.json`, `report.md` and `report/*.png` beside the run's data (see
+Writes `_report/report.json`, `_report/report.md` and `_report/*.png` beside the run's data (see
 `pipeline/run_report.py` for what each holds). `logo-batch run` writes them after every commit;
 this command redraws them, e.g. for a run committed by an older version. Exit status 2 when
 there is no committed run at OUTPUT, or it is damaged (a missing or unreadable manifest or data
@@ -18,7 +18,7 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", metavar="OUTPUT", help="output directory or s3:// prefix of a committed run")
-    parser.add_argument("--endpoint", default=None, help="S3 endpoint URL (None: AWS_ENDPOINT_URL, else AWS)")
+    parser.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS)")
 
 
 def main(args: argparse.Namespace) -> int:
