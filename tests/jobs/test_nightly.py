@@ -132,3 +132,20 @@ def test_dates_and_templates_are_checked(tmp_path, capsys):
     assert main(["nightly", "--config", config, "--date", NIGHT]) == 2
     assert "output.uri: has no {date} field" in capsys.readouterr().err
     assert night_config(nightly_file(tmp_path, "m", "a", "in/{date}", "o/{date}"), NIGHT).input.uri == f"in/{NIGHT}"
+
+
+def test_a_night_is_compared_with_the_previous_committed_night(ray_runtime, tiny_assets, tmp_path, capsys):
+    model, pool = tiny_assets
+    earlier = (dt.date.fromisoformat(NIGHT) - dt.timedelta(days=2)).isoformat()  # the night between: none
+    for night in (earlier, NIGHT):
+        write_prompts(tmp_path / "in" / night, (6,))
+    config = nightly_file(tmp_path, model, pool, f"{tmp_path}/in/{{date}}", f"{tmp_path}/out/{{date}}")
+    assert main(["nightly", "--config", config, "--date", earlier]) == 0
+    assert "no committed night in the 31 before" in capsys.readouterr().out
+    assert main(["nightly", "--config", config, "--date", NIGHT]) == 0
+    assert f"compared with {earlier}" in capsys.readouterr().out
+    report = (tmp_path / "out" / NIGHT / "_report" / "report.md").read_text()
+    assert f"## Compared with {tmp_path}/out/{earlier}" in report and "| error rows |" in report
+    cmp = json.loads((tmp_path / "out" / NIGHT / "_report" / "compare.json").read_text())
+    assert cmp["A"]["output_uri"] == f"{tmp_path}/out/{earlier}" and cmp["B"]["rows"] == 6
+    assert cmp["routing"]["same_ids"] == 0, "no id column and other input files: rows are not matched"
