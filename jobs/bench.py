@@ -82,6 +82,16 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}"
 
 
+def write_results(path: Path, title: str, body: str) -> Path:
+    """The figures of one run as a results file (the format of `jobs/benchmarks/results/*.md`):
+    title, date, machine and the command that produced them, then the tables as printed."""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = " ".join(["logo-batch", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else "logo-batch bench"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {title}\n\n- date: {date}\n- machine: {machine()}\n- command: `{command}`\n\n{body.rstrip()}\n")
+    return path
+
+
 def pipeline_main(args: argparse.Namespace) -> int:
     from jobs.benchmarks.pipeline import PipelineBench, run, table
 
@@ -98,7 +108,8 @@ def pipeline_main(args: argparse.Namespace) -> int:
     report["machine"] = machine()
     (out / "bench-pipeline.json").write_text(json.dumps(report, indent=1))
     print(table(report))
-    print(f"wrote {out / 'bench-pipeline.json'}")
+    write_results(out / "results.md", "Pipeline benchmark", table(report))
+    print(f"wrote {out / 'bench-pipeline.json'} and {out / 'results.md'}")
     return 0
 
 
@@ -130,6 +141,7 @@ def main(args: argparse.Namespace) -> int:
         (out / "bench-residency.json").write_text(json.dumps(result, indent=1))
         print(f"residency and ordering ({machine()}, {torch.get_num_threads()} thread(s))")
         print(residency.tables(result))
+        write_results(out / "results.md", "Residency and ordering benchmark", residency.tables(result))
         return 0
     if args.probe:
         import torch
@@ -163,6 +175,7 @@ def main(args: argparse.Namespace) -> int:
     write_json(report, args.out / "bench.json")
     plotted = plot_sweep(report, args.out / "sweep.png")
     print(table(report))
-    print(f"wrote {args.out / 'bench.json'}" + (f" and {args.out / 'sweep.png'}" if plotted else "")
-          + f" in {report['wall_seconds']:.0f} s")
+    write_results(args.out / "results.md", f"Throughput benchmark ({args.preset or 'quick'})", table(report))
+    print(f"wrote {args.out / 'bench.json'}, {args.out / 'results.md'}"
+          + (f" and {args.out / 'sweep.png'}" if plotted else "") + f" in {report['wall_seconds']:.0f} s")
     return 0

@@ -91,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
     rows = read_output(output).to_pylist()
     print(task_table(rows))
     print(f"  outputs: {output}/data/*.parquet\n  manifest: {output}/_manifest.json\n"
-          f"  report: {output}/report.md (plots: {output}/report/*.png; `logo-batch report {output}`)")
+          f"  report: {output}/_report/report.md (plots: {output}/_report/*.png; `logo-batch report {output}`)")
     return 0 if report.errors == 0 else 1
 
 
