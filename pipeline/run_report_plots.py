@@ -8,7 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 TOP_ADAPTERS = 40
 """Adapters drawn in the adapter plot (most selected first)."""
@@ -114,8 +114,8 @@ def errors(report: dict):
 
 
 def _log_histogram(ax, stats: dict, xlabel: str) -> None:
-    """Rows by token count on a log axis (log-spaced bins), so one outlier does not flatten the rest;
-    p50 and p99 marked."""
+    """Rows by token count on a log axis (log-spaced bins) when the counts span more than a factor of
+    ten, so one outlier does not flatten the rest; p50 and p99 marked."""
     import numpy as np
 
     histogram = stats["histogram"]
@@ -124,9 +124,16 @@ def _log_histogram(ax, stats: dict, xlabel: str) -> None:
         return
     values = np.array([int(k) for k in histogram], dtype=float)
     counts = np.array(list(histogram.values()), dtype=float)
-    edges = np.unique(np.round(np.geomspace(1, values.max() + 2, 40))) - 0.5
-    ax.hist(np.maximum(values, 1), bins=edges, weights=counts)
+    low = max(1.0, values.min())
+    if values.max() < 10 * low:  # a narrow range: plain bars say it better than a log axis
+        _bars(ax, histogram, xlabel, "rows", width=1.0)
+        return
+    edges = np.unique(np.round(np.geomspace(low, values.max() + 2, 40))) - 0.5
+    ax.hist(np.maximum(values, low), bins=edges, weights=counts)
     ax.set_xscale("log")
+    ax.set_xlim(edges[0], edges[-1])
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     for name, style in (("p50", "--"), ("p99", ":")):
         ax.axvline(max(stats[name], 1), color="black", linestyle=style, label=f"{name} {stats[name]}")
     ax.legend(fontsize="small")
