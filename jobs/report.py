@@ -21,7 +21,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("output", metavar="OUTPUT", nargs="?", help="output directory or s3:// prefix of a committed run")
+    parser.add_argument("output", metavar="OUTPUT", nargs="?", help="output directory or s3:// prefix of a committed run (default: none, with --compare)")
     parser.add_argument("--compare", nargs=2, metavar=("OUTPUT_A", "OUTPUT_B"), default=None,
                         help="compare two committed runs, B (the newer) against A (default: none, report OUTPUT)")
     parser.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS)")
