@@ -78,7 +78,10 @@ def ensure_ray(config: JobConfig) -> None:
     processes Ray started for it are stopped too."""
     if not ray.is_initialized():
         before = watchdog.children()
-        ray.init(address=ray_address(config), logging_level=logging.WARNING, log_to_driver=_log_to_driver())
+        address = ray_address(config)
+        print("logo-batch: starting a Ray of this machine" if address == "local" else
+              f"logo-batch: joining the Ray cluster at {address}", file=sys.stderr, flush=True)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=_log_to_driver())
         node = getattr(ray._private.worker, "_global_node", None)
         if node is not None and getattr(node, "head", False):
             watchdog.watch(os.getpid(), watchdog.children() - before)
