@@ -66,7 +66,7 @@ def _committed_rows(out) -> int:
 def test_force_keeps_the_committed_night_readable_until_the_new_one_commits(ray_runtime, tiny_assets, tmp_path,
                                                                             capsys):
     model, pool = tiny_assets
-    write_prompts(tmp_path / "in" / NIGHT, (20, 20))
+    write_prompts(tmp_path / "in" / NIGHT, (8, 8))  # 4 blocks of 4 rows
     config = nightly_file(tmp_path, model, pool, f"{tmp_path}/in/{{date}}", f"{tmp_path}/out/{{date}}")
     out = tmp_path / "out" / NIGHT
     assert main(["nightly", "--config", config, "--date", NIGHT]) == 0
@@ -77,15 +77,15 @@ def test_force_keeps_the_committed_night_readable_until_the_new_one_commits(ray_
     with pytest.raises(InjectedFault):
         run_job(night_config(config, NIGHT, {"routing.k": 3}), fail_after_files=1, progress=False, replace=True)
     settle(out / "data")
-    assert manifest(out) == first and _committed_rows(out) == 40, "the old night is whole and readable"
+    assert manifest(out) == first and _committed_rows(out) == 16, "the old night is whole and readable"
     capsys.readouterr()
     assert main(["nightly", "--config", config, "--date", NIGHT, "--set", "routing.k=3"]) == 2
     assert "--force" in capsys.readouterr().err
 
     assert main(["nightly", "--config", config, "--date", NIGHT, "--set", "routing.k=3", "--force"]) == 0
     new = manifest(out)
-    assert new["config"]["routing"]["k"] == 3 and _committed_rows(out) == 40
-    assert 0 < new["report"]["rows_resumed"] < 40, "the interrupted replacement was resumed"
+    assert new["config"]["routing"]["k"] == 3 and _committed_rows(out) == 16
+    assert 0 < new["report"]["rows_resumed"] < 16, "the interrupted replacement was resumed"
     on_disk = {f"data/{p.name}" for p in (out / "data").iterdir()}
     assert on_disk == {f["path"] for f in new["output"]["files"]} and not on_disk & old_files, "old files deleted"
     assert json.loads((out / "_SUCCESS").read_text())["config_hash"] == new["config_hash"]
