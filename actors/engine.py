@@ -30,6 +30,7 @@ from actors.pool import AdapterPool
 from actors import residency
 from actors.residency import split_by_bound
 from actors.router import Router, Routing
+from actors.text import continuation
 
 
 @dataclass
@@ -316,7 +317,7 @@ class LoGoEngine:
         new = out[:, input_ids.shape[1]:].tolist()
         results = []
         for pos, (tokens, row) in enumerate(zip(new, part)):
-            text, count = self.decode(tokens)
+            text, count = self.decode(tokens, seqs[row])
             results.append((text, count))
             step = watch.first_bad[pos]
             if step is not None and step <= count and row not in stats.errors:
@@ -328,11 +329,12 @@ class LoGoEngine:
                     f"weights are too large for the model; {fix}")
         return results
 
-    def decode(self, tokens: list[int]) -> tuple[str, int]:
-        """New tokens of one row -> (text cut at the first stop, number of tokens generated)."""
+    def decode(self, tokens: list[int], prompt: list[int] = ()) -> tuple[str, int]:
+        """New tokens of one row -> (text cut at the first stop, number of tokens generated); the
+        text reads as it follows `prompt` (`actors.text.continuation`)."""
         ends = set(self.end_ids) | {self.tokenizer.pad_token_id}
         n = next((i for i, t in enumerate(tokens) if t in ends), len(tokens))  # finished rows are padded
-        text = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
+        text = continuation(self.tokenizer, list(prompt), tokens[:n])
         for stop in self.generation.stops:
             cut = text.find(stop)
             if cut >= 0:

@@ -54,7 +54,7 @@ def _one_of(value: Any, allowed: tuple[str, ...], key: str) -> None:
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    """How each prompt is routed. The defaults are the measured best (README, "Calibrated routing");
+    """How each prompt is routed. The defaults are the measured best (actors/README.md, "Calibrated routing");
     `PAPER_ROUTING` is the paper's method."""
 
     k: int = 1

@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -37,6 +37,10 @@ KV_PROMPT_TOKENS = 4096
 """With `max_resident: auto` and no `max_prompt_tokens`: the prompt length the KV cache reserve assumes."""
 
 FATAL = (torch.cuda.OutOfMemoryError, MemoryError, ChangedFileError)
+
+
+TRUNCATED = "prompt truncated from the left"
+"""How the warning of a row whose prompt was cut to the allowed length begins."""
 
 
 @dataclass
@@ -139,6 +143,9 @@ class LoGoPredictor:
         self.calibration = self._calibration(calibration, calibration_prompts)
         if self.calibration is not None or calibration_score != "raw":
             self.engine.set_routing(routing, self.calibration)
+        self._call_rows = self._reported = 0
+        self.on_rows: Callable[[int], None] | None = None
+        """Called with a number of rows each time that many of a call's rows are done (progress)."""
         self.stats = PredictorStats()
         self.last_stats: BatchStats | None = None
         log.info("LoGo predictor ready: %s", pool.describe())
@@ -199,7 +206,15 @@ class LoGoPredictor:
         if self.overlong == "error":
             return None, (f"prompt has {len(ids)} tokens, more than the {limit} allowed (context minus "
                           "max_new_tokens); shorten it or run with overlong='truncate'"), None
-        return ids[-limit:], None, f"prompt truncated from the left: {len(ids)} -> {limit} tokens"
+        return ids[-limit:], None, f"{TRUNCATED}: {len(ids)} -> {limit} tokens"
+
+    def _done(self, rows: int) -> None:
+        """Report `rows` more rows of the current call done (never more than the call has)."""
+        rows = min(rows, self._call_rows - self._reported)
+        if rows > 0:
+            self._reported += rows
+            if self.on_rows is not None:
+                self.on_rows(rows)
 
     def process(self, seqs: list[list[int]]) -> tuple[list[Routing | None], list[str], list[int], BatchStats]:
         """Route tokenised prompts (probe passes of `batch_size` rows), then generate them in batches
@@ -224,6 +239,7 @@ class LoGoPredictor:
             for r, text, count in zip(rows, part_texts, part_counts):
                 texts[r], counts[r] = text, count
             stats.absorb(part, rows)
+            self._done(len(rows))
         stats.batches = len(batches)
         return routings, texts, counts, stats
 
@@ -233,6 +249,7 @@ class LoGoPredictor:
         t0 = time.perf_counter()
         prompts = batch[self.prompt_column]
         n = len(prompts)
+        self._call_rows, self._reported = n, 0
         cols: dict[str, list] = {c: [None] * n for c in OUTPUT_COLUMNS}
         cols["adapters"], cols["weights"] = [[] for _ in range(n)], [[] for _ in range(n)]
         cols["prompt_tokens"], cols["output_tokens"] = [0] * n, [0] * n
@@ -273,11 +290,17 @@ class LoGoPredictor:
         for r, (routing, text, count) in results.items():
             cols["output"][r], cols["output_tokens"][r] = text, count
             cols["adapters"][r], cols["weights"][r] = list(routing.adapters), list(routing.weights)
+            notes = []
             if routing.uniform_fallback:
-                note = "every selected adapter scored 0 or below: uniform weights"
+                notes.append("every selected adapter scored 0 or below: uniform weights")
+            if not text and cols["warning"][r] and cols["warning"][r].startswith(TRUNCATED):
+                notes.append(f"output is empty after the prompt was truncated ({cols['prompt_tokens'][r]} tokens "
+                             "kept): its start, where the instruction usually is, was dropped; shorten the prompt")
+            for note in notes:
                 cols["warning"][r] = f"{cols['warning'][r]}; {note}" if cols["warning"][r] else note
             for name in routing.adapters:
                 self.stats.adapter_use[name] = self.stats.adapter_use.get(name, 0) + 1
+        self._done(n - self._reported)  # the rows that needed no generation (errors), or were retried
         errors = sum(e is not None for e in cols["error"])
         self.stats.batches += 1
         self.stats.rows += n

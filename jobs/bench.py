@@ -50,13 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="the pipeline benchmark: the whole job on generated inputs, and validate at 10M rows")
     parser.set_defaults(preset="quick")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for bench.json and sweep.png")
-    parser.add_argument("--repeats", type=int, help="timed rounds per method (median counts); None: the preset's")
+    parser.add_argument("--repeats", type=int, help="timed rounds per method (median counts) (default: the preset's)")
     parser.add_argument("--threads", type=int,
-                        help="torch CPU threads; None: the preset's, 1 (steadier on a shared machine)")
+                        help="torch CPU threads (default: the preset's, 1: steadier on a shared machine)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
-                        help="device of the measured models; None: the preset's, auto")
+                        help="device of the measured models (default: the preset's, auto)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"),
-                        help="weight dtype of the measured models; None: the preset's, auto")
+                        help="weight dtype of the measured models (default: the preset's, auto)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the pool-size sweep")
     parser.add_argument("--residency", action="store_true",
                         help="only residency {8, 32, all} and selection-aware ordering on 1,000 adapters, and one "
@@ -64,11 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe", action="store_true",
                         help="only the routing probe's cost per prompt, paper vs default, at N = 8, 256, 1000")
     pipe = parser.add_argument_group("--pipeline options")
-    pipe.add_argument("--rows", default="100000", help="input sizes run through the pipeline (default 100000)")
-    pipe.add_argument("--row-groups", default="1000000,10000", help="Parquet row-group sizes (default 1000000,10000)")
+    pipe.add_argument("--rows", default="100000", help="input sizes run through the pipeline")
+    pipe.add_argument("--row-groups", default="1000000,10000", help="Parquet row-group sizes")
     pipe.add_argument("--validate-rows", default="100000,10000000", help="input sizes planned by validate")
-    pipe.add_argument("--batch-size", type=int, default=256, help="rows per actor call (default 256)")
-    pipe.add_argument("--s3-endpoint", help="also run every case with input and output on this S3 endpoint")
+    pipe.add_argument("--batch-size", type=int, default=256, help="rows per actor call")
+    pipe.add_argument("--s3-endpoint", help="also run every case with input and output on this S3 endpoint (default: none, local disk only)")
 
 
 def machine() -> str:
@@ -84,6 +84,16 @@ def machine() -> str:
 
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
     return f"{cpu}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}"
+
+
+def write_results(path: Path, title: str, body: str) -> Path:
+    """The figures of one run as a results file (the format of `jobs/benchmarks/results/*.md`):
+    title, date, machine and the command that produced them, then the tables as printed."""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = " ".join(["logo-batch", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else "logo-batch bench"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {title}\n\n- date: {date}\n- machine: {machine()}\n- command: `{command}`\n\n{body.rstrip()}\n")
+    return path
 
 
 def pipeline_main(args: argparse.Namespace) -> int:
@@ -102,7 +112,8 @@ def pipeline_main(args: argparse.Namespace) -> int:
     report["machine"] = machine()
     (out / "bench-pipeline.json").write_text(json.dumps(report, indent=1))
     print(table(report))
-    print(f"wrote {out / 'bench-pipeline.json'}")
+    write_results(out / "results.md", "Pipeline benchmark", table(report))
+    print(f"wrote {out / 'bench-pipeline.json'} and {out / 'results.md'}")
     return 0
 
 
@@ -152,6 +163,7 @@ def main(args: argparse.Namespace) -> int:
         (out / "bench-residency.json").write_text(json.dumps(result, indent=1))
         print(f"residency and ordering ({machine()}, {torch.get_num_threads()} thread(s))")
         print(residency.tables(result))
+        write_results(out / "results.md", "Residency and ordering benchmark", residency.tables(result))
         return 0
     if args.probe:
         import torch
@@ -187,6 +199,7 @@ def main(args: argparse.Namespace) -> int:
     write_json(report, args.out / "bench.json")
     plotted = plot_sweep(report, args.out / "sweep.png")
     print(table(report))
-    print(f"wrote {args.out / 'bench.json'}" + (f" and {args.out / 'sweep.png'}" if plotted else "")
-          + f" in {report['wall_seconds']:.0f} s")
+    write_results(args.out / "results.md", f"Throughput benchmark ({args.preset or 'quick'})", table(report))
+    print(f"wrote {args.out / 'bench.json'}, {args.out / 'results.md'}"
+          + (f" and {args.out / 'sweep.png'}" if plotted else "") + f" in {report['wall_seconds']:.0f} s")
     return 0

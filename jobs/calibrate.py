@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(routing.probe_module)")
     parser.add_argument("--probe-input", default="residual", choices=("residual", "module_input"),
                         help="what the probe reads (routing.probe_input)")
-    parser.add_argument("--endpoint", default=None, help="S3 endpoint URL (None: AWS_ENDPOINT_URL)")
+    parser.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device of the probe")
 
 

@@ -27,7 +27,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every option's default, and keeps the sub-command's docstring layout."""
+    """Shows every option's default, and keeps the sub-command's docstring layout. An option whose
+    parser default is None (left out: someone else decides) shows what it then is: its action's
+    `shown_default`, or the `default: ...` its help ends with."""
+
+    def _get_help_string(self, action):
+        shown = getattr(action, "shown_default", None)
+        if shown is not None:
+            return f"{action.help} (default: {shown})"
+        if action.required:
+            return f"{action.help} (default: none, required)"
+        if action.default is None and "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def local_ray_defaults(address: str | None) -> None:
@@ -59,10 +71,19 @@ def build_parser(argv: list[str] | None = None, *, load_all: bool = False) -> ar
     return parser
 
 
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT), as shells report it."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
-    return int(importlib.import_module(args._module).main(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).main(args) or 0)
+    except KeyboardInterrupt:
+        print(f"\nlogo-batch {args.command}: interrupted; every data file written so far is kept: rerun the same "
+              "command to resume", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ replaced by the night's date (YYYY-MM-DD), e.g.
 
 A night whose output is already committed is skipped (exit 0, saying so) before anything else is
 read but a listing of its input; one committed with another configuration, or whose input files
-changed since, is refused (exit 2); `--force` deletes it and computes it again. An input URI
+changed since, is refused (exit 2); `--force` computes it again, and the committed night stays
+readable until the new one commits (its files are deleted only then; an interrupted `--force`
+leaves the old night readable, and the next `--force` resumes the replacement). An input URI
 without `{date}` would make every night read the same input: it is refused unless
 `--fixed-input` (or `--force`) says that is meant. A night that was interrupted resumes: only its
 missing rows are computed. Exit status as for `run`: 0 when the night is committed (now or
@@ -73,7 +75,7 @@ def night_config(path: str, date: str, overrides: dict | None = None, fixed_inpu
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="job file (YAML) whose values may contain {date}")
     parser.add_argument("--date", type=parse_date, default=None,
-                        help="the night to run, YYYY-MM-DD (None: yesterday, UTC)")
+                        help="the night to run, YYYY-MM-DD (default: yesterday, UTC)")
     parser.add_argument("--force", action="store_true",
                         help="recompute a night that is already committed (and accept an input without {date})")
     parser.add_argument("--fixed-input", action="store_true",
@@ -106,11 +108,45 @@ def main(args: argparse.Namespace) -> int:
             print(f"logo-batch nightly: {date} is already committed at {out}; nothing to do "
                   "(--force computes it again)")
             return 0
-        if args.force:
-            import dataclasses
-
-            config = dataclasses.replace(config, output=dataclasses.replace(config.output, overwrite=True))
         print(f"logo-batch nightly: {date}: {config.input.uri} -> {out}", flush=True)
         return config
 
-    return run_to_exit("nightly", build)
+    status = run_to_exit("nightly", build, replace=args.force)
+    if status == 0:
+        compare_with_previous(args, date)
+    return status
+
+
+NIGHTS_BACK = 31
+"""How many nights back `compare_with_previous` looks for a committed one."""
+
+
+def compare_with_previous(args: argparse.Namespace, date: str) -> None:
+    """Add to the night's report a comparison with the previous committed night of the same job file
+    (`pipeline.compare`), when there is one in the last `NIGHTS_BACK` nights; the night stands
+    without it."""
+    from pipeline import storage
+    from pipeline.compare import append_to_report, write_comparison
+    from pipeline.config_io import parse_set
+    from pipeline.outputs import SUCCESS
+
+    overrides = parse_set(args.set_items)
+    config = night_config(args.config, date, overrides, fixed_input=True)
+    day = dt.date.fromisoformat(date)
+    for back in range(1, NIGHTS_BACK + 1):
+        before = (day - dt.timedelta(days=back)).isoformat()
+        previous = night_config(args.config, before, overrides, fixed_input=True).output.uri
+        if storage.read_bytes(storage.join(previous, SUCCESS), config.storage) is None:
+            continue
+        try:
+            cmp = write_comparison(previous, config.output.uri, config.storage)
+            append_to_report(config.output.uri, cmp, config.storage)
+        except Exception as err:  # the night is committed; `logo-batch report --compare` redraws it
+            print(f"logo-batch nightly: {date} is committed, but its comparison with {before} was not written "
+                  f"({err}); run logo-batch report --compare {previous} {config.output.uri}")
+            return
+        shares = ", ".join(f"{r['adapter']} {100 * r['change']:+.1f}%" for r in cmp["adapters"][:3])
+        print(f"logo-batch nightly: compared with {before} ({previous}): adapter share changes {shares or 'none'}; "
+              f"error rows {100 * cmp['rates']['error_rate_change']:+.2f}%; see _report/report.md")
+        return
+    print(f"logo-batch nightly: no committed night in the {NIGHTS_BACK} before {date} to compare with")

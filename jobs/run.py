@@ -5,8 +5,8 @@
                    [--calibration input|reference|FILE|none] [--paper]
                    [--max-new-tokens N] [--actors N] [--batch-size B] [--overwrite] [--retry-errors]
 
-Flags override the file's values; a flag left out (shown as default None) keeps the file's value,
-else the key's default (every key and its default: `pipeline/config.py`). `--address` runs the
+Flags override the file's values; a flag left out keeps the file's value, else the key's default
+(shown with each flag; every key and its default: pipeline/README.md). `--address` runs the
 driver here against a running Ray cluster (`logo-batch submit` runs it on the cluster).
 Exit status: 0 when the output is committed (now or before), 2 for a configuration, input or
 output problem (nothing was computed), 3 when more rows failed than `run.max_error_fraction`
@@ -19,33 +19,37 @@ from __future__ import annotations
 import argparse
 import sys
 
-# flag -> dotted configuration key
-FLAGS: dict[str, tuple[str, type, str]] = {
-    "model": ("model.path", str, "base model directory or s3:// prefix"),
-    "adapters": ("adapters.path", str, "adapter pool directory or s3:// prefix"),
-    "input": ("input.uri", str, "Parquet file, directory or s3:// prefix"),
-    "output": ("output.uri", str, "output directory or s3:// prefix"),
-    "prompt_column": ("input.prompt_column", str, "column holding the prompts"),
-    "id_column": ("input.id_column", str, "column holding unique row ids"),
-    "k": ("routing.k", int, "adapters mixed per prompt"),
-    "signal": ("routing.signal", str, "routing score: norm or entropy"),
+# flag -> (dotted configuration key, type, help, the key's default as shown by --help); the shown
+# defaults are those of `pipeline/config.py` (a test holds them equal)
+FLAGS: dict[str, tuple[str, type, str, str]] = {
+    "model": ("model.path", str, "base model directory or s3:// prefix", "the job file's; required"),
+    "adapters": ("adapters.path", str, "adapter pool directory or s3:// prefix", "the job file's; required"),
+    "input": ("input.uri", str, "Parquet file, directory or s3:// prefix", "the job file's; required"),
+    "output": ("output.uri", str, "output directory or s3:// prefix", "the job file's; required"),
+    "prompt_column": ("input.prompt_column", str, "column holding the prompts", "prompt"),
+    "id_column": ("input.id_column", str, "column holding unique row ids", "none: rows are numbered"),
+    "k": ("routing.k", int, "adapters mixed per prompt", "1"),
+    "signal": ("routing.signal", str, "routing score: norm or entropy", "norm"),
     "calibration": ("routing.calibration", str, "calibration statistics: input (a sample of this job's prompts), "
-                    "reference (the shipped set), a statistics file, or none"),
-    "calibration_score": ("routing.calibration_score", str, "zscore, ratio, or raw (the paper's score)"),
-    "max_new_tokens": ("generation.max_new_tokens", int, "new tokens per prompt"),
-    "actors": ("resources.actors", int, "number of LoGo actors"),
-    "batch_size": ("resources.batch_size", int, "rows per actor call"),
-    "gpus_per_actor": ("resources.gpus_per_actor", float, "GPUs per actor"),
-    "endpoint": ("storage.endpoint", str, "S3 endpoint URL (else AWS_ENDPOINT_URL)"),
-    "address": ("resources.ray_address", str, "Ray cluster to run on, e.g. auto or ray://head:10001 "
-                "(else RAY_ADDRESS, else a local Ray)"),
+                    "reference (the shipped set), a statistics file, or none", "input"),
+    "calibration_score": ("routing.calibration_score", str, "zscore, ratio, or raw (the paper's score)", "zscore"),
+    "max_new_tokens": ("generation.max_new_tokens", int, "new tokens per prompt", "64"),
+    "actors": ("resources.actors", int, "number of LoGo actors", "1"),
+    "batch_size": ("resources.batch_size", int, "rows per actor call", "16"),
+    "gpus_per_actor": ("resources.gpus_per_actor", float, "GPUs per actor",
+                       "1 when the Ray cluster has GPUs, else 0"),
+    "endpoint": ("storage.endpoint", str, "S3 endpoint URL", "AWS_ENDPOINT_URL, else AWS"),
+    "address": ("resources.ray_address", str, "Ray cluster to run on, e.g. auto or ray://head:10001",
+                "RAY_ADDRESS, else a new local Ray of this machine"),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="job configuration file (YAML); see README, 'Running jobs'")
-    for flag, (key, kind, help_text) in FLAGS.items():
-        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, help=f"{help_text} ({key})")
+    parser.add_argument("--config", help="job configuration file (YAML; every key: pipeline/README.md) "
+                        "(default: none: the flags and --set alone)")
+    for flag, (key, kind, help_text, shown) in FLAGS.items():
+        action = parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, help=f"{help_text} ({key})")
+        action.shown_default = shown  # the key's default, not the flag's None ("keep the file's value")
     parser.add_argument("--paper", action="store_true",
                         help="route exactly as the LoGo paper: raw norm score at q_proj of the last block, k=20, "
                              "no calibration (flags and --set given with it still apply)")
@@ -64,7 +68,7 @@ def job_config(args: argparse.Namespace):
     from pipeline.config_io import parse_set
 
     overrides = {f"routing.{key}": value for key, value in PAPER_ROUTING.items()} if args.paper else {}
-    overrides.update({key: getattr(args, flag) for flag, (key, _, _) in FLAGS.items()
+    overrides.update({key: getattr(args, flag) for flag, (key, _, _, _) in FLAGS.items()
                       if getattr(args, flag, None) is not None})
     if str(overrides.get("routing.calibration", "")).lower() in ("none", "null"):
         overrides["routing.calibration"] = None
@@ -74,7 +78,7 @@ def job_config(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
-def run_to_exit(command: str, build, retry_errors: bool = False) -> int:
+def run_to_exit(command: str, build, retry_errors: bool = False, replace: bool = False) -> int:
     """Build the job (`build()` returns a `JobConfig`, or an exit status to stop with), run it and
     print its report; a refusal or failure is printed and mapped to the exit status in this
     module's docstring. Shared by `run` and `nightly`."""
@@ -90,7 +94,7 @@ def run_to_exit(command: str, build, retry_errors: bool = False) -> int:
         if isinstance(config, int):
             return config
         local_ray_defaults(config.resources.ray_address)
-        report = run_job(config, retry_errors=retry_errors)
+        report = run_job(config, retry_errors=retry_errors, replace=replace)
     except TooManyErrors as err:
         print(f"logo-batch {command}: {err}", file=sys.stderr)
         return 3
@@ -100,8 +104,39 @@ def run_to_exit(command: str, build, retry_errors: bool = False) -> int:
     except StageError as err:
         print(f"logo-batch {command}: {err}", file=sys.stderr)
         return 1
+    except Exception as err:
+        message = storage_problem(err)
+        if message is None:
+            raise
+        print(f"logo-batch {command}: {message}", file=sys.stderr)
+        return 2
     print(report.format())
     return 0
+
+
+CREDENTIALS_FIX = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or run where an instance or "
+                   "pod role provides them) in the environment of this command, and storage.endpoint (or "
+                   "AWS_ENDPOINT_URL) for an S3 server other than AWS")
+
+
+def storage_problem(err: BaseException) -> str | None:
+    """One line for an object-storage failure a user fixes (missing or refused credentials, an
+    endpoint that does not answer), with the fix; None for anything else."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        name, text = type(err).__name__, " ".join(str(err).split())
+        if name in ("NoCredentialsError", "PartialCredentialsError"):
+            return f"no S3 credentials were found ({text}); {CREDENTIALS_FIX}"
+        if name == "ClientError" and any(code in text for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch",
+                                                                    "AccessDenied", "403")):
+            return f"the S3 server refused the credentials ({text}); {CREDENTIALS_FIX}"
+        if name == "EndpointConnectionError":
+            return f"no S3 server answers ({text}); check storage.endpoint (or AWS_ENDPOINT_URL) and that it runs"
+        if isinstance(err, OSError) and "AWS Error" in text and ("ACCESS_DENIED" in text or "credentials" in text):
+            return f"the S3 server refused the request ({text}); {CREDENTIALS_FIX}"
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def main(args: argparse.Namespace) -> int:

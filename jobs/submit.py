@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", dest="env_names", action="append", default=[], metavar="NAME",
                         help="copy this environment variable into the job's environment (repeatable)")
     parser.add_argument("--submission-id", default=None,
-                        help="the job's id (None: Ray chooses one); a second submission with an id is refused")
+                        help="the job's id; a second submission with an id is refused (default: Ray chooses one)")
     parser.add_argument("--wait", action="store_true", help="follow the job's logs and exit with its outcome")
 
 
@@ -90,6 +90,11 @@ def follow(client, job_id: str) -> str:
         time.sleep(1)
 
 
+TOKEN_FIX = ("a cluster started with `ray start` (Ray 2.60 and later) checks a token: run this command with "
+             "RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN (or the file RAY_AUTH_TOKEN_PATH "
+             "names; on the head node it is ~/.ray/auth_token), or start the cluster with RAY_AUTH_MODE=disabled")
+
+
 def main(args: argparse.Namespace) -> int:
     job_file = Path(args.config)
     if not job_file.is_file():
@@ -109,8 +114,20 @@ def main(args: argparse.Namespace) -> int:
             print(f"logo-batch submit: no Ray cluster answers at {args.address} ({err}); pass its dashboard "
                   "address, e.g. --address http://head:8265", file=sys.stderr)
             return 2
-        job_id = client.submit_job(entrypoint=entrypoint(args.command, args.set_items, args.extra),
-                                   runtime_env=env, submission_id=args.submission_id)
+        except Exception as err:
+            if type(err).__name__ != "AuthenticationError":
+                raise
+            print(f"logo-batch submit: {args.address} requires token authentication: {TOKEN_FIX}", file=sys.stderr)
+            return 2
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint(args.command, args.set_items, args.extra),
+                                       runtime_env=env, submission_id=args.submission_id)
+        except Exception as err:
+            if type(err).__name__ != "AuthenticationError":
+                raise
+            print(f"logo-batch submit: {args.address} refused the request (token authentication): {TOKEN_FIX}",
+                  file=sys.stderr)
+            return 2
     print(f"logo-batch submit: job {job_id} submitted to {args.address}", flush=True)
     if not args.wait:
         print(f"  logs: ray job logs --address {args.address} --follow {job_id}")

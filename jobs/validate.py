@@ -31,6 +31,15 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"logo-batch validate: 1 problem(s):\n  - {err}", file=sys.stderr)
         return 2
-    result = validate_job(config, sample_rows=max(1, args.sample))
+    from jobs.run import storage_problem
+
+    try:
+        result = validate_job(config, sample_rows=max(1, args.sample))
+    except Exception as err:
+        message = storage_problem(err)
+        if message is None:
+            raise
+        print(f"logo-batch validate: {message}", file=sys.stderr)
+        return 2
     print(result.format())
     return 2 if result.problems else 0

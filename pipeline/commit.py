@@ -20,7 +20,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from pipeline import pins, storage
 from pipeline.config import JobConfig
@@ -104,24 +104,38 @@ def committed_manifest(config: JobConfig) -> dict | None:
     manifest = read_json(_uri(config, MANIFEST), cfg)
     if manifest is None:
         raise OutputError(f"{where} has {SUCCESS} but no {MANIFEST}; restore it, or pass --overwrite to start again")
+    if manifest.get("config_hash", record["config_hash"]) != record["config_hash"]:
+        raise OutputError(f"{where} is being replaced by this job (an interrupted `nightly --force`): its committed "
+                          "rows are another configuration's; rerun with --force to finish the replacement")
     return manifest
 
 
-def committed_files(config: JobConfig) -> set[str]:
-    """Names (under `data/`) of the data files a committed run's manifest lists; empty if uncommitted."""
+def committed_hash(config: JobConfig) -> str | None:
+    """The configuration hash of the committed run's manifest at the output (None if uncommitted)."""
+    if storage.read_bytes(_uri(config, SUCCESS), config.storage) is None:
+        return None
+    return (read_json(_uri(config, MANIFEST), config.storage) or {}).get("config_hash")
+
+
+def committed_files(config: JobConfig, any_job: bool = False) -> set[str]:
+    """Names (under `data/`) of the data files a committed run's manifest lists; empty if uncommitted.
+    Only those of this job's run, unless `any_job` (a committed run being replaced)."""
     if storage.read_bytes(_uri(config, SUCCESS), config.storage) is None:
         return set()
+    if not any_job and committed_hash(config) not in (None, config_hash(config)):
+        return set()  # a replacement in progress: the committed files are another job's
     manifest = read_json(_uri(config, MANIFEST), config.storage) or {}
     return {f["path"].rsplit("/", 1)[-1] for f in manifest.get("output", {}).get("files", [])}
 
 
 def open_run(config: JobConfig, files: list[InputFile], statistics: Callable[[dict], dict | None],
-             guard: Callable[[], None] = lambda: None) -> tuple[dict, dict | None]:
+             guard: Callable[[], None] = lambda: None, ignore: Collection[str] = ()) -> tuple[dict, dict | None]:
     """Claim the (uncommitted) output for this job, or check that it is this job's partial run;
     returns its `_job.json` record and its calibration statistics (None without calibration).
 
     `statistics(contents)` computes the statistics of a new run (checked against the pool, with the
-    model and pool pinned to `contents`); `guard` is called before every write or delete."""
+    model and pool pinned to `contents`); `guard` is called before every write or delete; data
+    files named in `ignore` (a committed run being replaced) do not stop a claim."""
     cfg = config.storage
     record = job_record(config, files)
     calibration_uri = _uri(config, CALIBRATION)
@@ -129,7 +143,7 @@ def open_run(config: JobConfig, files: list[InputFile], statistics: Callable[[di
     if theirs is not None:
         _same_job(record, theirs, f"the partial run at {config.output.uri}")
         return theirs, _pinned_statistics(calibration_uri, theirs, cfg)
-    if storage.list_objects(_uri(config, DATA_DIR), cfg):
+    if [o for o in storage.list_objects(_uri(config, DATA_DIR), cfg) if o.key not in set(ignore)]:
         raise OutputError(f"{config.output.uri} has files under {DATA_DIR}/ but no {JOB_RECORD}: not a run this "
                           "tool can resume; pass --overwrite to replace them, or choose another output.uri")
     stats = statistics(record["contents"])
@@ -207,10 +221,14 @@ def verify(parts: list[PartFile], files: list[InputFile]) -> None:
         raise OutputError(f"{missing} input rows have no output (e.g. {example}); rerun the job to compute them")
 
 
-def commit(config: JobConfig, manifest: dict) -> None:
+def commit(config: JobConfig, manifest: dict, replace_marker: bool = False) -> None:
     """Write the manifest, then the `_SUCCESS` marker (last). Replacing the manifest of a committed
-    run (`--retry-errors`) is one atomic write: a reader sees the old run or the new one."""
+    run (`--retry-errors`, `nightly --force`) is one atomic write: a reader sees the old run or the
+    new one; `replace_marker` rewrites a marker that is there (another configuration's)."""
     cfg = config.storage
     storage.write_bytes(_uri(config, MANIFEST), json.dumps(manifest, indent=1).encode(), cfg)
     marker = {"manifest": MANIFEST, "config_hash": manifest["config_hash"], "rows": manifest["output"]["rows"]}
-    storage.write_if_absent(_uri(config, SUCCESS), json.dumps(marker).encode(), cfg)
+    if replace_marker:
+        storage.write_bytes(_uri(config, SUCCESS), json.dumps(marker).encode(), cfg)
+    else:
+        storage.write_if_absent(_uri(config, SUCCESS), json.dumps(marker).encode(), cfg)

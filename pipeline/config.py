@@ -16,7 +16,7 @@ from actors import options
 from actors.residency import parse_max_resident
 
 OUTPUT_COLUMNS = ("id", *options.OUTPUT_COLUMNS)
-"""Columns every output row carries, in this order (see README, "Output"): the row's id, then the
+"""Columns every output row carries, in this order (see pipeline/README.md, "Output"): the row's id, then the
 predictor's columns (`actors.options.OUTPUT_COLUMNS`)."""
 INTERNAL_PREFIX = "_logo_"
 """Columns the dataflow adds for itself start with this; no input column may."""

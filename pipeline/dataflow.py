@@ -20,6 +20,7 @@ import functools
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -65,13 +66,22 @@ class PromptSource(Datasource):
         ]
 
 
+def ray_address(config: JobConfig) -> str:
+    """Where the job's Ray is: `resources.ray_address`, else RAY_ADDRESS, else `local`: a new Ray
+    of this machine, never a cluster some earlier Ray left in its `ray_current_cluster` file."""
+    return config.resources.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+
+
 def ensure_ray(config: JobConfig) -> None:
     """Join the configured Ray cluster (or RAY_ADDRESS, or start a local one) unless joined. A
     local Ray this driver starts is watched (`pipeline.watchdog`): if the driver is killed, the
     processes Ray started for it are stopped too."""
     if not ray.is_initialized():
         before = watchdog.children()
-        ray.init(address=config.resources.ray_address, logging_level=logging.WARNING)
+        address = ray_address(config)
+        print("logo-batch: starting a Ray of this machine" if address == "local" else
+              f"logo-batch: joining the Ray cluster at {address}", file=sys.stderr, flush=True)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=_log_to_driver())
         node = getattr(ray._private.worker, "_global_node", None)
         if node is not None and getattr(node, "head", False):
             watchdog.watch(os.getpid(), watchdog.children() - before)
@@ -175,12 +185,35 @@ class Progress:
     """Seconds from the dataflow's start to its first data file."""
 
 
+def _log_to_driver() -> bool:
+    """Workers' output reaches the driver only when LOGO_BATCH_WORKER_LOGS=1 (debugging): an actor's
+    library warnings are not the user's business, and a failure reaches the driver as an exception."""
+    return os.environ.get("LOGO_BATCH_WORKER_LOGS", "") == "1"
+
+
+class _QuietRayData(logging.Filter):
+    """Ray Data's informational lines (a `take_batch()` tip, `Progress bars disabled`, each
+    dataset's `execution finished`) dropped from the driver; its warnings and errors kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return record.levelno >= logging.ERROR or (record.levelno >= logging.WARNING
+                                                   and not text.startswith("Progress bars disabled"))
+
+
 def quiet_ray_data() -> None:
-    """Ray Data's own progress bars and per-operator blocks off (the job prints `ProgressLine`), and
-    no traceback from it for a task that stopped the run on purpose (`STOPS`)."""
+    """Ray Data's own progress bars and per-operator blocks off (the job prints `ProgressLine`), its
+    informational lines dropped, and no traceback from it for a task that stopped the run on purpose
+    (`STOPS`)."""
     executor_log = logging.getLogger("ray.data._internal.execution.streaming_executor_state")
     if not any(isinstance(f, _QuietStops) for f in executor_log.filters):
         executor_log.addFilter(_QuietStops())
+    data_log = logging.getLogger("ray.data")
+    for handler in [*data_log.handlers, *logging.getLogger("ray").handlers]:
+        if not any(isinstance(f, _QuietRayData) for f in handler.filters):
+            handler.addFilter(_QuietRayData())
+    if not any(isinstance(f, _QuietRayData) for f in data_log.filters):
+        data_log.addFilter(_QuietRayData())
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
@@ -232,16 +265,64 @@ class _QuietStops(logging.Filter):
         return failure is None or _cause(failure, STOPS) is None
 
 
+@ray.remote(num_cpus=0)
+class RowCounter:
+    """Rows the actors have finished (generated, or made error rows), told after every generation
+    batch: the driver's progress line counts from it, not only from data files written."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+
+    def get(self) -> int:
+        return self.rows
+
+
+class Heartbeat:
+    """A driver thread that calls `report(rows done)` every `every` seconds while the dataflow runs,
+    with the actors' count (`RowCounter`), so progress shows during long blocks and before the first."""
+
+    def __init__(self, report: Callable[[int], None], every: float):
+        import threading
+
+        self.report, self.every = report, every
+        self.counter = RowCounter.remote()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="logo-batch-progress", daemon=True)
+
+    def _run(self) -> None:
+        rows = 0
+        while not self.stop.wait(self.every):
+            try:
+                rows = ray.get(self.counter.get.remote(), timeout=self.every)
+            except Exception:  # a slow answer: the count known so far
+                pass
+            if not self.stop.is_set():
+                self.report(rows)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=self.every + 1)
+
+
 def run_dataflow(config: JobConfig, files: list[inputs.InputFile], units: list[inputs.ReadUnit], attempt: str,
                  on_file: Callable[[Progress], None] | None = None,
                  fail_after_files: int | None = None, calibration: dict | None = None,
-                 pins: dict | None = None, lease: Lease | None = None) -> Progress:
+                 pins: dict | None = None, lease: Lease | None = None,
+                 heartbeat: Callable[[int], None] | None = None, heartbeat_every: float = 9.0) -> Progress:
     """Run the read units through the LoGo actors into new data files under `<output>/data/`.
 
     `pins` (`_job.json`'s contents) go to every actor, which checks each model and adapter file
     against them as it reads it; with `lease`, every write task checks that the lease is still this
     driver's before it writes, and the driver checks it after every file, so a driver that lost its
-    lease stops its dataflow at once (`LeaseLost`)."""
+    lease stops its dataflow at once (`LeaseLost`). `heartbeat(rows)` is called every
+    `heartbeat_every` seconds with the rows the actors have finished."""
     ensure_ray(config)
     started = time.monotonic()
     cpus, gpus = actor_resources(config)
@@ -252,7 +333,9 @@ def run_dataflow(config: JobConfig, files: list[inputs.InputFile], units: list[i
     ds = ray.data.read_datasource(PromptSource(units, config), override_num_blocks=len(units), num_cpus=IO_CPUS)
     # a read task's slices would be merged into one block of up to 128 MiB: keep blocks slice-sized
     ds = slice_sized(ds, max(s.rows for u in units for s in u.slices))
-    stage_args = {"config": config, "calibration": calibration, "pins": pins}
+    beat = Heartbeat(heartbeat, heartbeat_every) if heartbeat is not None else None
+    stage_args = {"config": config, "calibration": calibration, "pins": pins,
+                  "counter": None if beat is None else beat.counter}
     with warnings.catch_warnings():  # Ray 2.60 names max_restarts only among its deprecated **ray_remote_args
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
         ds = ds.map_batches(LoGoStage, fn_constructor_kwargs=stage_args, batch_size=None,  # a whole block
@@ -264,7 +347,11 @@ def run_dataflow(config: JobConfig, files: list[inputs.InputFile], units: list[i
                                    "names": names, "lease": None if lease is None else (lease.uri, lease.owner)})
     log.debug("dataflow: %d read units, %d slices", len(units), blocks)
     progress = Progress(0, 0, 0)
+    print(f"logo-batch: starting {res.actors} LoGo actor{'s' * (res.actors != 1)} ({cpus:g} CPUs, {gpus:g} GPUs "
+          "each: loading the model and the adapter pool)", file=sys.stderr, flush=True)
     stream = iter(ds.iter_rows())
+    if beat is not None:
+        beat.__enter__()
     try:
         for summary in stream:
             first = progress.first_file_seconds
@@ -291,6 +378,8 @@ def run_dataflow(config: JobConfig, files: list[inputs.InputFile], units: list[i
         raise StageError(f"a LoGo actor could not start: {reason} ({progress.files} data files were written "
                          "before; fix it and rerun to resume)") from err
     finally:
+        if beat is not None:
+            beat.__exit__()
         close = getattr(stream, "close", None)
         if close is not None:
             close()

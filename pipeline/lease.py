@@ -3,7 +3,9 @@ driver touches anything there, renewed while it runs, and given back at the end.
 
     acquire   create `_lease.json` only if absent (S3: a conditional put; locally: an exclusive
               create); if present and its heartbeat is fresh, refuse naming its owner; if it is
-              older than `run.lease_timeout_s` (its driver died), take it over
+              older than `run.lease_timeout_s` (its driver died), take it over; take it over at
+              once if its driver was a process of this machine (same host name, boot and process
+              namespace) that is no longer running
     renew     a thread rewrites the heartbeat every `lease_timeout_s / 5` seconds; if another
               driver took the lease, or no renewal succeeded for half the timeout (a storage
               outage, a driver paused by SIGSTOP), the lease counts as lost
@@ -47,6 +49,43 @@ STOPS = ("this driver stops without deleting, writing or committing anything (th
          "carries on with the same output)")
 
 
+def process_identity() -> dict:
+    """This process as a lease records it: host name, boot id and process namespace (which tell
+    whether a later driver runs on the same machine and sees the same process ids), and pid."""
+    def read(path: str) -> str | None:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = None
+    return {"host": socket.gethostname(), "boot": read("/proc/sys/kernel/random/boot_id"), "pid_namespace": namespace,
+            "pid": os.getpid()}
+
+
+def died_here(held: dict) -> bool:
+    """The lease's driver was a process of this machine (same host, boot and process namespace,
+    each known) that no longer runs. A reused process id reads as running: then the lease waits
+    for its timeout, as for a driver elsewhere."""
+    me = process_identity()
+    if any(me[key] is None or held.get(key) != me[key] for key in ("host", "boot", "pid_namespace")):
+        return False
+    pid = held.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or pid == me["pid"]:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: it runs, as another user
+        return False
+    return False
+
+
 class LeaseLost(OutputError):
     """This driver no longer holds the output's lease (taken over, or not renewed in time)."""
 
@@ -86,7 +125,8 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _record(self) -> bytes:
-        return json.dumps({"owner": self.owner, "heartbeat": time.time(), "timeout_s": self.timeout}).encode()
+        return json.dumps({"owner": self.owner, "heartbeat": time.time(), "timeout_s": self.timeout,
+                           **process_identity()}).encode()
 
     def _read(self) -> tuple[dict | None, str | None]:
         """The lease's record (None if there is none) and its ETag (S3 only)."""
@@ -153,12 +193,18 @@ class Lease:
             held, etag = self._read()
             held = held or {}
             age = time.time() - float(held.get("heartbeat", 0))
-            if held and age < self.timeout:
+            dead = held and age < self.timeout and died_here(held)
+            if dead:
+                log.warning("taking over the lease of %s from %s: that driver ran on this machine and has exited",
+                            self.uri, held.get("owner"))
+            elif held and age < self.timeout:
                 raise OutputError(
                     f"the output {self.uri.rsplit('/', 1)[0]} is being run by another driver ({held.get('owner')}, "
                     f"heartbeat {age:.0f} s ago); wait for it to finish, or, if it died, rerun after its lease "
                     f"is older than run.lease_timeout_s={self.timeout:g} s")
-            log.warning("taking over the lease of %s from %s (heartbeat %.0f s ago)", self.uri, held.get("owner"), age)
+            else:
+                log.warning("taking over the lease of %s from %s (heartbeat %.0f s ago)", self.uri, held.get("owner"),
+                            age)
             if not self._replace(etag):
                 raise OutputError(f"another driver took over the stale lease of {self.uri} first; this one stops "
                                   "(rerun later if that driver also stops)")

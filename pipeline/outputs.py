@@ -62,6 +62,19 @@ def error_reason(message: str) -> str:
     return re.sub(r"\d+", "N", message)[:200]
 
 
+def warning_reasons(message: str) -> list[str]:
+    """A row's warning (notes joined by `; `) -> the kind of each note, numbers blanked."""
+    return [error_reason(note) for note in message.split("; ") if note]
+
+
+def count_warnings(column: pa.ChunkedArray) -> Counter:
+    """Warning kind -> rows, over a `warning` column."""
+    out: Counter = Counter()
+    for message in column.drop_null().to_pylist():
+        out.update(set(warning_reasons(message)))
+    return out
+
+
 BATCHING_COLUMN = "_logo_batching"
 """Internal column of a result block: the actor's batching counters for the block (JSON, on its
 first row), recorded in the data file's footer and dropped from its rows."""
@@ -99,12 +112,15 @@ class PartFile:
     """Error kind (numbers blanked) -> rows."""
     error_ranges: list[tuple[str, int, int]] | None = field(default_factory=list)
     """Input rows of the error rows, as row ranges like `ranges` (None in files of older versions)."""
+    warning_reasons: Counter = field(default_factory=Counter)
+    """Warning kind (numbers blanked) -> rows (empty in files of older versions)."""
 
     def record(self) -> dict:
         return {"ranges": [list(r) for r in self.ranges], "rows": self.rows, "errors": self.errors,
                 "warnings": self.warnings, "output_tokens": self.output_tokens, "decoded": self.decoded,
                 "adapter_use": dict(self.adapter_use), "error_reasons": dict(self.error_reasons),
-                "error_ranges": [list(r) for r in self.error_ranges or []], "batching": dict(self.batching)}
+                "error_ranges": [list(r) for r in self.error_ranges or []], "batching": dict(self.batching),
+                "warning_reasons": dict(self.warning_reasons)}
 
     @classmethod
     def from_record(cls, name: str, record: dict) -> PartFile:
@@ -114,7 +130,8 @@ class PartFile:
                    adapter_use=Counter(record["adapter_use"]), error_reasons=Counter(record["error_reasons"]),
                    error_ranges=None if "error_ranges" not in record else
                    [(str(f), int(a), int(b)) for f, a, b in record["error_ranges"]],
-                   batching=Counter(record.get("batching", {})))
+                   batching=Counter(record.get("batching", {})),
+                   warning_reasons=Counter(record.get("warning_reasons", {})))
 
 
 def part_name(attempt: str) -> str:
@@ -150,6 +167,7 @@ def summarize(name: str, table: pa.Table, names: tuple[str, ...]) -> PartFile:
     part.errors = len(errors)
     part.error_reasons.update(error_reason(e) for e in errors)
     part.warnings = table.num_rows - table.column("warning").null_count
+    part.warning_reasons = count_warnings(table.column("warning"))
     part.output_tokens = int(pc.sum(table.column("output_tokens")).as_py() or 0)
     part.decoded = int(pc.sum(table.column("_logo_decoded")).as_py() or 0)
     if BATCHING_COLUMN in table.column_names:
@@ -228,7 +246,7 @@ def copy_without_errors(data_uri: str, parts: list[PartFile], config: StorageCon
         new = PartFile(part_name(part.attempt), part.attempt, subtract(part.ranges, part.error_ranges), rows=keep.num_rows,
                        warnings=keep.num_rows - keep.column("warning").null_count,
                        output_tokens=int(pc.sum(keep.column("output_tokens")).as_py() or 0), decoded=part.decoded,
-                       batching=Counter(part.batching))
+                       batching=Counter(part.batching), warning_reasons=count_warnings(keep.column("warning")))
         flat = pc.list_flatten(keep.column("adapters"))
         for item in pc.value_counts(flat).to_pylist() if len(flat) else []:
             new.adapter_use[item["values"]] += item["counts"]

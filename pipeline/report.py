@@ -17,6 +17,8 @@ from pipeline.outputs import DATA_DIR, FORMAT, PartFile
 
 TOP = 20
 """How many adapters and error kinds a report lists."""
+PROGRESS_EVERY = 9.0
+"""Seconds between progress lines while a dataflow runs (the actors' count of rows done)."""
 
 
 def package_version() -> str:
@@ -29,7 +31,8 @@ def package_version() -> str:
 @dataclass(frozen=True)
 class RunReport:
     status: str
-    """committed: this call completed the run; already_committed: it was complete before."""
+    """committed: this call completed the run; already_committed: it was complete before (printed
+    in words: `already committed`)."""
     output_uri: str
     """The run's output prefix."""
     rows: int
@@ -54,6 +57,8 @@ class RunReport:
     """Adapter -> rows that selected it (most used first, top 20)."""
     error_reasons: dict[str, int] = field(default_factory=dict)
     """Error kind (numbers blanked) -> rows (top 20)."""
+    warning_reasons: dict[str, int] = field(default_factory=dict)
+    """Warning kind (numbers blanked) -> rows (top 20; a row with two kinds counts for both)."""
     rows_decoded: int = 0
     """Input rows decoded by this call's read tasks: the rows computed, plus at most one row group
     per boundary of earlier attempts' work (0 when already committed)."""
@@ -64,7 +69,7 @@ class RunReport:
 
     def format(self) -> str:
         lines = [
-            f"logo-batch run {self.status}: {self.output_uri} (config {self.config_hash[:12]})",
+            f"logo-batch run {self.status.replace('_', ' ')}: {self.output_uri} (config {self.config_hash[:12]})",
             f"  rows {self.rows}: computed now {self.rows_computed}, resumed {self.rows_resumed}; "
             f"errors {self.errors}, warnings {self.warnings}",
             f"  {self.seconds:.1f} s, {self.rows_per_second:.2f} rows/s; input rows decoded {self.rows_decoded}",
@@ -83,6 +88,8 @@ class RunReport:
                          f"{format_bytes(b['peak_device_budget_bytes'])} (an actor's device memory less its headroom)")
         for reason, count in self.error_reasons.items():
             lines.append(f"  error x{count}: {reason}")
+        for reason, count in self.warning_reasons.items():
+            lines.append(f"  warning x{count}: {reason}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -97,10 +104,12 @@ def build_report(config: JobConfig, parts: list[PartFile], attempt: str, started
     total = sum(p.rows for p in parts)
     usage: Counter = Counter()
     reasons: Counter = Counter()
+    warned: Counter = Counter()
     batching: Counter = Counter()
     for part in parts:
         usage.update(part.adapter_use)
         reasons.update(part.error_reasons)
+        warned.update(part.warning_reasons)
         for key, value in part.batching.items():
             batching[key] = max(batching[key], value) if key.startswith("peak") else batching[key] + value
     return RunReport(
@@ -109,7 +118,7 @@ def build_report(config: JobConfig, parts: list[PartFile], attempt: str, started
         warnings=sum(p.warnings for p in parts), seconds=round(seconds, 3),
         rows_per_second=round(computed / seconds, 3) if seconds > 0 else 0.0, attempt=attempt,
         config_hash=config_hash(config), adapter_usage=dict(usage.most_common(TOP)),
-        error_reasons=dict(reasons.most_common(TOP)),
+        error_reasons=dict(reasons.most_common(TOP)), warning_reasons=dict(warned.most_common(TOP)),
         rows_decoded=sum(p.decoded for p in parts if p.attempt == attempt),
         batching=batching_summary(batching, sum(p.rows for p in parts if p.batching)),
     )
@@ -154,6 +163,7 @@ def build_manifest(config: JobConfig, files: list[InputFile], parts: list[PartFi
         "decoded_rows": report.rows_decoded,
         "errors": {"rows": report.errors, "by_reason": report.error_reasons},
         "warnings": report.warnings,
+        "warnings_by_reason": report.warning_reasons,
         "output_tokens": sum(p.output_tokens for p in parts),
         "adapter_usage": report.adapter_usage,
         "batching": report.batching,
@@ -170,29 +180,44 @@ def _iso(t: float) -> str:
 
 class ProgressLine:
     """One progress line: rows done, rows/s and an ETA; rewritten in place on a terminal, else
-    printed at most every `every` seconds (and at the end), so logs get one line, not a block."""
+    printed at most every `every` seconds (and at the end), so logs get one line, not a block.
+    Rows only grow (data files written and the actors' own count both update it); the rate and ETA
+    count from the first rows done, so the actors' start-up does not inflate the ETA. Thread-safe."""
 
     def __init__(self, total: int, stream=None, every: float = 10.0):
+        import threading
+
         self.total, self.every = total, every
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.started = self.last = time.monotonic()
+        self.rows = 0
+        self.first: tuple[float, int] | None = None  # (time, rows) when rows were first seen done
+        self.lock = threading.Lock()
 
     def text(self, rows: int, now: float) -> str:
-        elapsed = max(now - self.started, 1e-9)
-        rate = rows / elapsed
+        if rows == 0 and self.total:
+            return (f"logo-batch: 0/{self.total:,} rows, {_clock(now - self.started)} in: waiting for the first "
+                    "rows (actors loading the model and adapters)")
+        t0, r0 = self.first if self.first is not None else (self.started, 0)
+        rate = (rows - r0) / (now - t0) if now - t0 > 1.0 and rows > r0 else rows / max(now - self.started, 1e-9)
         eta = "?" if rate <= 0 else _clock((self.total - rows) / rate)
         share = 100.0 * rows / self.total if self.total else 100.0
         return f"logo-batch: {rows:,}/{self.total:,} rows ({share:.1f}%), {rate:,.1f} rows/s, ETA {eta}"
 
-    def update(self, rows: int, final: bool = False) -> None:
-        now = time.monotonic()
-        if self.tty:
-            end = "\n" if final else ""
-            print("\r" + self.text(rows, now), end=end, file=self.stream, flush=True)
-        elif final or now - self.last >= self.every:
-            print(self.text(rows, now), file=self.stream, flush=True)
-            self.last = now
+    def update(self, rows: int, final: bool = False, force: bool = False) -> None:
+        """`force`: print now even if the last line is recent (the heartbeat keeps its own pace)."""
+        with self.lock:
+            now = time.monotonic()
+            self.rows = rows = max(rows, self.rows)
+            if rows and self.first is None:
+                self.first = (now, rows)
+            if self.tty:
+                end = "\n" if final else ""
+                print("\r" + self.text(rows, now), end=end, file=self.stream, flush=True)
+            elif final or force or now - self.last >= self.every:
+                print(self.text(rows, now), file=self.stream, flush=True)
+                self.last = now
 
 
 def _clock(seconds: float) -> str:

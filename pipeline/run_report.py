@@ -1,9 +1,14 @@
 """The report of a committed run: `report.json`, `report.md` and PNG plots, beside its data.
 
-    <output>/report.json      every number below, recomputable from the data files
-    <output>/report.md        the same as tables, with the plots linked
-    <output>/report/*.png     adapters.png, top_weight.png, throughput.png, errors.png,
-                              tokens.png, groups.png
+    <output>/_report/report.json   every number below, recomputable from the data files
+    <output>/_report/report.md     the same as tables, with the plots linked
+    <output>/_report/*.png         adapters.png, top_weight.png, throughput.png, errors.png,
+                                   tokens.png, groups.png
+    <output>/.huggingface.yaml     tells `datasets.load_dataset(OUTPUT)` that the rows are data/*.parquet
+
+Parquet readers skip names that start with `_` or `.`, so `pyarrow.parquet.read_table(OUTPUT)`,
+`pyarrow.dataset.dataset(OUTPUT)` and `ray.data.read_parquet(OUTPUT)` read exactly the committed
+rows; `datasets.load_dataset(OUTPUT)` follows `.huggingface.yaml` to them.
 
 Everything is computed from the files `_manifest.json` lists, one file at a time, into counters
 whose size depends on the pool and the token lengths, never on the number of rows:
@@ -40,11 +45,18 @@ from actors import grouping
 from pipeline import storage
 from pipeline.config import StorageConfig
 from pipeline.errors import OutputError
-from pipeline.outputs import MANIFEST, SUCCESS, attempt_of, error_reason
+from pipeline.outputs import MANIFEST, SUCCESS, attempt_of, count_warnings, error_reason
 
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
-PLOT_DIR = "report"
+PLOT_DIR = "_report"
+"""Folder of the report's files at the output (skipped by Parquet readers)."""
+REPORT_JSON = f"{PLOT_DIR}/report.json"
+REPORT_MD = f"{PLOT_DIR}/report.md"
+LEGACY = ("report.json", "report.md", "report")
+"""Where versions before `_report/` wrote the report (removed when the report is rewritten)."""
+DATASET_CARD = ".huggingface.yaml"
+DATASET_CARD_TEXT = ("# datasets.load_dataset(OUTPUT) reads the committed rows: the data files, not the report\n"
+                     "configs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                     "    path: data/*.parquet\n")
 TOP_WEIGHT_STEP = 0.01
 """Width of the top-weight histogram's bins."""
 REPLAY_BATCHES = 2000
@@ -67,6 +79,7 @@ class Tally:
     weight_sums: Counter = field(default_factory=Counter)  # adapter -> sum of its weights over those rows
     top_weight: Counter = field(default_factory=Counter)  # bin index (top weight / step) -> rows
     error_reasons: Counter = field(default_factory=Counter)
+    warning_reasons: Counter = field(default_factory=Counter)  # kind -> rows (a row with two kinds counts twice)
     prompt_tokens: Counter = field(default_factory=Counter)  # tokens -> rows (rows without an error)
     output_tokens: Counter = field(default_factory=Counter)
     batch_unions: Counter = field(default_factory=Counter)  # union size of a whole batch -> batches
@@ -213,6 +226,7 @@ def compute_run_report(output_uri: str, storage_cfg: StorageConfig) -> dict:
     for entry in files:
         table = _read_data_file(fs, root, output_uri, entry, [*_COLUMNS, "warning"])
         tally.warnings += table.num_rows - table.column("warning").null_count
+        tally.warning_reasons.update(count_warnings(table.column("warning")))
         tally_file(table, batch_size, settings, tally, stride)
     mtimes = [info.mtime.timestamp() if info.mtime else 0.0
               for info in fs.get_file_info([f"{root}/{f['path']}" for f in files])]
@@ -231,6 +245,7 @@ def compute_run_report(output_uri: str, storage_cfg: StorageConfig) -> dict:
                        "histogram": {f"{b / steps:.2f}": tally.top_weight[b] for b in sorted(tally.top_weight)}},
         "throughput": throughput(files, mtimes),
         "errors_by_reason": dict(sorted(tally.error_reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "warnings_by_reason": dict(sorted(tally.warning_reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
         "prompt_tokens": _stats(tally.prompt_tokens),
         "output_tokens": _stats(tally.output_tokens),
         "batching": manifest.get("batching") or manifest.get("report", {}).get("batching", {}),
@@ -253,4 +268,8 @@ def write_run_report(output_uri: str, storage_cfg: StorageConfig) -> dict:
         storage.write_bytes(storage.join(output_uri, PLOT_DIR, f"{name}.png"), buffer.getvalue(), storage_cfg)
     storage.write_bytes(storage.join(output_uri, REPORT_JSON), json.dumps(report, indent=1).encode(), storage_cfg)
     storage.write_bytes(storage.join(output_uri, REPORT_MD), markdown(report).encode(), storage_cfg)
+    storage.write_bytes(storage.join(output_uri, DATASET_CARD), DATASET_CARD_TEXT.encode(), storage_cfg)
+    for name in LEGACY[:2]:  # an older version's report would stop Parquet readers of the folder
+        storage.delete(storage.join(output_uri, name), storage_cfg)
+    storage.delete_prefix(storage.join(output_uri, LEGACY[2]), storage_cfg)
     return report

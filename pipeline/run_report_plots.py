@@ -8,7 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 from actors.residency import format_bytes  # noqa: E402
 
@@ -57,7 +57,14 @@ def _bars(ax, histogram: dict, xlabel: str, ylabel: str, width: float = 0.8) -> 
 
 def top_weight(report: dict):
     fig, ax = plt.subplots(figsize=(7, 4))
-    _bars(ax, report["top_weight"]["histogram"], "top weight of the row", "rows", width=report["top_weight"]["step"])
+    histogram = report["top_weight"]["histogram"]
+    if len(histogram) == 1:  # k = 1 (or one weight for every row): a single bar would say nothing
+        (value, rows), = histogram.items()
+        _empty(ax, f"every routed row ({rows}) has top weight {value}"
+               + ("\n(k = 1: one adapter per row, weight 1)" if float(value) == 1.0 else ""))
+    else:
+        _bars(ax, histogram, "top weight of the row", "rows", width=report["top_weight"]["step"])
+        ax.set_xlim(0, 1.02)
     ax.set_title("distribution of each row's top weight")
     fig.tight_layout()
     return fig
@@ -85,37 +92,80 @@ def throughput(report: dict):
     return fig
 
 
+def _wrapped(text: str, width: int = 48, lines: int = 3) -> str:
+    import textwrap
+
+    parts = textwrap.wrap(text, width) or [""]
+    return "\n".join(parts[:lines]) + ("..." if len(parts) > lines else "")
+
+
 def errors(report: dict):
-    fig, ax = plt.subplots(figsize=(9, 4))
     reasons = list(report["errors_by_reason"].items())[:TOP_ROWS]
+    fig, ax = plt.subplots(figsize=(11, 1.5 + 0.6 * max(len(reasons), 3)))
     if not reasons:
         _empty(ax, f"no error rows among {report['rows']}")
     else:
-        ax.barh([r[:60] for r, _ in reasons], [c for _, c in reasons], color="tab:red")
+        ax.barh([_wrapped(r) for r, _ in reasons], [c for _, c in reasons], color="tab:red")
         ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize="small")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("rows")
     ax.set_title(f"error rows by reason ({report['errors']} of {report['rows']})")
     fig.tight_layout()
     return fig
 
 
+def _log_histogram(ax, stats: dict, xlabel: str) -> None:
+    """Rows by token count on a log axis (log-spaced bins) when the counts span more than a factor of
+    ten, so one outlier does not flatten the rest; p50 and p99 marked."""
+    import numpy as np
+
+    histogram = stats["histogram"]
+    if not histogram:
+        _empty(ax, "no rows")
+        return
+    values = np.array([int(k) for k in histogram], dtype=float)
+    counts = np.array(list(histogram.values()), dtype=float)
+    low = max(1.0, values.min())
+    if values.max() < 10 * low:  # a narrow range: plain bars say it better than a log axis
+        _bars(ax, histogram, xlabel, "rows", width=1.0)
+        return
+    edges = np.unique(np.round(np.geomspace(low, values.max() + 2, 40))) - 0.5
+    ax.hist(np.maximum(values, low), bins=edges, weights=counts)
+    ax.set_xscale("log")
+    ax.set_xlim(edges[0], edges[-1])
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    for name, style in (("p50", "--"), ("p99", ":")):
+        ax.axvline(max(stats[name], 1), color="black", linestyle=style, label=f"{name} {stats[name]}")
+    ax.legend(fontsize="small")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(f"{xlabel} (log scale)")
+    ax.set_ylabel("rows")
+
+
 def tokens(report: dict):
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-    _bars(left, report["prompt_tokens"]["histogram"], "prompt tokens", "rows", width=1.0)
-    _bars(right, report["output_tokens"]["histogram"], "output tokens", "rows", width=1.0)
-    left.set_title("prompt tokens")
-    right.set_title("output tokens")
+    _log_histogram(left, report["prompt_tokens"], "prompt tokens")
+    _log_histogram(right, report["output_tokens"], "output tokens")
+    left.set_title(f"prompt tokens (max {report['prompt_tokens']['max']})")
+    right.set_title(f"output tokens (max {report['output_tokens']['max']})")
     fig.tight_layout()
     return fig
 
 
 def groups(report: dict):
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     g = report["groups"]
+    if not g["grouping"]:  # every generate call mixes all its rows: its groups are the batches
+        fig, left = plt.subplots(figsize=(7, 4))
+        right = None
+    else:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     _bars(left, g["batch_union_size"]["histogram"], "adapters in the batch's union", "batches")
-    left.set_title(f"union of each batch of {g['batch_size']} rows ({g['batches']} batches)")
-    _bars(right, g["union_size"]["histogram"], "adapters in the group's union", "groups")
-    right.set_title(f"decode groups, replayed on {g['replayed_batches']} batches")
+    left.set_title(f"union of each batch of {g['batch_size']} rows ({g['batches']} batches)", fontsize="medium")
+    if right is not None:
+        _bars(right, g["union_size"]["histogram"], "adapters in the group's union", "groups")
+        right.set_title(f"decode groups, replayed on {g['replayed_batches']} batches", fontsize="medium")
     fig.tight_layout()
     return fig
 
@@ -132,7 +182,7 @@ def _closing(draw: Callable) -> Callable:
 PLOTS: dict[str, Callable] = {name: _closing(fn) for name, fn in [
     ("adapters", adapters), ("top_weight", top_weight), ("throughput", throughput), ("errors", errors),
     ("tokens", tokens), ("groups", groups)]}
-"""Plot name (its PNG file under `report/`) -> function drawing it from the report."""
+"""Plot name (its PNG file under `_report/`, beside `report.md`) -> function drawing it from the report."""
 
 
 def _stat_line(name: str, stats: dict) -> str:
@@ -150,27 +200,31 @@ def markdown(report: dict) -> str:
         f"data files {report['files']}",
         f"- configuration hash {str(report['config_hash'])[:12]}; last call {report['seconds']} s"
         + (f", {rate} rows/s" if rate else ""),
-        "", "## Adapters", "", "![adapters](report/adapters.png)", "",
+        "", "## Adapters", "", "![adapters](adapters.png)", "",
         "| adapter | rows | mean weight |", "|---|---:|---:|",
         *(f"| {a['adapter']} | {a['rows']} | {a['mean_weight']:.4f} |" for a in report["adapters"][:TOP_ROWS]),
         "", f"{len(report['adapters'])} adapters selected at least once.", "",
-        "## Top weight", "", "![top weight](report/top_weight.png)", "",
-        "## Rows/s over time", "", "![throughput](report/throughput.png)", "",
+        "## Top weight", "", "![top weight](top_weight.png)", "",
+        "## Rows/s over time", "", "![throughput](throughput.png)", "",
         "| attempt | rows | rows/s |", "|---|---:|---:|",
         *(f"| {t['attempt']} | {t['rows']} | {t['rows_per_second']} |" for t in report["throughput"]),
-        "", "## Error rows by reason", "", "![errors](report/errors.png)", "",
+        "", "## Error rows by reason", "", "![errors](errors.png)", "",
     ]
     if report["errors_by_reason"]:
         lines += ["| reason | rows |", "|---|---:|",
                   *(f"| {r} | {c} |" for r, c in list(report["errors_by_reason"].items())[:TOP_ROWS])]
     else:
         lines.append("No error rows.")
+    warned = list(report.get("warnings_by_reason", {}).items())[:TOP_ROWS]  # absent in older reports
+    lines += ["", "## Warning rows by reason", ""]
+    lines += (["| reason | rows |", "|---|---:|", *(f"| {r} | {c} |" for r, c in warned)] if warned
+              else ["No warning rows."])
     groups_ = report["groups"]
     lines += [
-        "", "## Tokens", "", "![tokens](report/tokens.png)", "",
+        "", "## Tokens", "", "![tokens](tokens.png)", "",
         "| | rows | mean | p50 | p90 | p99 | max |", "|---|---:|---:|---:|---:|---:|---:|",
         _stat_line("prompt tokens", report["prompt_tokens"]), _stat_line("output tokens", report["output_tokens"]),
-        "", "## Group union sizes", "", "![groups](report/groups.png)", "",
+        "", "## Group union sizes", "", "![groups](groups.png)", "",
         f"Batches of {groups_['batch_size']} rows of each data file ({groups_.get('ordering', 'input')} order): "
         f"{groups_['batches']}; "
         f"decode groups replayed with `actors.grouping` (grouping {groups_['grouping']}, max_groups "

@@ -72,6 +72,8 @@ def statistics_for(config: JobConfig) -> Callable[[dict], dict | None]:
             return None
         from pipeline.dataflow import compute_statistics  # imports Ray
 
+        print(f"logo-batch: calibrating: routing-score statistics of every adapter from "
+              f"{_calibration_source(config)} (once per run; stored in _calibration.json)", file=sys.stderr, flush=True)
         stats = compute_statistics(config, contents)
         check_statistics(stats, config)
         return stats
@@ -79,10 +81,19 @@ def statistics_for(config: JobConfig) -> Callable[[dict], dict | None]:
     return compute
 
 
+def _calibration_source(config: JobConfig) -> str:
+    setting = config.routing.calibration
+    if setting == "input":
+        return f"a sample of up to {config.routing.calibration_sample} of this job's prompts"
+    return "the shipped reference prompts" if setting == "reference" else str(setting)
+
+
 def check_ids(config: JobConfig, files: list[inputs.InputFile]) -> None:
     """A configured id column has no null and no duplicate (counted in the cluster)."""
     if config.input.id_column is None:
         return
+    print(f"logo-batch: checking ids: column {config.input.id_column!r} of {inputs.total_rows(files):,} rows for "
+          "nulls and duplicates", file=sys.stderr, flush=True)
     inputs.check_nulls(files, config.input, config.storage)
     from pipeline.dataflow import duplicate_ids  # imports Ray
 
@@ -154,19 +165,23 @@ def check_errors(config: JobConfig, parts: list[PartFile], total: int) -> None:
 
 
 def run_job(config: JobConfig, *, fail_after_files: int | None = None, progress: bool = True,
-            retry_errors: bool = False) -> RunReport:
+            retry_errors: bool = False, replace: bool = False) -> RunReport:
     """Run (or resume, or confirm) the job; return its report once the output is committed.
 
     `retry_errors` computes the error rows of the run again (committed or not), each exactly once,
     keeping every other row, on a copy: the files it replaces are deleted only once its new
     manifest is in place, so a retry that fails leaves a committed run exactly as it was.
+    `replace` computes a committed run again (any configuration) while it stays readable: its data
+    files are set aside, every row is computed into new ones, and the old files are deleted only
+    once the new manifest and `_SUCCESS` replace the old ones (`logo-batch nightly --force`); an
+    output that is not committed runs as usual.
     `fail_after_files` is a testing hook: the run stops with `InjectedFault` once that many data
     files were written, leaving a partial output for a rerun to resume.
     """
     started = time.time()
     attempt = new_attempt_id()
     config = placed(config)  # `auto` dtype and device made concrete: hashed and run as resolved
-    if not config.output.overwrite and not retry_errors:
+    if not config.output.overwrite and not retry_errors and not replace:
         committed = commit.committed_manifest(config)
         if committed is not None:
             return _nothing_to_do(config, committed, started, attempt)
@@ -176,6 +191,9 @@ def run_job(config: JobConfig, *, fail_after_files: int | None = None, progress:
     held = Lease(config, attempt)
     held.acquire()  # before anything at the output is written or deleted
     try:
+        if replace and commit.committed_files(config, any_job=True):
+            return _replace(config, files, attempt, started, held, fail_after_files=fail_after_files,
+                            progress=progress)
         return _run(config, files, attempt, started, held, retry_errors=retry_errors,
                     fail_after_files=fail_after_files, progress=progress)
     finally:
@@ -220,6 +238,34 @@ def _run(config: JobConfig, files: list[inputs.InputFile], attempt: str, started
         raise
 
 
+def _replace(config: JobConfig, files: list[inputs.InputFile], attempt: str, started: float, held: Lease, *,
+             fail_after_files: int | None, progress: bool) -> RunReport:
+    """`run_job(replace=True)` on a committed output: the committed run's `_SUCCESS`, manifest and
+    data files stay as they are (readers see the old run) while the new run claims the output and
+    computes every row; its commit replaces the manifest, then the marker, then deletes the old files."""
+    guard = held.check
+    old = sorted(commit.committed_files(config, any_job=True))
+    theirs = outputs.read_json(storage.join(config.output.uri, outputs.JOB_RECORD), config.storage)
+    if theirs is not None and theirs.get("config_hash") == commit.committed_hash(config):
+        # the committed run's own claim (readers need neither file), and whatever an interrupted
+        # replacement of the same configuration wrote beside its files: computed again
+        data_uri = storage.join(config.output.uri, outputs.DATA_DIR)
+        for obj in storage.list_objects(data_uri, config.storage):
+            if obj.key not in old:
+                guard()
+                storage.delete(storage.join(data_uri, obj.key), config.storage)
+        for name in (outputs.JOB_RECORD, outputs.CALIBRATION):
+            guard()
+            storage.delete(storage.join(config.output.uri, name), config.storage)
+    # else: an interrupted replacement by another configuration claimed the output: open_run resumes it
+    record, stats = commit.open_run(config, files, statistics_for(config), guard, ignore=old)
+    parts = outputs.scan(storage.join(config.output.uri, outputs.DATA_DIR), config.storage, guard=guard, ignore=old)
+    print(f"logo-batch: computing {config.output.uri} again; its committed run stays readable until this one "
+          "commits", file=sys.stderr, flush=True)
+    return _compute(config, files, attempt, started, held, record, stats, parts, set(), old,
+                    fail_after_files=fail_after_files, progress=progress, replace_marker=True)
+
+
 def _remove_retry_files(config: JobConfig, copies: set[str], attempt: str, guard: Callable[[], None]) -> None:
     """Delete what a failed retry wrote next to the committed run it left as it was (a retry that
     crashed leaves them for the next one, whose scan keeps the manifest's files first)."""
@@ -236,7 +282,7 @@ def _remove_retry_files(config: JobConfig, copies: set[str], attempt: str, guard
 
 def _compute(config: JobConfig, files: list[inputs.InputFile], attempt: str, started: float, held: Lease,
              record: dict, stats: dict | None, parts: list[PartFile], keep: set[str], replaced: list[str], *,
-             fail_after_files: int | None, progress: bool) -> RunReport:
+             fail_after_files: int | None, progress: bool, replace_marker: bool = False) -> RunReport:
     """Compute the rows `parts` leave out, then verify, check the errors and commit (the data files
     named `replaced` are left out of the run and deleted once its manifest no longer lists them)."""
     guard = held.check
@@ -249,10 +295,15 @@ def _compute(config: JobConfig, files: list[inputs.InputFile], attempt: str, sta
 
         t0 = time.time()
         print(f"logo-batch: {work.describe()}", file=sys.stderr, flush=True)
-        line = ProgressLine(work.remaining) if progress else None
+        from pipeline import report as progress_settings
+
+        every = progress_settings.PROGRESS_EVERY
+        line = ProgressLine(work.remaining, every=every) if progress else None
         done = run_dataflow(config, files, work.units, attempt, fail_after_files=fail_after_files,
                             on_file=(lambda p: line.update(p.rows)) if line else None, calibration=stats,
-                            pins=record["contents"], lease=held)
+                            pins=record["contents"], lease=held,
+                            heartbeat=(lambda rows: line.update(rows, force=True)) if line else None,
+                            heartbeat_every=every)
         if line is not None:
             line.update(done.rows, final=True)
         computed = done.rows
@@ -270,7 +321,7 @@ def _compute(config: JobConfig, files: list[inputs.InputFile], attempt: str, sta
                                    "prompts": stats["count"], "seed": stats["seed"],
                                    "sha256": record["calibration"].removeprefix("sha256:")}
     guard()
-    commit.commit(config, manifest)
+    commit.commit(config, manifest, replace_marker=replace_marker)
     for name in replaced:  # no manifest lists them now
         guard()
         storage.delete(storage.join(data_uri, name), config.storage)

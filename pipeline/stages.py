@@ -55,9 +55,13 @@ def _objects(column: pa.ChunkedArray) -> np.ndarray:
 class LoGoStage:
     """Routes and generates for a batch of input rows; returns them in the output schema."""
 
-    def __init__(self, config: JobConfig, calibration: dict | None = None, pins: dict | None = None):
+    def __init__(self, config: JobConfig, calibration: dict | None = None, pins: dict | None = None,
+                 counter=None):
+        """`counter`: a handle of the driver's row counter (`dataflow.RowCounter`), told as rows are done."""
         self.config = config
         self.predictor = predictor_from_config(config, calibration, pins)
+        if counter is not None:
+            self.predictor.on_rows = lambda rows: counter.add.remote(rows)  # fire and forget
 
     def __call__(self, table: pa.Table) -> pa.Table:
         prompt_column = self.config.input.prompt_column

@@ -53,6 +53,10 @@ class Validation:
         out = list(self.lines)
         if self.problems:
             problems = list(dict.fromkeys(self.problems))  # one refused request can fail several checks alike
+            credentials = [p for p in problems if "no S3 credentials found" in p]
+            if credentials:  # said once; a request refused without them follows from it
+                problems = [p for p in problems if p == credentials[0] or
+                            (p not in credentials and "refused the request" not in p)]
             out.append(f"{len(problems)} problem(s):")
             out += [f"  - {p}" for p in problems]
         else:

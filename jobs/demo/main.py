@@ -43,9 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="runs/demo", help="output directory of the run")
     parser.add_argument("--prompts", default=str(PROMPTS), help="Parquet prompt set (column 'prompt')")
     parser.add_argument("--adapters", default=str(ADAPTER_DIR), help="adapter pool directory")
-    parser.add_argument("--k", type=int, default=None, help="adapters mixed per prompt (default: the job default)")
+    parser.add_argument("--k", type=int, default=None, help="adapters mixed per prompt (default: the job default, 1)")
     parser.add_argument("--calibration", default=None,
-                        help="routing.calibration: input (the job default), reference, or a statistics file")
+                        help="routing.calibration: input, reference, or a statistics file (default: the job default, input)")
     parser.add_argument("--paper", action="store_true",
                         help="route as the LoGo paper (raw score at q_proj of the last block, k=20)")
     parser.add_argument("--max-new-tokens", type=int, default=12, help="new tokens per prompt")
@@ -91,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
     rows = read_output(output).to_pylist()
     print(task_table(rows))
     print(f"  outputs: {output}/data/*.parquet\n  manifest: {output}/_manifest.json\n"
-          f"  report: {output}/report.md (plots: {output}/report/*.png; `logo-batch report {output}`)")
+          f"  report: {output}/_report/report.md (plots: {output}/_report/*.png; `logo-batch report {output}`)")
     return 0 if report.errors == 0 else 1
 
 

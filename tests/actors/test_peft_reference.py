@@ -55,7 +55,7 @@ def test_k1_equals_peft_mixed_batch(predictor, peft_model):
         out = peft_model.generate(input_ids=ids, attention_mask=mask, generation_config=engine.hf_config,
                                   adapter_names=[r.adapters[0] for r in routings])
     for row, tokens in enumerate(out[:, ids.shape[1]:].tolist()):
-        assert texts[row] == engine.decode(tokens)[0], f"row {row} differs from PEFT"
+        assert texts[row] == engine.decode(tokens, seqs[row])[0], f"row {row} differs from PEFT"
     assert sum(counts) > len(seqs) * 10
 
 
@@ -70,7 +70,7 @@ def test_k1_router_selection_equals_peft(predictor, peft_model):
                                   adapter_names=[a[0] for a in out["adapters"]])
     for row, tokens in enumerate(gen[:, ids.shape[1]:].tolist()):
         assert out["weights"][row] == [1.0]
-        assert out["output"][row] == engine.decode(tokens)[0]
+        assert out["output"][row] == engine.decode(tokens, seqs[row])[0]
 
 
 @pytest.mark.parametrize("k", [3, len(POOL)])
@@ -86,4 +86,4 @@ def test_general_k_equals_rescaled_peft_batch_of_one(tiny_dir, pool_dir, peft_mo
         # The released code's procedure (the benchmark's method (4)): selected adapters active
         # together, each scaling times its weight, batch size 1.
         tokens = released_generate(peft_model, seq, routing, engine.hf_config, torch.device("cpu"))
-        assert len(tokens) >= 20 and text == engine.decode(tokens)[0], f"prompt {prompt!r} differs"
+        assert len(tokens) >= 20 and text == engine.decode(tokens, seq)[0], f"prompt {prompt!r} differs"

@@ -85,3 +85,20 @@ def test_actors_does_not_import_ray():
     code = "import sys, actors, actors.predictor; print('ray' in sys.modules, 'ray.data' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_an_empty_output_after_truncation_says_why(tiny_dir, pool_dir):
+    """A truncated prompt whose output comes out empty carries a warning naming both."""
+    long = "word " * 20
+    plain = LoGoPredictor(model=tiny_dir, adapters=pool_dir, k=2, max_new_tokens=6, device="cpu",
+                          max_prompt_tokens=20)
+    first = plain({"prompt": np.array([long], dtype=object)})["output"][0]
+    assert first, "the tiny model writes something for this prompt"
+    # a stop string equal to the output's first character leaves the output empty
+    stopped = LoGoPredictor(model=tiny_dir, adapters=pool_dir, k=2, max_new_tokens=6, device="cpu",
+                            max_prompt_tokens=20, stop_strings=(first[0],))
+    out = stopped({"prompt": np.array([long, long[-20:]], dtype=object)})
+    assert out["output"][0] == "" and out["output"][1] == ""
+    assert out["warning"][0].startswith("prompt truncated from the left: 100 -> 20 tokens; output is empty after "
+                                        "the prompt was truncated (20 tokens kept)")
+    assert out["warning"][1] is None, "an empty output of a prompt kept whole is no truncation's doing"

@@ -165,6 +165,9 @@ def test_smoke_run_writes_every_method(tmp_path: Path, capsys):
     assert sorted({(r["pool"], r["k"]) for r in rows}) == sorted((n, k) for n in cfg.sweep_pools for k in cfg.ks)
     assert (tmp_path / "sweep.png").stat().st_size > 1000
     assert "| peft-single |" in capsys.readouterr().out
+    results = (tmp_path / "results.md").read_text()  # the figures as a results file: date, machine, command
+    assert results.startswith("# Throughput benchmark (smoke)\n\n- date: 20") and "- machine: " in results
+    assert "- command: `logo-batch bench" in results and "| peft-single |" in results
 
 
 def test_the_gpu_preset_measures_both_8b_shapes_in_bfloat16_on_cuda():

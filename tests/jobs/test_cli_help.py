@@ -48,3 +48,32 @@ def test_eval_default_matches_the_benchmark_configuration():
     from jobs.demo.evaluate import EvalConfig
 
     assert PER_TASK == EvalConfig().per_task
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_help_shows_real_defaults_never_none(name):
+    """An option left out means something (the file's value, the key's default, an environment
+    variable): `--help` says what, never `(default: None)`."""
+    text = _commands()[name].format_help()
+    assert "(default: None)" not in text.replace("\n", " ").replace("  ", " ")
+    assert "default: None" not in " ".join(text.split())
+
+
+def test_run_flags_show_the_defaults_of_their_configuration_keys():
+    """The default `logo-batch run --help` shows for a flag is its key's default in pipeline/config.py."""
+    import dataclasses
+
+    from jobs.run import FLAGS
+    from pipeline import config
+
+    sections = {cls.section: cls for cls in vars(config).values()
+                if isinstance(cls, type) and dataclasses.is_dataclass(cls) and hasattr(cls, "section")}
+    for flag, (key, _, _, shown) in FLAGS.items():
+        section, name = key.split(".")
+        default = {f.name: f.default for f in dataclasses.fields(sections[section])}[name]
+        if default is dataclasses.MISSING:
+            assert "required" in shown, flag
+        elif default is None:
+            assert shown and shown.lower() != "none", f"--{flag}: say what None means"
+        else:
+            assert shown == str(default), f"--{flag} shows {shown!r}, {key} defaults to {default!r}"

@@ -55,6 +55,42 @@ def test_same_night_twice_computes_once_and_force_recomputes(ray_runtime, tiny_a
     assert len(again["attempts"]) == 1  # the earlier files were deleted, not mixed in
 
 
+def _committed_rows(out) -> int:
+    """Rows a reader of the committed night gets: the files its manifest lists, all of them there."""
+    import pyarrow.parquet as pq
+
+    assert (out / "_SUCCESS").is_file()
+    return sum(pq.read_table(out / f["path"]).num_rows for f in manifest(out)["output"]["files"])
+
+
+def test_force_keeps_the_committed_night_readable_until_the_new_one_commits(ray_runtime, tiny_assets, tmp_path,
+                                                                            capsys):
+    model, pool = tiny_assets
+    write_prompts(tmp_path / "in" / NIGHT, (8, 8))  # 4 blocks of 4 rows
+    config = nightly_file(tmp_path, model, pool, f"{tmp_path}/in/{{date}}", f"{tmp_path}/out/{{date}}")
+    out = tmp_path / "out" / NIGHT
+    assert main(["nightly", "--config", config, "--date", NIGHT]) == 0
+    first = manifest(out)
+    old_files = {f["path"] for f in first["output"]["files"]}
+
+    # a replacement by another configuration, interrupted after one data file
+    with pytest.raises(InjectedFault):
+        run_job(night_config(config, NIGHT, {"routing.k": 3}), fail_after_files=1, progress=False, replace=True)
+    settle(out / "data")
+    assert manifest(out) == first and _committed_rows(out) == 16, "the old night is whole and readable"
+    capsys.readouterr()
+    assert main(["nightly", "--config", config, "--date", NIGHT, "--set", "routing.k=3"]) == 2
+    assert "--force" in capsys.readouterr().err
+
+    assert main(["nightly", "--config", config, "--date", NIGHT, "--set", "routing.k=3", "--force"]) == 0
+    new = manifest(out)
+    assert new["config"]["routing"]["k"] == 3 and _committed_rows(out) == 16
+    assert 0 < new["report"]["rows_resumed"] < 16, "the interrupted replacement was resumed"
+    on_disk = {f"data/{p.name}" for p in (out / "data").iterdir()}
+    assert on_disk == {f["path"] for f in new["output"]["files"]} and not on_disk & old_files, "old files deleted"
+    assert json.loads((out / "_SUCCESS").read_text())["config_hash"] == new["config_hash"]
+
+
 def test_an_interrupted_night_resumes(ray_runtime, tiny_assets, tmp_path):
     model, pool = tiny_assets
     write_prompts(tmp_path / "in" / NIGHT, (20, 20))  # 10 blocks: the fault comes well before the last
@@ -96,3 +132,20 @@ def test_dates_and_templates_are_checked(tmp_path, capsys):
     assert main(["nightly", "--config", config, "--date", NIGHT]) == 2
     assert "output.uri: has no {date} field" in capsys.readouterr().err
     assert night_config(nightly_file(tmp_path, "m", "a", "in/{date}", "o/{date}"), NIGHT).input.uri == f"in/{NIGHT}"
+
+
+def test_a_night_is_compared_with_the_previous_committed_night(ray_runtime, tiny_assets, tmp_path, capsys):
+    model, pool = tiny_assets
+    earlier = (dt.date.fromisoformat(NIGHT) - dt.timedelta(days=2)).isoformat()  # the night between: none
+    for night in (earlier, NIGHT):
+        write_prompts(tmp_path / "in" / night, (6,))
+    config = nightly_file(tmp_path, model, pool, f"{tmp_path}/in/{{date}}", f"{tmp_path}/out/{{date}}")
+    assert main(["nightly", "--config", config, "--date", earlier]) == 0
+    assert "no committed night in the 31 before" in capsys.readouterr().out
+    assert main(["nightly", "--config", config, "--date", NIGHT]) == 0
+    assert f"compared with {earlier}" in capsys.readouterr().out
+    report = (tmp_path / "out" / NIGHT / "_report" / "report.md").read_text()
+    assert f"## Compared with {tmp_path}/out/{earlier}" in report and "| error rows |" in report
+    cmp = json.loads((tmp_path / "out" / NIGHT / "_report" / "compare.json").read_text())
+    assert cmp["A"]["output_uri"] == f"{tmp_path}/out/{earlier}" and cmp["B"]["rows"] == 6
+    assert cmp["routing"]["same_ids"] == 0, "no id column and other input files: rows are not matched"

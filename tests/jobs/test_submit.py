@@ -165,3 +165,42 @@ def test_job_carries_the_project_and_the_job_file_and_its_command_parses(tmp_pat
     assert args.set_items == ["routing.k=5", "output.uri=s3://b/o/{date}"]
     with pytest.raises(ValueError, match="--env LOGO_NOT_SET: not set"):
         runtime_env(job, workdir, ["LOGO_NOT_SET"])
+
+
+@pytest.mark.slow  # a Ray head of its own (about 30 s)
+def test_submit_to_a_token_cluster_without_the_token_is_one_line_with_the_fix(tmp_path):
+    """A `ray start` cluster with token authentication (Ray's default for `ray start`), a client
+    without the token: one line naming RAY_AUTH_MODE=token and where the token is, exit 2."""
+    import urllib.error
+
+    root = Path(tempfile.mkdtemp(prefix="lbt-", dir="/tmp"))
+    gcs, dashboard_port, client_port = _free_ports(3)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="a" * 32, RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    head = _ray_start(["--head", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                       f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_port}",
+                       f"--temp-dir={root / 'ray'}"], env, root / "head.log")
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{dashboard}/api/version", timeout=5)
+                break
+            except urllib.error.HTTPError:
+                break  # it answers (and asks for the token)
+            except OSError:
+                time.sleep(1)
+        job = tmp_path / "job.yaml"
+        job.write_text("model: {path: m}\nadapters: {path: a}\ninput: {uri: i}\noutput: {uri: o}\n")
+        client_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        client_env.update(PYTHONPATH=str(ROOT), HOME=str(tmp_path))  # no token anywhere
+        done = subprocess.run([sys.executable, "-m", "jobs.cli", "submit", "--address", dashboard, "--config", str(job)],
+                              env=client_env, capture_output=True, text=True, timeout=120)
+        lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+        assert done.returncode == 2, lines
+        assert len(lines) == 1 and "RAY_AUTH_MODE=token" in lines[0] and "auth_token" in lines[0], lines
+    finally:
+        _stop(head)
+        shutil.rmtree(root, ignore_errors=True)

@@ -49,7 +49,7 @@ def test_run_from_flags_then_rerun_says_committed(ray_runtime, tiny_assets, tmp_
     assert manifest["config"]["routing"]["k"] == 3 and manifest["config"]["input"]["passthrough"] == ["task"]
     assert sum(manifest["adapter_usage"].values()) == 12 * 3
     assert main(args) == 0
-    assert "logo-batch run already_committed" in capsys.readouterr().out
+    assert "logo-batch run already committed" in capsys.readouterr().out
 
 
 def test_too_many_errors_exits_3_and_retry_errors_recomputes_only_them(ray_runtime, tiny_assets, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -375,3 +376,49 @@ def test_s3_throttled_reads_never_delete_good_data_files(s3_server):
         proxy.close()
     assert storage.list_objects(data, direct) == before  # both good files are still there
     assert [p.ranges for p in scan(data, direct)] == [[("x.parquet", 0, 2)], [("x.parquet", 2, 3)]]
+
+
+def test_a_lease_whose_driver_died_on_this_machine_is_taken_over_at_once(tmp_path, caplog):
+    """A driver killed on this host (its process gone) blocks its output for no lease timeout; a
+    driver that still runs here (e.g. paused) keeps it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from pipeline.lease import Lease
+
+    out = str(tmp_path / "out")
+    data = {"model": {"path": "m"}, "adapters": {"path": "a"}, "input": {"uri": "i"}, "output": {"uri": out},
+            "run": {"lease_timeout_s": 600.0}}
+    hold = textwrap.dedent(f"""
+        import os, sys, time
+        from pipeline import config_from_dict
+        from pipeline.lease import Lease
+        Lease(config_from_dict({data!r}), "attempt-dead").acquire()
+        print("held", flush=True)
+        if sys.argv[1] == "die":
+            os._exit(9)  # killed: no release, no more heartbeats
+        time.sleep(120)
+    """)
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    alive = subprocess.Popen([sys.executable, "-c", hold, "live"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert alive.stdout.readline().strip() == "held"
+        with pytest.raises(OutputError, match="being run by another driver"):
+            Lease(config_from_dict(data), "attempt-2").acquire()  # its driver runs: the lease stands
+    finally:
+        alive.kill()
+        alive.wait()
+    Path(out, "_lease.json").unlink()
+    dead = subprocess.run([sys.executable, "-c", hold, "die"], capture_output=True, text=True, env=env)
+    assert dead.returncode == 9 and dead.stdout.strip() == "held"
+    record = json.loads(Path(out, "_lease.json").read_text())
+    assert record["pid"] != __import__("os").getpid() and record["host"]
+    taker = Lease(config_from_dict(data), "attempt-3")
+    taker.acquire()  # at once, though the lease is 600 s from its timeout
+    try:
+        assert "has exited" in caplog.text
+        assert json.loads(Path(out, "_lease.json").read_text())["owner"].endswith(":attempt-3")
+        taker.check()
+    finally:
+        taker.release()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 
 import pyarrow as pa
@@ -29,6 +30,7 @@ def committed(ray_runtime, tiny_assets, tmp_path_factory):
     prompts = [prompt(i) for i in range(30)]
     prompts[3] = ""  # an error row
     prompts[17] = None  # another, of another kind
+    prompts[21] = "x" * 600  # truncated to the tiny model's context: a warning row
     pq.write_table(pa.table({"prompt": pa.array(prompts, pa.string())}), root / "in" / "p.parquet")
     config = job(model, pool, str(root / "in"), str(root / "out"), resources={"rows_per_block": 8},
                  run={"max_error_fraction": 0.1})  # 2 of 30 rows fail, and the run commits
@@ -54,6 +56,12 @@ def test_report_numbers_are_those_of_the_parquet_files(committed):
     tops = Counter(f"{math.floor(max(r['weights']) * 100 + 1e-6) / 100:.2f}" for r in ok)
     assert report["top_weight"]["histogram"] == dict(tops)
     assert sum(report["errors_by_reason"].values()) == 2 and len(report["errors_by_reason"]) == 2
+    warned = [r["warning"] for r in rows if r["warning"] is not None]
+    assert warned and report["warnings"] == len(warned)
+    kinds = Counter(kind for w in warned for kind in {re.sub(r"\d+", "N", note) for note in w.split("; ")})
+    assert report["warnings_by_reason"] == dict(kinds), "warning rows by reason, from the data files"
+    assert kinds["prompt truncated from the left: N -> N tokens"] == 1
+    assert "| prompt truncated from the left: N -> N tokens | 1 |" in (committed / REPORT_MD).read_text()
     for column in ("prompt_tokens", "output_tokens"):
         hist = Counter(str(r[column]) for r in ok)
         assert report[column]["histogram"] == dict(hist)
@@ -84,6 +92,19 @@ def test_report_numbers_are_those_of_the_parquet_files(committed):
         assert [p[1] for p in record["points"]] == sorted(p[1] for p in record["points"])
 
 
+def test_parquet_readers_and_datasets_read_the_output_folder_to_exactly_its_rows(committed):
+    import datasets
+
+    manifest = json.loads((committed / "_manifest.json").read_text())
+    rows = pq.read_table(committed)  # the report's files, markers and manifest are all skipped
+    assert rows.num_rows == manifest["output"]["rows"] == 30
+    assert pads.dataset(str(committed), format="parquet").count_rows() == 30
+    loaded = datasets.load_dataset(str(committed), split="train")
+    assert len(loaded) == 30 and "output" in loaded.column_names and "image" not in loaded.column_names
+    assert sorted(map(str, loaded["output"])) == sorted(map(str, rows.column("output").to_pylist()))
+    assert (committed / PLOT_DIR / "tokens.png").is_file(), "the report is there, where readers skip it"
+
+
 def test_pngs_are_valid_images_and_markdown_links_them(committed):
     import matplotlib.image
 
@@ -93,7 +114,7 @@ def test_pngs_are_valid_images_and_markdown_links_them(committed):
         assert path.read_bytes()[:8] == PNG
         height, width, _ = matplotlib.image.imread(path).shape
         assert height > 100 and width > 100
-        assert f"({PLOT_DIR}/{name}.png)" in markdown
+        assert f"]({name}.png)" in markdown and (committed / REPORT_MD).parent == path.parent
 
 
 def test_report_command_redraws_and_refuses_uncommitted(committed, tmp_path, capsys):
