@@ -133,10 +133,14 @@ def test_every_engine_option_is_a_job_key_and_reaches_the_predictor():
     assert got["generation"] == options.GenerationConfig(**{**values, "stop_strings": ("END",)})
     assert got["routing"] == options.RoutingConfig(**{**routing, "probe_layers": (0, -1)})
     assert got["max_resident"] == "20GiB" and got["batch_size"] == config.resources.batch_size
-    assert got["memory_headroom"] == 0.25
+    assert got["memory_headroom"] == 0.1 and got["gpus"] == 1
+    spread = config_from_dict({**BASE, "resources": {"gpus_per_actor": 2}}).predictor_options()
+    assert spread["gpus"] == 2  # a whole number of GPUs above 1: the model spread over them
+    with pytest.raises(ConfigError, match="resources.gpus_per_actor"):
+        config_from_dict({**BASE, "resources": {"gpus_per_actor": 1.5}})
     assert config_from_dict(with_("resources", memory_headroom=0.4)).predictor_options()["memory_headroom"] == 0.4
     assert config_from_dict(with_("adapters", path="a", max_resident=4)).predictor_options()["max_resident"] == 4
-    assert config_from_dict(BASE).predictor_options()["max_resident"] is None
+    assert config_from_dict(BASE).predictor_options()["max_resident"] == "auto"  # the whole pool on a CPU
 
 
 def test_grouping_keys_of_earlier_versions_are_read_and_ignored(caplog):
