@@ -139,28 +139,6 @@ def compute_statistics(config: JobConfig, pins: dict | None = None) -> dict:
                          "statistics; no row was computed)") from err
 
 
-def duplicate_ids(config: JobConfig, files: list[inputs.InputFile], limit: int = 3) -> list[str]:
-    """Up to `limit` id values that occur more than once across the input (a Ray Data aggregation:
-    the ids stay in the cluster; the driver receives only the duplicates)."""
-    ensure_ray(config)
-    column = config.input.id_column
-    fs, _ = storage.filesystem(files[0].uri, config.storage)
-    paths = [storage.filesystem(f.uri, config.storage)[1] for f in files]
-    ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=IO_CPUS).select_columns([column])
-    ds = ds.map_batches(functools.partial(_as_string, column=column), batch_format="pyarrow", num_cpus=IO_CPUS)
-    counts = ds.groupby("id").count()
-    repeated = counts.map_batches(_repeated, batch_format="pyarrow", num_cpus=IO_CPUS)
-    return sorted(str(row["id"]) for row in repeated.take(limit))
-
-
-def _as_string(table: pa.Table, column: str) -> pa.Table:
-    return pa.table({"id": pc.cast(table.column(column), pa.string())})
-
-
-def _repeated(table: pa.Table) -> pa.Table:
-    return table.filter(pc.greater(table.column(table.column_names[-1]), 1))
-
-
 @dataclass(frozen=True)
 class Progress:
     files: int

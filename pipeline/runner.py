@@ -84,7 +84,7 @@ def check_ids(config: JobConfig, files: list[inputs.InputFile]) -> None:
     if config.input.id_column is None:
         return
     inputs.check_nulls(files, config.input, config.storage)
-    from pipeline.dataflow import duplicate_ids  # imports Ray
+    from pipeline.ids import duplicate_ids  # imports Ray
 
     repeated = duplicate_ids(config, files)
     if repeated:
