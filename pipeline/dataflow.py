@@ -25,8 +25,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import ray.data
 from ray.data.block import BlockMetadata
