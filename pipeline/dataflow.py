@@ -1,7 +1,8 @@
 """The Ray Data dataflow: read slices -> LoGo actors -> write data files, streamed.
 
     read    PromptSource: one read task per read unit (`inputs.plan_reads`): it decodes its row
-            groups once and yields one block per slice
+            groups once and yields one block per slice; small units of several files are packed
+            into one read task and one block (`packs.pack_units`)
     logo    map_batches(LoGoStage, compute=ActorPoolStrategy(size=actors), CPUs/GPUs): one call per
             block, which the actor routes whole and generates in batches of `batch_size` rows
             formed by `generation.ordering` (see actors.batching)
@@ -30,7 +31,7 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline import inputs, outputs, resources, storage, watchdog
+from pipeline import inputs, outputs, packs, resources, storage, watchdog
 from actors.fingerprint import ChangedFileError
 from pipeline.config import ConfigError, JobConfig
 from pipeline.errors import InjectedFault, OutputError, StageError
@@ -46,9 +47,9 @@ IO_CPUS = 0.25
 class PromptSource(Datasource):
     """A Ray Data source reading the planned read units of the input, one block per slice."""
 
-    def __init__(self, units: list[inputs.ReadUnit], config: JobConfig):
+    def __init__(self, tasks: list[packs.Task], config: JobConfig):
         super().__init__()
-        self.units, self.config = units, config
+        self.tasks, self.config = tasks, config
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -56,10 +57,10 @@ class PromptSource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
         return [
-            ReadTask(functools.partial(inputs.read_unit, unit, self.config.input, self.config.storage),
-                     BlockMetadata(num_rows=unit.rows, size_bytes=None, exec_stats=None,
-                                   input_files=(unit.file.uri,)))
-            for unit in self.units
+            ReadTask(functools.partial(packs.read_task, task, self.config.input, self.config.storage),
+                     BlockMetadata(num_rows=task.rows, size_bytes=None, exec_stats=None,
+                                   input_files=packs.uris(task)))
+            for task in self.tasks
         ]
 
 
@@ -208,11 +209,11 @@ class _QuietStops(logging.Filter):
         return failure is None or _cause(failure, STOPS) is None
 
 
-def run_dataflow(config: JobConfig, files: list[inputs.InputFile], units: list[inputs.ReadUnit], attempt: str,
+def run_dataflow(config: JobConfig, files: list[inputs.InputFile], tasks: list[packs.Task], attempt: str,
                  on_file: Callable[[Progress], None] | None = None,
                  fail_after_files: int | None = None, calibration: dict | None = None,
                  pins: dict | None = None, lease: Lease | None = None) -> Progress:
-    """Run the read units through the LoGo actors into new data files under `<output>/data/`.
+    """Run the read tasks (`packs.pack_units`) through the LoGo actors into new data files under `<output>/data/`.
 
     `pins` (`_job.json`'s contents) go to every actor, which checks each model and adapter file
     against them as it reads it; with `lease`, every write task checks that the lease is still this
@@ -224,10 +225,10 @@ def run_dataflow(config: JobConfig, files: list[inputs.InputFile], units: list[i
     res = config.resources
     resources.check_cluster(res.actors, cpus, gpus, IO_CPUS, ray.nodes())
     data_uri = storage.join(config.output.uri, outputs.DATA_DIR)
-    blocks = sum(len(u.slices) for u in units)
-    ds = ray.data.read_datasource(PromptSource(units, config), override_num_blocks=len(units), num_cpus=IO_CPUS)
+    blocks = sum(packs.blocks(t) for t in tasks)
+    ds = ray.data.read_datasource(PromptSource(tasks, config), override_num_blocks=len(tasks), num_cpus=IO_CPUS)
     # a read task's slices would be merged into one block of up to 128 MiB: keep blocks slice-sized
-    ds = slice_sized(ds, max(s.rows for u in units for s in u.slices))
+    ds = slice_sized(ds, max(packs.block_rows(t) for t in tasks))
     stage_args = {"config": config, "calibration": calibration, "pins": pins}
     with warnings.catch_warnings():  # Ray 2.60 names max_restarts only among its deprecated **ray_remote_args
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
@@ -238,7 +239,7 @@ def run_dataflow(config: JobConfig, files: list[inputs.InputFile], units: list[i
     ds = ds.map_batches(outputs.write_part, batch_size=None, batch_format="pyarrow", num_cpus=IO_CPUS,
                         fn_kwargs={"data_uri": data_uri, "config": config.storage, "attempt": attempt,
                                    "names": names, "lease": None if lease is None else (lease.uri, lease.owner)})
-    log.debug("dataflow: %d read units, %d slices", len(units), blocks)
+    log.debug("dataflow: %d read tasks, %d blocks", len(tasks), blocks)
     progress = Progress(0, 0, 0)
     stream = iter(ds.iter_rows())
     try:
