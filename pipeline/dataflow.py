@@ -21,6 +21,7 @@ import functools
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -77,6 +78,35 @@ def ensure_ray(config: JobConfig) -> None:
     quiet_ray_data()
 
 
+def cluster_growth() -> resources.Growth | None:
+    """What the joined cluster's autoscaler can add: the node kinds it reports (Ray's autoscaler v2,
+    as KubeRay runs it, puts them in the cluster's configuration), `Growth(known=False)` when an
+    autoscaler runs without reporting them (v1 writes only its status), None without one."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    config = ray._private.state.state.get_cluster_config()
+    if config is not None and config.node_group_configs:
+        groups = tuple(resources.NodeGroup(g.name, {k: float(v) for k, v in g.resources.items()}, int(g.max_count))
+                       for g in config.node_group_configs if g.max_count != 0 and g.resources)
+        return resources.Growth(groups) if groups else None
+    if _internal_kv_get(ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS):
+        return resources.Growth(known=False)
+    return None
+
+
+def fit_cluster(config: JobConfig, actors: int, cpus: float, gpus: float, io_cpus: float) -> None:
+    """`resources.check_cluster` on the joined cluster and what its autoscaler can add; says on
+    stderr when the job waits for nodes."""
+    message = resources.check_cluster(actors, cpus, gpus, io_cpus, ray.nodes(), cluster_growth())
+    if message:
+        print(f"logo-batch: {message}", file=sys.stderr, flush=True)
+
+
+def _growable_gpus() -> float:
+    growth = cluster_growth()
+    return sum(g.resources.get("GPU", 0.0) for g in growth.groups) if growth is not None else 0.0
+
+
 def cluster_gpus(config: JobConfig) -> float:
     """GPUs of the Ray cluster the job runs on: asked of the cluster when this process has joined one
     or is to join one (resources.ray_address, RAY_ADDRESS: joined first); for the local Ray the job
@@ -84,7 +114,7 @@ def cluster_gpus(config: JobConfig) -> float:
     that nothing starts before the job's first checks."""
     if ray.is_initialized() or config.resources.ray_address or os.environ.get("RAY_ADDRESS"):
         ensure_ray(config)
-        return float(ray.cluster_resources().get("GPU", 0))
+        return float(ray.cluster_resources().get("GPU", 0)) + _growable_gpus()
     from ray._private.accelerators import get_accelerator_manager_for_resource
 
     return float(get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators())
@@ -95,8 +125,8 @@ def actor_resources(config: JobConfig) -> tuple[float, float]:
     res = config.resources
     cluster = ray.cluster_resources()
     gpus = res.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
+    if gpus is None:  # GPUs if the cluster has them or its autoscaler can add them
+        gpus = 1.0 if cluster.get("GPU", 0) + _growable_gpus() >= 1 else 0.0
     if res.cpus_per_actor is not None:
         return res.cpus_per_actor, gpus
     if gpus > 0:
@@ -124,7 +154,7 @@ def compute_statistics(config: JobConfig, pins: dict | None = None) -> dict:
 
     ensure_ray(config)
     cpus, gpus = actor_resources(config)
-    resources.check_cluster(1, cpus, gpus, 0, ray.nodes())
+    fit_cluster(config, 1, cpus, gpus, 0)
     try:
         return ray.get(ray.remote(job_statistics).options(num_cpus=cpus, num_gpus=gpus).remote(config, pins))
     except ray.exceptions.RayTaskError as err:
@@ -223,16 +253,18 @@ def run_dataflow(config: JobConfig, files: list[inputs.InputFile], tasks: list[p
     started = time.monotonic()
     cpus, gpus = actor_resources(config)
     res = config.resources
-    resources.check_cluster(res.actors, cpus, gpus, IO_CPUS, ray.nodes())
+    fit_cluster(config, res.actors, cpus, gpus, IO_CPUS)
     data_uri = storage.join(config.output.uri, outputs.DATA_DIR)
     blocks = sum(packs.blocks(t) for t in tasks)
     ds = ray.data.read_datasource(PromptSource(tasks, config), override_num_blocks=len(tasks), num_cpus=IO_CPUS)
     # a read task's slices would be merged into one block of up to 128 MiB: keep blocks slice-sized
-    ds = slice_sized(ds, max(packs.block_rows(t) for t in tasks))
+    block_rows = max(packs.block_rows(t) for t in tasks)
+    ds = slice_sized(ds, block_rows)
     stage_args = {"config": config, "calibration": calibration, "pins": pins}
     with warnings.catch_warnings():  # Ray 2.60 names max_restarts only among its deprecated **ray_remote_args
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
-        ds = ds.map_batches(LoGoStage, fn_constructor_kwargs=stage_args, batch_size=None,  # a whole block
+        # a whole block per call; Ray Data wants a number with GPUs: no block is larger than block_rows
+        ds = ds.map_batches(LoGoStage, fn_constructor_kwargs=stage_args, batch_size=block_rows if gpus > 0 else None,
                             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=res.actors),
                             num_cpus=cpus, num_gpus=gpus, **resources.ACTOR_OPTIONS)
     names = tuple(f.name for f in files)
