@@ -84,12 +84,16 @@ def cluster_growth() -> resources.Growth | None:
     autoscaler runs without reporting them (v1 writes only its status), None without one."""
     from ray.experimental.internal_kv import _internal_kv_get
 
-    config = ray._private.state.state.get_cluster_config()
+    try:  # Ray's own reading of it (Ray Data's autoscaling asks the same); not a public API
+        config = ray._private.state.state.get_cluster_config()
+        status = _internal_kv_get(ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS)
+    except Exception:  # noqa: BLE001 - a Ray that cannot say is checked as one without an autoscaler
+        return None
     if config is not None and config.node_group_configs:
         groups = tuple(resources.NodeGroup(g.name, {k: float(v) for k, v in g.resources.items()}, int(g.max_count))
                        for g in config.node_group_configs if g.max_count != 0 and g.resources)
         return resources.Growth(groups) if groups else None
-    if _internal_kv_get(ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS):
+    if status:
         return resources.Growth(known=False)
     return None
 
