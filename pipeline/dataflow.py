@@ -18,6 +18,7 @@ when the actors fall behind (the object store does not fill with blocks waiting 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -81,7 +82,9 @@ def ensure_ray(config: JobConfig) -> None:
 def cluster_growth() -> resources.Growth | None:
     """What the joined cluster's autoscaler can add: the node kinds it reports (Ray's autoscaler v2,
     as KubeRay runs it, puts them in the cluster's configuration), `Growth(known=False)` when an
-    autoscaler runs without reporting them (v1 writes only its status), None without one."""
+    autoscaler runs without reporting them (v1 writes only its status, naming the node kinds of its
+    config), None without one (a Ray without an autoscaling config reports its nodes as read-only
+    kinds `node_<id>`, which nothing adds)."""
     from ray.experimental.internal_kv import _internal_kv_get
 
     try:  # Ray's own reading of it (Ray Data's autoscaling asks the same); not a public API
@@ -93,8 +96,10 @@ def cluster_growth() -> resources.Growth | None:
         groups = tuple(resources.NodeGroup(g.name, {k: float(v) for k, v in g.resources.items()}, int(g.max_count))
                        for g in config.node_group_configs if g.max_count != 0 and g.resources)
         return resources.Growth(groups) if groups else None
-    if status:
-        return resources.Growth(known=False)
+    report = json.loads(status).get("autoscaler_report") if status else None
+    types = (report or {}).get("node_type_mapping") or {}
+    if types and any(kind != f"node_{node}" for node, kind in types.items()):
+        return resources.Growth(known=False)  # node kinds of an autoscaling config, not the read-only "node_<id>"
     return None
 
 

@@ -49,6 +49,18 @@ def test_an_autoscaler_that_does_not_report_its_nodes_is_waited_for_with_a_warni
     assert "it does not report which nodes it can add, so the plan could not be checked" in message
 
 
+def test_a_local_ray_without_an_autoscaler_cannot_grow(ray_runtime):
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    from pipeline.dataflow import cluster_growth
+
+    deadline = time.monotonic() + 30
+    while not _internal_kv_get("__autoscaling_status") and time.monotonic() < deadline:
+        time.sleep(0.5)  # its monitor's first status: it names the node as a read-only kind
+    assert _internal_kv_get("__autoscaling_status")
+    assert cluster_growth() is None  # so a GPU plan on it is refused, as before
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
