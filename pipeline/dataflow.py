@@ -1,7 +1,8 @@
 """The Ray Data dataflow: read slices -> LoGo actors -> write data files, streamed.
 
     read    PromptSource: one read task per read unit (`inputs.plan_reads`): it decodes its row
-            groups once and yields one block per slice
+            groups once and yields one block per slice; small units of several files are packed
+            into one read task and one block (`packs.pack_units`)
     logo    map_batches(LoGoStage, compute=ActorPoolStrategy(size=actors), CPUs/GPUs): one call per
             block, which the actor routes whole and generates in batches of `batch_size` rows
             formed by `generation.ordering` (see actors.batching)
@@ -17,6 +18,7 @@ when the actors fall behind (the object store does not fill with blocks waiting 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -26,14 +28,12 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline import inputs, outputs, resources, storage, watchdog
+from pipeline import inputs, outputs, packs, resources, storage, watchdog
 from actors.fingerprint import ChangedFileError
 from pipeline.config import ConfigError, JobConfig
 from pipeline.errors import InjectedFault, OutputError, StageError
@@ -49,9 +49,9 @@ IO_CPUS = 0.25
 class PromptSource(Datasource):
     """A Ray Data source reading the planned read units of the input, one block per slice."""
 
-    def __init__(self, units: list[inputs.ReadUnit], config: JobConfig):
+    def __init__(self, tasks: list[packs.Task], config: JobConfig):
         super().__init__()
-        self.units, self.config = units, config
+        self.tasks, self.config = tasks, config
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -59,10 +59,10 @@ class PromptSource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
         return [
-            ReadTask(functools.partial(inputs.read_unit, unit, self.config.input, self.config.storage),
-                     BlockMetadata(num_rows=unit.rows, size_bytes=None, exec_stats=None,
-                                   input_files=(unit.file.uri,)))
-            for unit in self.units
+            ReadTask(functools.partial(packs.read_task, task, self.config.input, self.config.storage),
+                     BlockMetadata(num_rows=task.rows, size_bytes=None, exec_stats=None,
+                                   input_files=packs.uris(task)))
+            for task in self.tasks
         ]
 
 
@@ -88,6 +88,43 @@ def ensure_ray(config: JobConfig) -> None:
     quiet_ray_data()
 
 
+def cluster_growth() -> resources.Growth | None:
+    """What the joined cluster's autoscaler can add: the node kinds it reports (Ray's autoscaler v2,
+    as KubeRay runs it, puts them in the cluster's configuration), `Growth(known=False)` when an
+    autoscaler runs without reporting them (v1 writes only its status, naming the node kinds of its
+    config), None without one (a Ray without an autoscaling config reports its nodes as read-only
+    kinds `node_<id>`, which nothing adds)."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:  # Ray's own reading of it (Ray Data's autoscaling asks the same); not a public API
+        config = ray._private.state.state.get_cluster_config()
+        status = _internal_kv_get(ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS)
+    except Exception:  # noqa: BLE001 - a Ray that cannot say is checked as one without an autoscaler
+        return None
+    if config is not None and config.node_group_configs:
+        groups = tuple(resources.NodeGroup(g.name, {k: float(v) for k, v in g.resources.items()}, int(g.max_count))
+                       for g in config.node_group_configs if g.max_count != 0 and g.resources)
+        return resources.Growth(groups) if groups else None
+    report = json.loads(status).get("autoscaler_report") if status else None
+    types = (report or {}).get("node_type_mapping") or {}
+    if types and any(kind != f"node_{node}" for node, kind in types.items()):
+        return resources.Growth(known=False)  # node kinds of an autoscaling config, not the read-only "node_<id>"
+    return None
+
+
+def fit_cluster(config: JobConfig, actors: int, cpus: float, gpus: float, io_cpus: float) -> None:
+    """`resources.check_cluster` on the joined cluster and what its autoscaler can add; says on
+    stderr when the job waits for nodes."""
+    message = resources.check_cluster(actors, cpus, gpus, io_cpus, ray.nodes(), cluster_growth())
+    if message:
+        print(f"logo-batch: {message}", file=sys.stderr, flush=True)
+
+
+def _growable_gpus() -> float:
+    growth = cluster_growth()
+    return sum(g.resources.get("GPU", 0.0) for g in growth.groups) if growth is not None else 0.0
+
+
 def cluster_gpus(config: JobConfig) -> float:
     """GPUs of the Ray cluster the job runs on: asked of the cluster when this process has joined one
     or is to join one (resources.ray_address, RAY_ADDRESS: joined first); for the local Ray the job
@@ -95,7 +132,7 @@ def cluster_gpus(config: JobConfig) -> float:
     that nothing starts before the job's first checks."""
     if ray.is_initialized() or config.resources.ray_address or os.environ.get("RAY_ADDRESS"):
         ensure_ray(config)
-        return float(ray.cluster_resources().get("GPU", 0))
+        return float(ray.cluster_resources().get("GPU", 0)) + _growable_gpus()
     from ray._private.accelerators import get_accelerator_manager_for_resource
 
     return float(get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators())
@@ -106,8 +143,8 @@ def actor_resources(config: JobConfig) -> tuple[float, float]:
     res = config.resources
     cluster = ray.cluster_resources()
     gpus = res.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
+    if gpus is None:  # GPUs if the cluster has them or its autoscaler can add them
+        gpus = 1.0 if cluster.get("GPU", 0) + _growable_gpus() >= 1 else 0.0
     if res.cpus_per_actor is not None:
         return res.cpus_per_actor, gpus
     if gpus > 0:
@@ -135,7 +172,7 @@ def compute_statistics(config: JobConfig, pins: dict | None = None) -> dict:
 
     ensure_ray(config)
     cpus, gpus = actor_resources(config)
-    resources.check_cluster(1, cpus, gpus, 0, ray.nodes())
+    fit_cluster(config, 1, cpus, gpus, 0)
     try:
         return ray.get(ray.remote(job_statistics).options(num_cpus=cpus, num_gpus=gpus).remote(config, pins))
     except ray.exceptions.RayTaskError as err:
@@ -147,28 +184,6 @@ def compute_statistics(config: JobConfig, pins: dict | None = None) -> dict:
         # the same predictor an actor builds refused: say so as an actor's refusal, before any row ran
         raise StageError(f"a LoGo actor could not start: {err.cause} (while computing the calibration "
                          "statistics; no row was computed)") from err
-
-
-def duplicate_ids(config: JobConfig, files: list[inputs.InputFile], limit: int = 3) -> list[str]:
-    """Up to `limit` id values that occur more than once across the input (a Ray Data aggregation:
-    the ids stay in the cluster; the driver receives only the duplicates)."""
-    ensure_ray(config)
-    column = config.input.id_column
-    fs, _ = storage.filesystem(files[0].uri, config.storage)
-    paths = [storage.filesystem(f.uri, config.storage)[1] for f in files]
-    ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=IO_CPUS).select_columns([column])
-    ds = ds.map_batches(functools.partial(_as_string, column=column), batch_format="pyarrow", num_cpus=IO_CPUS)
-    counts = ds.groupby("id").count()
-    repeated = counts.map_batches(_repeated, batch_format="pyarrow", num_cpus=IO_CPUS)
-    return sorted(str(row["id"]) for row in repeated.take(limit))
-
-
-def _as_string(table: pa.Table, column: str) -> pa.Table:
-    return pa.table({"id": pc.cast(table.column(column), pa.string())})
-
-
-def _repeated(table: pa.Table) -> pa.Table:
-    return table.filter(pc.greater(table.column(table.column_names[-1]), 1))
 
 
 @dataclass(frozen=True)
@@ -311,12 +326,12 @@ class Heartbeat:
         self.thread.join(timeout=self.every + 1)
 
 
-def run_dataflow(config: JobConfig, files: list[inputs.InputFile], units: list[inputs.ReadUnit], attempt: str,
+def run_dataflow(config: JobConfig, files: list[inputs.InputFile], tasks: list[packs.Task], attempt: str,
                  on_file: Callable[[Progress], None] | None = None,
                  fail_after_files: int | None = None, calibration: dict | None = None,
                  pins: dict | None = None, lease: Lease | None = None,
                  heartbeat: Callable[[int], None] | None = None, heartbeat_every: float = 9.0) -> Progress:
-    """Run the read units through the LoGo actors into new data files under `<output>/data/`.
+    """Run the read tasks (`packs.pack_units`) through the LoGo actors into new data files under `<output>/data/`.
 
     `pins` (`_job.json`'s contents) go to every actor, which checks each model and adapter file
     against them as it reads it; with `lease`, every write task checks that the lease is still this
@@ -327,25 +342,27 @@ def run_dataflow(config: JobConfig, files: list[inputs.InputFile], units: list[i
     started = time.monotonic()
     cpus, gpus = actor_resources(config)
     res = config.resources
-    resources.check_cluster(res.actors, cpus, gpus, IO_CPUS, ray.nodes())
+    fit_cluster(config, res.actors, cpus, gpus, IO_CPUS)
     data_uri = storage.join(config.output.uri, outputs.DATA_DIR)
-    blocks = sum(len(u.slices) for u in units)
-    ds = ray.data.read_datasource(PromptSource(units, config), override_num_blocks=len(units), num_cpus=IO_CPUS)
+    blocks = sum(packs.blocks(t) for t in tasks)
+    ds = ray.data.read_datasource(PromptSource(tasks, config), override_num_blocks=len(tasks), num_cpus=IO_CPUS)
     # a read task's slices would be merged into one block of up to 128 MiB: keep blocks slice-sized
-    ds = slice_sized(ds, max(s.rows for u in units for s in u.slices))
+    block_rows = max(packs.block_rows(t) for t in tasks)
+    ds = slice_sized(ds, block_rows)
     beat = Heartbeat(heartbeat, heartbeat_every) if heartbeat is not None else None
     stage_args = {"config": config, "calibration": calibration, "pins": pins,
                   "counter": None if beat is None else beat.counter}
     with warnings.catch_warnings():  # Ray 2.60 names max_restarts only among its deprecated **ray_remote_args
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
-        ds = ds.map_batches(LoGoStage, fn_constructor_kwargs=stage_args, batch_size=None,  # a whole block
+        # a whole block per call; Ray Data wants a number with GPUs: no block is larger than block_rows
+        ds = ds.map_batches(LoGoStage, fn_constructor_kwargs=stage_args, batch_size=block_rows if gpus > 0 else None,
                             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=res.actors),
                             num_cpus=cpus, num_gpus=gpus, **resources.ACTOR_OPTIONS)
     names = tuple(f.name for f in files)
     ds = ds.map_batches(outputs.write_part, batch_size=None, batch_format="pyarrow", num_cpus=IO_CPUS,
                         fn_kwargs={"data_uri": data_uri, "config": config.storage, "attempt": attempt,
                                    "names": names, "lease": None if lease is None else (lease.uri, lease.owner)})
-    log.debug("dataflow: %d read units, %d slices", len(units), blocks)
+    log.debug("dataflow: %d read tasks, %d blocks", len(tasks), blocks)
     progress = Progress(0, 0, 0)
     print(f"logo-batch: starting {res.actors} LoGo actor{'s' * (res.actors != 1)} ({cpus:g} CPUs, {gpus:g} GPUs "
           "each: loading the model and the adapter pool)", file=sys.stderr, flush=True)

@@ -27,6 +27,7 @@ from typing import Callable
 
 import botocore.exceptions
 
+from actors.fingerprint import use_digests
 from pipeline import storage
 from pipeline.config import StorageConfig
 
@@ -95,7 +96,9 @@ def pinned_sources(model: str, adapters: str, config: StorageConfig,
                    pins: dict | None) -> tuple[str, str, dict | None]:
     """(local model, local pool, the pins an actor checks its reads against) for a model and a pool
     as a job's `contents` pinned them: an s3:// one is copied only from a listing equal to its pins
-    (and then needs no check per read), a local one is checked by the actor at every read."""
+    (and then needs no check per read), a local one is checked by the actor at every read (its
+    digests cached on the node, `actors.fingerprint.Digests`)."""
+    use_digests(cache_root(config))
     sources = {"model": model, "adapters": adapters}
     local = {what: local_copy(uri, config, None if pins is None else pins[what]) for what, uri in sources.items()}
     actor_pins = None if pins is None else {what: pins[what] for what, uri in sources.items()

@@ -3,7 +3,7 @@
 Everything that can be wrong with the input is found on the driver before any actor starts:
 no Parquet files, a missing prompt, id or pass-through column (the message lists the columns
 that are there), a null id (from the Parquet statistics, else one file's id column at a time).
-Duplicate ids are counted in the cluster (`dataflow.duplicate_ids`); the driver then reads the
+Duplicate ids are counted in the cluster (`ids.duplicate_ids`); the driver then reads the
 id column only to name the two places of a duplicate.
 
 Row ids are the configured id column converted to strings, or `<file relative to input.uri>:<row>`.
@@ -123,7 +123,7 @@ def discover(cfg: InputConfig, config: StorageConfig) -> list[InputFile]:
 
 def check_nulls(files: list[InputFile], cfg: InputConfig, config: StorageConfig) -> None:
     """A configured id column has no null: from the Parquet statistics, else by reading the column of
-    one file at a time (never all ids at once). Duplicates are found in the cluster (`dataflow.duplicate_ids`)."""
+    one file at a time (never all ids at once). Duplicates are found in the cluster (`ids.duplicate_ids`)."""
     if cfg.id_column is None:
         return
 

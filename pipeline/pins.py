@@ -4,7 +4,8 @@ naming what changed (a file replaced at the same path would otherwise give a mix
 
 A fingerprint is cheap and changes whenever the content does:
 
-    local file up to HASH_LIMIT bytes   sha256 of its content (configs, tokenizers, LoRA weights)
+    local file up to HASH_LIMIT bytes   sha256 of its content (configs, tokenizers, LoRA weights),
+                                        computed once per version of the file (a node's digest cache)
     larger local file                   size and modification time in ns (base-model weights)
     S3 object                           size and ETag (S3 derives the ETag from the content)
 
@@ -23,8 +24,10 @@ import hashlib
 import os
 from pathlib import Path
 
-from actors.fingerprint import HASH_LIMIT, fingerprint as _local  # noqa: F401 (HASH_LIMIT: the pins' rule)
+from actors.fingerprint import HASH_LIMIT  # noqa: F401 (the pins' rule)
+from actors.fingerprint import fingerprint as _local, use_digests
 from pipeline import storage
+from pipeline.fetch import cache_root
 from pipeline.config import JobConfig
 from pipeline.inputs import InputFile, list_files
 
@@ -35,9 +38,12 @@ def digest(data: bytes) -> str:
 
 
 def tree(uri: str, config: JobConfig) -> dict[str, str]:
-    """Relative file name -> fingerprint for every file below a directory or prefix ({} if none)."""
+    """Relative file name -> fingerprint for every file below a directory or prefix ({} if none):
+    an object's from the listing (size, ETag: nothing read), a local file's digest from the cache
+    of digests while the file is unchanged (`actors.fingerprint.Digests`)."""
     if storage.is_s3(uri):
         return {o.key: f"size:{o.size},etag:{o.etag}" for o in storage.list_objects(uri, config.storage)}
+    use_digests(cache_root(config.storage))
     root = Path(uri).expanduser()
     if root.is_file():
         return {root.name: _local(root, True)}

@@ -21,6 +21,7 @@ nothing per row.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import secrets
@@ -30,7 +31,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline import bounds, commit, inputs, outputs, storage
+from pipeline import bounds, commit, inputs, outputs, packs, storage
 from pipeline.calibration import check_statistics
 from pipeline.config import ConfigError, JobConfig
 from pipeline.errors import TooManyErrors, too_many
@@ -95,7 +96,7 @@ def check_ids(config: JobConfig, files: list[inputs.InputFile]) -> None:
     print(f"logo-batch: checking ids: column {config.input.id_column!r} of {inputs.total_rows(files):,} rows for "
           "nulls and duplicates", file=sys.stderr, flush=True)
     inputs.check_nulls(files, config.input, config.storage)
-    from pipeline.dataflow import duplicate_ids  # imports Ray
+    from pipeline.ids import duplicate_ids  # imports Ray
 
     repeated = duplicate_ids(config, files)
     if repeated:
@@ -111,9 +112,14 @@ class Plan:
     parts: list[PartFile]
     """Data files already written by earlier attempts."""
     units: list[inputs.ReadUnit]
-    """Read tasks for the rows still to do."""
+    """Read units for the rows still to do (one file each)."""
     rows_per_block: int
     """Rows per slice (block)."""
+
+    @functools.cached_property
+    def tasks(self) -> list[packs.Task]:
+        """The read tasks: the units, small ones packed into one block (`packs.pack_units`)."""
+        return packs.pack_units(self.units, self.rows_per_block)
 
     @property
     def total(self) -> int:
@@ -127,12 +133,17 @@ class Plan:
     def slices(self) -> int:
         return sum(len(u.slices) for u in self.units)
 
+    @property
+    def blocks(self) -> int:
+        return sum(packs.blocks(t) for t in self.tasks)
+
     def describe(self) -> str:
         groups = sum(len(f.row_groups) for f in self.files)
         decoded = sum(u.decoded_rows for u in self.units)
         return (f"{self.remaining:,} of {self.total:,} rows to compute ({self.total - self.remaining:,} already "
                 f"written in {len(self.parts)} data files); {len(self.files)} input files, {groups} row groups; "
-                f"{len(self.units)} read tasks, {self.slices} slices of up to {self.rows_per_block} rows; "
+                f"{len(self.tasks)} read tasks, {self.slices} slices of up to {self.rows_per_block} rows"
+                f"{'' if self.blocks == self.slices else f' in {self.blocks} blocks (small ones packed)'}; "
                 f"rows to decode {decoded:,}")
 
 
@@ -299,7 +310,7 @@ def _compute(config: JobConfig, files: list[inputs.InputFile], attempt: str, sta
 
         every = progress_settings.PROGRESS_EVERY
         line = ProgressLine(work.remaining, every=every) if progress else None
-        done = run_dataflow(config, files, work.units, attempt, fail_after_files=fail_after_files,
+        done = run_dataflow(config, files, work.tasks, attempt, fail_after_files=fail_after_files,
                             on_file=(lambda p: line.update(p.rows)) if line else None, calibration=stats,
                             pins=record["contents"], lease=held,
                             heartbeat=(lambda rows: line.update(rows, force=True)) if line else None,
