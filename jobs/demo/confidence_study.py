@@ -45,9 +45,12 @@ def _base() -> Routing:
 
 
 def study(model, tokenizer, rows: list[dict], check, adapters: Path, sources: tuple[str, ...] = ("input", "reference"),
-          sample: int = 256, seed: int = 0, max_new_tokens: int = 12, batch_size: int = 40, reference=None,
-          log=print) -> dict:
-    """Per row and calibration source: confidences and correctness; sweeps of THRESHOLDS."""
+          sample: int = 256, seed: int = 0, max_new_tokens: int = 12, batch_size: int = 40,
+          references: dict[str, list[str]] | None = None, log=print) -> dict:
+    """Per row and calibration source: confidences and correctness; sweeps of THRESHOLDS.
+
+    A source is `input` (a seeded sample of the rows), `reference` (the shipped set) or a name in
+    `references` (other candidate reference sets)."""
     engine_model = copy.deepcopy(model)
     pool = AdapterPool.load(adapters, engine_model)
     engine = LoGoEngine(engine_model, tokenizer, pool, RoutingConfig(calibration_score="raw"),
@@ -72,14 +75,14 @@ def study(model, tokenizer, rows: list[dict], check, adapters: Path, sources: tu
     base = correct([_base() for _ in rows])
     oracle = correct([_routing(pool, o) if o is not None else _base() for o in own])
     log(f"base {sum(base) / len(base):.3f}, oracle {sum(oracle) / len(oracle):.3f} ({time.perf_counter() - t0:.0f}s)")
-    refs = reference if reference is not None else reference_prompts()
+    references = {"reference": reference_prompts(), **(references or {})}
     out = {"rows": len(rows), "adapters": list(pool.names), "base": base, "oracle": oracle, "tasks":
            [r["task"] for r in rows], "sources": {}}
     for source in sources:
         if source == "input":
             picked = random.Random(seed).sample(seqs, min(sample, len(seqs)))
         else:
-            picked = [tokenizer(p)["input_ids"] for p in refs]
+            picked = [tokenizer(p)["input_ids"] for p in references[source]]
         stats = compute_stats(router, picked, source, seed)
         calibrated = Router(engine_model, pool, config, stats)
         scores = calibrated.combine(raw)  # (rows, N)
@@ -93,6 +96,8 @@ def study(model, tokenizer, rows: list[dict], check, adapters: Path, sources: tu
             conf = confidence_of(s, calibrated.rankable, len(calibrated.pairs))  # (rows, 2): top, margin
             routed = correct([_routing(pool, r.indices[0]) for r in top])
             entry[setting] = {"top1": [r.indices[0] for r in top], "routed": routed,
+                              "routing": sum(r.indices[0] == o for r, o in zip(top, own)) / len(own),
+                              "em": sum(routed) / len(routed),
                               "confidence": [round(v, 5) for v in conf[:, 0].tolist()],
                               "margin": [round(v, 5) for v in conf[:, 1].tolist()]}
             log(f"{source} {setting}: routing {sum(a == b for a, b in zip(entry[setting]['top1'], own)) / len(own):.3f} "
@@ -103,25 +108,34 @@ def study(model, tokenizer, rows: list[dict], check, adapters: Path, sources: tu
     return out
 
 
-def em_with_threshold(setting: dict, base: list[bool], key: str, t: float | None) -> tuple[float, float]:
-    """(exact match, share of rows falling back) when rows with `key` below t take the base model's answer."""
-    picks = [b if t is not None and c < t else r for r, b, c in zip(setting["routed"], base, setting[key])]
-    fell = [t is not None and c < t for c in setting[key]]
+def em_with_threshold(setting: dict, base: list[bool], key: str, t: float | None, rows: list[int]) -> tuple[float, float]:
+    """(exact match, share of rows falling back) over `rows` when those with `key` below t take the
+    base model's answer."""
+    fell = [t is not None and setting[key][i] < t for i in rows]
+    picks = [base[i] if f else setting["routed"][i] for i, f in zip(rows, fell)]
     return sum(picks) / len(picks), sum(fell) / len(fell)
 
 
 def sweep(entry: dict, base: list[bool], oracle: list[bool], own: list) -> dict:
-    """For both candidate confidences and every threshold: EM on the pool and leave-one-out, and
-    the share of rows sent to the base model."""
+    """For both candidate confidences and every threshold: EM on the pool's tasks (`pool`), the same
+    prompts with their own adapter removed (`loo`) and prompts of tasks with no adapter (`held_out`),
+    with the share of rows sent to the base model."""
+    inside = [i for i, o in enumerate(own) if o is not None]
+    outside = [i for i, o in enumerate(own) if o is None]
+    groups = {"pool": ("pool", inside), "loo": ("leave-one-out", inside), "held_out": ("pool", outside)}
     out = {}
     for key in ("confidence", "margin"):
         for t in THRESHOLDS:
-            pool_em, pool_fell = em_with_threshold(entry["pool"], base, key, t)
-            loo_em, loo_fell = em_with_threshold(entry["leave-one-out"], base, key, t)
-            out[f"{key} {t}"] = {"pool_em": round(pool_em, 4), "pool_fallback": round(pool_fell, 4),
-                                 "loo_em": round(loo_em, 4), "loo_fallback": round(loo_fell, 4)}
-    out["base_em"] = round(sum(base) / len(base), 4)
-    out["oracle_em"] = round(sum(oracle) / len(oracle), 4)
+            line = {}
+            for name, (setting, rows) in groups.items():
+                if rows:
+                    em, fell = em_with_threshold(entry[setting], base, key, t, rows)
+                    line[f"{name}_em"], line[f"{name}_fallback"] = round(em, 4), round(fell, 4)
+            out[f"{key} {t}"] = line
+    for name, rows in (("pool", inside), ("held_out", outside)):
+        if rows:
+            out[f"base_em_{name}"] = round(sum(base[i] for i in rows) / len(rows), 4)
+            out[f"oracle_em_{name}"] = round(sum(oracle[i] for i in rows) / len(rows), 4)
     return out
 
 
@@ -132,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapters", type=Path, default=None)
     parser.add_argument("--per-task", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sources", nargs="+", default=["input", "reference"],
+                        help="input, reference, or NAME=FILE.json (a candidate reference set)")
     args = parser.parse_args(argv)
     from actors.base import load_base
     from jobs.demo.model import ensure_demo_model
@@ -149,22 +165,28 @@ def main(argv: list[str] | None = None) -> int:
         def check(row, text):
             return check_row(row, extract_answer(text))
     else:
-        from jobs.demo.bigbench import held_out_rows, pool_dir, score_answer
+        from jobs.demo import bigbench
 
-        rows = held_out_rows(args.per_task)
-        adapters = args.adapters or pool_dir()
-        check = score_answer
-    result = study(model, tokenizer, rows, check, adapters)
+        splits = bigbench.task_splits((*bigbench.POOL_TASKS, *bigbench.HELD_OUT_TASKS))
+        rows = [{**r, "task": bigbench.adapter_name(t)} for t, s in splits.items() for r in s["test"][:args.per_task]]
+        adapters = args.adapters or Path(__file__).with_name("bigbench_adapters")
+
+        def check(row, text):
+            return bigbench.check_row(row, text.split("\n", 1)[0])
+    files = dict(s.split("=", 1) for s in args.sources if "=" in s)
+    names = tuple(s.split("=", 1)[0] for s in args.sources)
+    references = {name: json.loads(Path(f).read_text()) for name, f in files.items()}
+    result = study(model, tokenizer, rows, check, adapters, names, references=references)
     result["date"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     result["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.platform()}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "confidence.json").write_text(json.dumps(result) + "\n")
     for source, entry in result["sources"].items():
-        print(f"== {source}: base {entry['sweep']['base_em']}, oracle {entry['sweep']['oracle_em']}")
+        print(f"== {source}: routing {entry['pool']['routing']:.3f}, EM {entry['pool']['em']:.3f}; "
+              + ", ".join(f"{k} {v}" for k, v in entry["sweep"].items() if not isinstance(v, dict)))
         for name, v in entry["sweep"].items():
             if isinstance(v, dict):
-                print(f"{name:<18} pool {v['pool_em']:.3f} ({v['pool_fallback']:.2f} base)  "
-                      f"leave-one-out {v['loo_em']:.3f} ({v['loo_fallback']:.2f} base)")
+                print(f"{name:<18} " + "  ".join(f"{k} {x:.3f}" for k, x in v.items()))
     return 0
 
 
