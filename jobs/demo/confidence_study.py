@@ -46,7 +46,7 @@ def _base() -> Routing:
 
 def study(model, tokenizer, rows: list[dict], check, adapters: Path, sources: tuple[str, ...] = ("input", "reference"),
           sample: int = 256, seed: int = 0, max_new_tokens: int = 12, batch_size: int = 40,
-          references: dict[str, list[str]] | None = None, log=print) -> dict:
+          references: dict[str, list[str]] | None = None, partial: Path | None = None, log=print) -> dict:
     """Per row and calibration source: confidences and correctness; sweeps of THRESHOLDS.
 
     A source is `input` (a seeded sample of the rows), `reference` (the shipped set) or a name in
@@ -104,6 +104,8 @@ def study(model, tokenizer, rows: list[dict], check, adapters: Path, sources: tu
                 f"EM {sum(routed) / len(routed):.3f} ({time.perf_counter() - t0:.0f}s)")
         entry["sweep"] = sweep(entry, base, oracle, own)
         out["sources"][source] = entry
+        if partial is not None:  # what is measured so far survives an interrupted run
+            Path(partial).write_text(json.dumps(out) + "\n")
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -176,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     files = dict(s.split("=", 1) for s in args.sources if "=" in s)
     names = tuple(s.split("=", 1)[0] for s in args.sources)
     references = {name: json.loads(Path(f).read_text()) for name, f in files.items()}
-    result = study(model, tokenizer, rows, check, adapters, names, references=references)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = study(model, tokenizer, rows, check, adapters, names, references=references,
+                   partial=args.out / "confidence.partial.json")
     result["date"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     result["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.platform()}"
     args.out.mkdir(parents=True, exist_ok=True)
