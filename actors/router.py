@@ -27,6 +27,25 @@ class Routing:
     adapters: tuple[str, ...]
     weights: tuple[float, ...]  # sum to 1
     uniform_fallback: bool = False  # every selected score was 0, so weights are uniform
+    confidence: float | None = None  # Router.confidence; None with raw (uncalibrated) scores
+    base_only: bool = False  # confidence below routing.min_confidence: no adapter, the base model alone
+
+
+def confidence_of(scores: torch.Tensor, rankable: torch.Tensor, n_pairs: int) -> torch.Tensor:
+    """Candidate confidences per row from routing scores (B, N): (B, 2), the top score per pair and
+    its margin over the second, both per pair (adapters not rankable, or scored -inf, left out).
+
+    Semantics:
+        S1, S2 = the two largest finite scores of the row (S2 = S1 when there is one)
+        out[b] = (S1 / P, (S1 - S2) / P)
+    """
+    s = scores.double()
+    s = torch.where(rankable.to(s.device) & torch.isfinite(s), s, torch.full_like(s, -math.inf))
+    top = torch.topk(s, min(2, s.shape[1]), dim=1).values  # (B, <=2)
+    first = top[:, 0]
+    second = top[:, 1] if top.shape[1] > 1 else first
+    second = torch.where(torch.isfinite(second), second, first)
+    return torch.stack([first / n_pairs, (first - second) / n_pairs], dim=1)  # (B, 2)
 
 
 class _ProbeDone(Exception):
@@ -157,8 +176,29 @@ class Router:
         floor = torch.where(informative, s, torch.full_like(s, math.inf)).amin(dim=2, keepdim=True).clamp(max=0.0)
         return torch.where(informative, s, floor).sum(dim=1)  # (B, N)
 
+    def confidence(self, scores: torch.Tensor) -> list[float | None]:
+        """Each row's confidence from its routing scores (B, N): the top adapter's calibrated score
+        per scored pair (LOGO_SPEC section 6); None per row with raw scores (nothing calibrates them).
+
+        Semantics:
+            zscore: conf[b] = max_i S[b, i] / |P|      how many standard deviations the best adapter's
+                                                         score is above its mean on unlabeled prompts,
+                                                         per pair (about 0: fits no better than average)
+            ratio:  conf[b] = max_i S[b, i] / |P| - 1   its relative excess over its mean (0: average)
+
+        A pure function of the row's scores (the pool and the statistics fixed), so batching changes it
+        no more than it changes the scores; not finite only where a score is not (an error row).
+        """
+        if self.config.calibration_score == "raw":
+            return [None] * scores.shape[0]
+        top = confidence_of(scores, self.rankable, len(self.pairs))[:, 0]  # (B,)
+        if self.config.calibration_score == "ratio":
+            top = top - 1.0
+        return top.tolist()
+
     def select(self, scores: torch.Tensor) -> list[Routing]:
-        """LOGO_SPEC 1.5-1.6: top k by score (ties to the earlier name), weights s_i / sum_S s_j.
+        """LOGO_SPEC 1.5-1.6: top k by score (ties to the earlier name), weights s_i / sum_S s_j;
+        with `min_confidence`, a row whose confidence is below it gets no adapter (`base_only`).
 
         Adapters informative at no pair rank after all others. Negative (z-)scores count as 0 in the
         weights; if every selected score is <= 0, weights are uniform; a selected score that is not
@@ -171,14 +211,18 @@ class Router:
         order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, : self.k]  # (B, k)
         top = torch.gather(scores, 1, order).clamp(min=0.0)  # (B, k); z-scores below the mean weigh 0
         routings = []
-        for idx, s in zip(order.tolist(), top.tolist()):
+        threshold = self.config.min_confidence
+        for idx, s, conf in zip(order.tolist(), top.tolist(), self.confidence(scores)):
+            if threshold is not None and conf is not None and conf < threshold:
+                routings.append(Routing(indices=(), adapters=(), weights=(), confidence=conf, base_only=True))
+                continue
             total = sum(s)
             fallback = total <= 0.0
             weights = [1.0 / len(s)] * len(s) if fallback else [v / total for v in s]
             if not math.isfinite(total):  # a score overflowed: only its own weight says so (NaN)
                 weights = [0.0 if math.isfinite(v) else math.nan for v in s]
             routings.append(Routing(indices=tuple(idx), adapters=tuple(self.pool.names[i] for i in idx),
-                                    weights=tuple(weights), uniform_fallback=fallback))
+                                    weights=tuple(weights), uniform_fallback=fallback, confidence=conf))
         return routings
 
     def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Routing]:

@@ -12,6 +12,7 @@ URI is downloaded once per node into the cache and verified, see `fetch`), then 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -79,6 +80,8 @@ class LoGoStage:
             "output": pa.array(list(result["output"]), fields["output"]),
             "adapters": pa.array([[str(a) for a in names] for names in result["adapters"]], fields["adapters"]),
             "weights": pa.array([[float(w) for w in ws] for ws in result["weights"]], fields["weights"]),
+            "confidence": pa.array([float(c) if c is not None and math.isfinite(c) else None
+                                    for c in result["confidence"]], fields["confidence"]),
             "error": pa.array(errors, fields["error"]),
             "warning": pa.array(list(result["warning"]), fields["warning"]),
             "prompt_tokens": pa.array([int(v) for v in result["prompt_tokens"]], fields["prompt_tokens"]),

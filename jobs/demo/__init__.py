@@ -4,3 +4,6 @@ from pathlib import Path
 
 ADAPTER_DIR = Path(__file__).resolve().parent / "adapters"
 """The shipped adapter pool (one PEFT adapter per demo task)."""
+
+BIGBENCH_ADAPTER_DIR = Path(__file__).resolve().parent / "bigbench_adapters"
+"""The shipped BIG-bench pool (one PEFT adapter per task of `jobs.demo.bigbench.POOL_TASKS`)."""

@@ -4,6 +4,12 @@ Rebuild every adapter (2 to 8 minutes per task, about 40 in all, on 2 CPU cores)
 
     python -m jobs.demo.train --task all
 
+The BIG-bench pool (`--suite bigbench`: one adapter per task of `jobs.demo.bigbench.POOL_TASKS`,
+into `jobs/demo/bigbench_adapters/`, a task with subtasks in `<task>__<subtask>`) is trained the
+same way on each task's training split, with the settings of `BIGBENCH_TRAIN`:
+
+    python -m jobs.demo.train --suite bigbench --task all
+
 Each adapter is trained on its task's training split only, with the loss on the answer tokens
 (the prompt is masked), then rounded to float16 and saved in PEFT format into
 `jobs/demo/adapters/<task>/`. Base and adapter are then scored by exact match on the task's
@@ -27,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from jobs.demo import ADAPTER_DIR
+from jobs.demo import ADAPTER_DIR, BIGBENCH_ADAPTER_DIR
 from jobs.demo.data import SplitConfig, check_row, task_seed, task_split
 from jobs.demo.model import ensure_demo_model
 from jobs.demo.tasks import TASK_NAMES, extract_answer
@@ -66,6 +72,10 @@ class TrainConfig:
     """torch intra-op threads (the reference machine has 2 CPU cores)."""
 
 
+BIGBENCH_TRAIN = TrainConfig(max_steps=48, min_steps=48, eval_every=48, warmup_steps=6, max_new_tokens=16)
+"""The BIG-bench pool's settings: a fixed 48 steps per task (longer real prompts cost more per step)."""
+
+
 def _encode(tokenizer, rows: list[dict[str, str]]) -> list[tuple[list[int], list[int]]]:
     """(input ids, labels) per row: prompt tokens then " answer\\n", loss on the answer only."""
     out = []
@@ -88,8 +98,8 @@ def _collate(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str,
 
 @torch.no_grad()
 def exact_match(model, tokenizer, rows: list[dict[str, str]], max_new_tokens: int,
-                batch_size: int = 20) -> float:
-    """Share of rows whose greedy output (first line, stripped) passes the task's checker."""
+                batch_size: int = 20, check=check_row) -> float:
+    """Share of rows whose greedy output (first line, stripped) passes `check` (the task's checker)."""
     model.eval()
     tokenizer.padding_side = "left"
     correct = 0
@@ -100,7 +110,7 @@ def exact_match(model, tokenizer, rows: list[dict[str, str]], max_new_tokens: in
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
-        correct += sum(check_row(r, extract_answer(t)) for r, t in zip(chunk, texts))
+        correct += sum(check(r, extract_answer(t)) for r, t in zip(chunk, texts))
     return correct / len(rows)
 
 
@@ -126,17 +136,24 @@ def _save_float16(model, out_dir: Path) -> None:
 
 
 def train_task(name: str, base, tokenizer, cfg: TrainConfig, splits: SplitConfig,
-               out_root: Path, log=print) -> dict[str, float | int | str]:
-    """Train, round to float16, score and save one task's adapter; returns its report entry."""
+               out_root: Path, log=print, rows: tuple[list, list] | None = None, check=check_row,
+               out_name: str | None = None) -> dict[str, float | int | str]:
+    """Train, round to float16, score and save one task's adapter; returns its report entry.
+
+    `rows` (training, validation) and `check` default to the generated demo suite's; the adapter
+    goes to `out_root / (out_name or name)`.
+    """
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(task_seed(name, splits.seed))
     rng = random.Random(task_seed(name, splits.seed))
-    train_rows, val_rows = task_split(name, "train", splits), task_split(name, "validation", splits)
+    if rows is None:
+        rows = task_split(name, "train", splits), task_split(name, "validation", splits)
+    train_rows, val_rows = rows
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(base, lora)
-    base_em = exact_match(_disabled(model), tokenizer, val_rows, cfg.max_new_tokens)
+    base_em = exact_match(_disabled(model), tokenizer, val_rows, cfg.max_new_tokens, check=check)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     data = _encode(tokenizer, train_rows)
@@ -159,15 +176,15 @@ def train_task(name: str, base, tokenizer, cfg: TrainConfig, splits: SplitConfig
         if step % 10 == 0:
             log(f"{name} step {step} loss {loss_avg:.4f} ({time.time() - started:.0f}s)")
         if step >= cfg.min_steps and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            val_em = exact_match(model, tokenizer, val_rows, cfg.max_new_tokens)
+            val_em = exact_match(model, tokenizer, val_rows, cfg.max_new_tokens, check=check)
             log(f"{name} step {step} validation exact match {val_em:.3f}")
             if val_em >= cfg.target_em:
                 break
     with torch.no_grad():  # score exactly what ships: float16 factors
         for p in params:
             p.copy_(p.to(torch.float16).to(p.dtype))
-    adapter_em = exact_match(model, tokenizer, val_rows, cfg.max_new_tokens)
-    out_dir = out_root / name
+    adapter_em = exact_match(model, tokenizer, val_rows, cfg.max_new_tokens, check=check)
+    out_dir = out_root / (out_name or name)
     _save_float16(model, out_dir)
     model.unload()  # strips the LoRA layers in place: `base` is clean for the next task
     entry = {"task": name, "steps": step, "seconds": round(time.time() - started, 1),
@@ -205,25 +222,32 @@ def load_base(dtype: torch.dtype = torch.float32):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), tokenizer
 
 
-def _merge_report(path: Path, entries: list[dict], cfg: TrainConfig, splits: SplitConfig) -> None:
+def _merge_report(path: Path, entries: list[dict], cfg: TrainConfig, splits, names: tuple[str, ...] = TASK_NAMES,
+                  command: str = "python -m jobs.demo.train --task all") -> None:
     report = json.loads(path.read_text()) if path.is_file() else {"tasks": {}}
     report["tasks"].update({e["task"]: e for e in entries})
-    report["tasks"] = {k: v for k, v in sorted(report["tasks"].items()) if k in TASK_NAMES}
+    report["tasks"] = {k: v for k, v in sorted(report["tasks"].items()) if k in names}
     report.update({"base_model": BASE_MODEL_ID, "train_config": asdict(cfg),
                    "split_config": asdict(splits), "machine": platform.platform(),
                    "metric": "exact match on the validation split, greedy, first line",
-                   "command": "python -m jobs.demo.train --task all"})
+                   "command": command})
     path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="all", help=f"'all' or comma-separated of {TASK_NAMES}")
-    parser.add_argument("--out", type=Path, default=ADAPTER_DIR, help="pool directory")
-    parser.add_argument("--max-steps", type=int, default=TrainConfig.max_steps)
+    parser.add_argument("--suite", choices=("demo", "bigbench"), default="demo",
+                        help="`demo`: the generated tasks; `bigbench`: BIG-bench tasks (jobs.demo.bigbench)")
+    parser.add_argument("--task", default="all", help="'all' (the suite's pool) or comma-separated task names")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"pool directory (default {ADAPTER_DIR} or, for bigbench, {BIGBENCH_ADAPTER_DIR})")
+    parser.add_argument("--max-steps", type=int, default=None, help="optimiser steps (default: the suite's)")
     args = parser.parse_args(argv)
+    if args.suite == "bigbench":
+        return _main_bigbench(args)
     names = list(TASK_NAMES) if args.task == "all" else args.task.split(",")
-    cfg, splits = TrainConfig(max_steps=args.max_steps), SplitConfig()
+    cfg, splits = TrainConfig(max_steps=args.max_steps or TrainConfig.max_steps), SplitConfig()
+    args.out = args.out or ADAPTER_DIR
     torch.set_num_threads(cfg.threads)
     base, tokenizer = load_base()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -231,6 +255,30 @@ def main(argv: list[str] | None = None) -> int:
         entry = train_task(name, base, tokenizer, cfg, splits, args.out,
                            log=lambda m: print(m, flush=True))
         _merge_report(args.out / REPORT_NAME, [entry], cfg, splits)
+    return 0
+
+
+def _main_bigbench(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from jobs.demo import bigbench
+
+    names = list(bigbench.POOL_TASKS) if args.task == "all" else args.task.split(",")
+    steps = args.max_steps or BIGBENCH_TRAIN.max_steps
+    cfg = replace(BIGBENCH_TRAIN, max_steps=steps, min_steps=min(steps, BIGBENCH_TRAIN.min_steps),
+                  eval_every=min(steps, BIGBENCH_TRAIN.eval_every))
+    splits = bigbench.SplitConfig()
+    out = args.out or BIGBENCH_ADAPTER_DIR
+    torch.set_num_threads(cfg.threads)
+    data = bigbench.task_splits(names, splits)  # one pass over the archive for every task
+    base, tokenizer = load_base()
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m jobs.demo.train --suite bigbench --task all"
+    for name in names:
+        entry = train_task(name, base, tokenizer, cfg, splits, out, log=lambda m: print(m, flush=True),
+                           rows=(data[name]["train"], data[name]["validation"]), check=bigbench.check_row,
+                           out_name=bigbench.adapter_name(name))
+        _merge_report(out / REPORT_NAME, [entry], cfg, splits, tuple(names) + tuple(bigbench.POOL_TASKS), command)
     return 0
 
 

@@ -25,7 +25,7 @@ def results(rows: list[int], errors: int = 0, file: int = 0, decoded: int = 0) -
     """A block of results for rows of input file NAMES[file], with the internal columns."""
     n = len(rows)
     table = pa.table({"id": [f"{NAMES[file]}:{r}" for r in rows], "output": ["o"] * n, "adapters": [["a", "b"]] * n,
-                      "weights": [[0.6, 0.4]] * n, "error": ["bad"] * errors + [None] * (n - errors),
+                      "weights": [[0.6, 0.4]] * n, "confidence": [0.5] * n, "error": ["bad"] * errors + [None] * (n - errors),
                       "warning": [None] * n, "prompt_tokens": [3] * n, "output_tokens": [2] * n},
                      schema=pa.schema(OUTPUT_FIELDS))
     return (table.append_column("_logo_file", pa.array([file] * n, pa.int32()))

@@ -29,8 +29,8 @@ def test_local_end_to_end_matches_in_process_predictor(ray_runtime, tiny_assets,
     expected = [f"part-{f}.parquet:{r}" for f, n in enumerate(SIZES) for r in range(n)]
     assert len(ids) == len(set(ids)) == sum(SIZES)
     assert set(ids) == set(expected)
-    assert table.schema.names == ["id", "output", "adapters", "weights", "error", "warning", "prompt_tokens",
-                                  "output_tokens", "task"]
+    assert table.schema.names == ["id", "output", "adapters", "weights", "confidence", "error", "warning",
+                                  "prompt_tokens", "output_tokens", "task"]
     assert table.schema.field("adapters").type.value_type == pa.string()
     assert table.schema.field("weights").type.value_type == pa.float32()
     assert_matches_reference(table, reference(model, pool, prompts), expected)
