@@ -48,3 +48,10 @@ def test_eval_default_matches_the_benchmark_configuration():
     from jobs.demo.evaluate import EvalConfig
 
     assert PER_TASK == EvalConfig().per_task
+
+
+def test_bigbench_eval_default_matches_its_configuration():
+    from jobs.demo.eval_command import BIGBENCH_PER_TASK
+    from jobs.demo.evaluate_bigbench import BigbenchEvalConfig
+
+    assert BIGBENCH_PER_TASK == BigbenchEvalConfig().per_task
