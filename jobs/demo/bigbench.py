@@ -63,7 +63,7 @@ POOL_TASKS: tuple[str, ...] = (
     "strategyqa", "elementary_math_qa/mathematical_hint_only", "anachronisms",
     "cs_algorithms/valid_parentheses", "hindu_knowledge", "entailed_polarity", "implicatures",
     "fact_checker/fever", "emojis_emotion_prediction", "color/rgb", "social_support",
-    "logical_fallacy_detection", "language_identification", "epistemic_reasoning",
+    "logical_fallacy_detection", "language_identification",
 )
 """The shipped pool's tasks (one adapter each, `jobs/demo/bigbench_adapters`): no BBH source among them."""
 

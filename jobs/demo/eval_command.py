@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
         model, tokenizer = load_base(ensure_demo_model(), torch.float32, torch.device("cpu"))
         cfg = BigbenchEvalConfig(per_task=args.per_task or BIGBENCH_PER_TASK)
         results = run_bigbench(model, tokenizer, cfg, args.adapters or BIGBENCH_ADAPTER_DIR)
-        command = f"logo-batch eval --suite bigbench --per-task {cfg.per_task} --threads {args.threads}"
+        command = f"logo-batch eval --suite bigbench --per-task {cfg.per_task} --threads {args.threads} --out {out}"
         render = lambda r: bigbench_report(r, command)  # noqa: E731
     else:
         model, tokenizer = load_base(ensure_demo_model(), torch.float32, torch.device("cpu"))
