@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-task", type=int, default=None,
                         help=f"test prompts per task (default {PER_TASK}, or {BIGBENCH_PER_TASK} for bigbench)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--routing-only", action="store_true",
+                        help="bigbench: measure routing top-1 only, no generation (minutes instead of an hour)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -57,9 +59,10 @@ def main(args: argparse.Namespace) -> int:
 
         bigbench.archive_path()  # fetched (or the offline error) before the model loads
         model, tokenizer = load_base(ensure_demo_model(), torch.float32, torch.device("cpu"))
-        cfg = BigbenchEvalConfig(per_task=args.per_task or BIGBENCH_PER_TASK)
+        cfg = BigbenchEvalConfig(per_task=args.per_task or BIGBENCH_PER_TASK, routing_only=args.routing_only)
         results = run_bigbench(model, tokenizer, cfg, args.adapters or BIGBENCH_ADAPTER_DIR)
-        command = f"logo-batch eval --suite bigbench --per-task {cfg.per_task} --threads {args.threads} --out {out}"
+        command = (f"logo-batch eval --suite bigbench --per-task {cfg.per_task} --threads {args.threads} --out {out}"
+                   + (" --routing-only" if cfg.routing_only else ""))
         render = lambda r: bigbench_report(r, command)  # noqa: E731
     else:
         model, tokenizer = load_base(ensure_demo_model(), torch.float32, torch.device("cpu"))
@@ -71,7 +74,8 @@ def main(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "results.md").write_text(render(results))
-    plot_heatmap(results, args.out / "heatmap.png")
+    if results["heatmaps"]:
+        plot_heatmap(results, args.out / "heatmap.png")
     print(render(results))
     print(f"wrote {args.out}/results.json, results.md, heatmap.png in {results['total_seconds']:.0f}s")
     return 0

@@ -55,8 +55,10 @@ def bigbench_report(results: dict, command: str = "") -> str:
              *([f"Command: `{command}`."] if command else []),
              "EM: exact match (%), first line against any accepted answer, case and a final period ignored. "
              "own sel.: share of pool prompts whose own adapter is among the selected (%). "
-             f"The paper preset's best k here: {results['paper_best_k']}.", "",
-             "| method | EM pool | EM held-out | own sel. | adapters per prompt |", "|---|---|---|---|---|"]
+             + (f"The paper preset's best k here: {results['paper_best_k']}." if "paper_best_k" in results
+                else "Routing only: nothing generated."), ""]
+    if results["methods"]:
+        lines += ["| method | EM pool | EM held-out | own sel. | adapters per prompt |", "|---|---|---|---|---|"]
     for name, m in results["methods"].items():
         mean = m.get("mean_selected")
         lines.append(f"| {name} | {_pct(m['exact_match']['pool'])} | {_pct(m['exact_match']['held_out'])} | "

@@ -1,6 +1,6 @@
 """A smoke run of `logo-batch eval --suite bigbench` on a tiny model, a tiny archive and a random pool:
-every method on both blocks, with the selections each method is defined by (slow: about a minute on
-2 busy CPU cores), and a pool that lacks a task's adapter stopping the run before any work."""
+every method on both blocks, with the selections each method is defined by, and routing alone (slow:
+a minute on 2 busy CPU cores); a pool that lacks a task's adapter stops the run before any work."""
 
 from __future__ import annotations
 
@@ -78,6 +78,26 @@ def test_report_and_heatmap_render(results, tmp_path):
     plot_heatmap(results, tmp_path / "heatmap.png")
     assert (tmp_path / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps(results)
+
+
+@pytest.mark.slow
+def test_routing_only_measures_top1_and_generates_nothing(tmp_path):
+    archive = _write_archive(tmp_path / ARCHIVE_NAME, {"free/task.json": FREE, "choice/task.json": CHOICE})
+    model_dir = tiny_model_dir(tmp_path / "model")
+    for i, task in enumerate(("free", "choice")):
+        tiny_adapter(model_dir, tmp_path / "pool" / task, target_modules=("q_proj", "v_proj"), seed=i)
+    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    cfg = BigbenchEvalConfig(per_task=2, pool_tasks=("free", "choice"), held_out_tasks=(), routing_only=True,
+                             calibration_sample=4, reference_prompts=4)
+    out = run_bigbench(model, AutoTokenizer.from_pretrained(model_dir), cfg, tmp_path / "pool", archive,
+                       log=lambda _: None)
+    assert out["methods"] == {} and out["heatmaps"] == {}
+    assert set(out["routing_top1"]) == {"paper preset", "job default (input calibration)",
+                                        "in-process default (reference)"}
+    for r in out["routing_top1"].values():
+        assert set(r["per_task"]) == {"free", "choice"}
+        assert r["overall"] == sum(r["per_task"].values()) / 2  # two prompts per task
+    assert "Routing top-1" in bigbench_report(out) and "| method |" not in bigbench_report(out)
 
 
 def test_a_pool_missing_a_task_stops_before_any_work(tmp_path):
