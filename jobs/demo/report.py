@@ -72,6 +72,8 @@ def bigbench_report(results: dict, command: str = "") -> str:
     for title, block in (("Exact match per pool task (%)", [names[t] for t in pool]),
                          ("Exact match per held-out BBH task (%), no adapter of their own", held)):
         methods = [n for n, m in results["methods"].items() if any(m["per_task"].get(t) is not None for t in block)]
+        if not methods:
+            continue
         lines += ["", f"{title}.", "", "| task | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
         for t in block:
             lines.append(f"| {t} | " + " | ".join(_pct(results["methods"][n]["per_task"].get(t)) for n in methods) + " |")
