@@ -44,6 +44,42 @@ def markdown_report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bigbench_report(results: dict, command: str = "") -> str:
+    """The BIG-bench tables: EM per method on both blocks, per task; routing top-1 on the pool's tasks."""
+    cfg = results["config"]
+    pool, held = [t.replace("/", "__") for t in cfg["pool_tasks"]], list(cfg["held_out_tasks"])
+    names = {t.replace("/", "__"): t for t in cfg["pool_tasks"]}
+    lines = [f"LoGo on BIG-bench: {results['n_pool_prompts']} test prompts of the pool's {len(pool)} tasks and "
+             f"{results['n_held_out_prompts']} of {len(held)} held-out BBH tasks (no adapter of their own), "
+             f"{cfg['per_task']} per task, mixed; {results['date']}, {results['machine']}.",
+             *([f"Command: `{command}`."] if command else []),
+             "EM: exact match (%), first line against any accepted answer, case and a final period ignored. "
+             "own sel.: share of pool prompts whose own adapter is among the selected (%). "
+             + (f"The paper preset's best k here: {results['paper_best_k']}." if "paper_best_k" in results
+                else "Routing only: nothing generated."), ""]
+    if results["methods"]:
+        lines += ["| method | EM pool | EM held-out | own sel. | adapters per prompt |", "|---|---|---|---|---|"]
+    for name, m in results["methods"].items():
+        mean = m.get("mean_selected")
+        lines.append(f"| {name} | {_pct(m['exact_match']['pool'])} | {_pct(m['exact_match']['held_out'])} | "
+                     f"{_pct(m.get('own_selected'))} | {'' if mean is None else f'{mean:.1f}'} |")
+    lines += ["", "Routing top-1 on the pool's tasks (%): share of prompts whose top-scored adapter is their own.", "",
+              "| routing | " + " | ".join(results["routing_top1"]) + " |", "|---|" + "---|" * len(results["routing_top1"]),
+              "| all pool tasks | " + " | ".join(_pct(r["overall"]) for r in results["routing_top1"].values()) + " |"]
+    for t in pool:
+        lines.append(f"| {names[t]} | " + " | ".join(_pct(r["per_task"][names[t]])
+                                                   for r in results["routing_top1"].values()) + " |")
+    for title, block in (("Exact match per pool task (%)", [names[t] for t in pool]),
+                         ("Exact match per held-out BBH task (%), no adapter of their own", held)):
+        methods = [n for n, m in results["methods"].items() if any(m["per_task"].get(t) is not None for t in block)]
+        if not methods:
+            continue
+        lines += ["", f"{title}.", "", "| task | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        for t in block:
+            lines.append(f"| {t} | " + " | ".join(_pct(results["methods"][n]["per_task"].get(t)) for n in methods) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def calibration_table(study: dict) -> list[str]:
     """Routing accuracy (and exact match where measured) per mix, probe and score variant."""
     cfg = study["config"]

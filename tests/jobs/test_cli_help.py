@@ -77,3 +77,10 @@ def test_run_flags_show_the_defaults_of_their_configuration_keys():
             assert shown and shown.lower() != "none", f"--{flag}: say what None means"
         else:
             assert shown == str(default), f"--{flag} shows {shown!r}, {key} defaults to {default!r}"
+
+
+def test_bigbench_eval_default_matches_its_configuration():
+    from jobs.demo.eval_command import BIGBENCH_PER_TASK
+    from jobs.demo.evaluate_bigbench import BigbenchEvalConfig
+
+    assert BIGBENCH_PER_TASK == BigbenchEvalConfig().per_task
