@@ -11,17 +11,23 @@ against the previous committed night of its job file): what shifted from A to B.
                  and the rows whose routing moved most (total variation between the two weight
                  vectors: 0 the same mixture, 1 no adapter in common)
 
-Every number is computed from the data files the manifests list, read one file at a time; only
-the rows-by-id comparison holds the two runs' (id, adapters, weights) columns, in Arrow.
+Every number is computed from the data files the manifests list, read one file at a time, into
+counters: nothing per row stays in memory. The confidence quantiles come from a histogram of
+`QUANTILE_BINS` bins between the two runs' extremes (exact to a bin's width); the rows-by-id
+comparison runs in buckets of about `ID_BUCKET_ROWS` ids (a 64-bit hash of the id picks the
+bucket), each bucket's rows of both runs joined in Arrow, then dropped, so at most one bucket's
+(id, adapters, weights) is held at once, whatever the runs' size.
 """
 
 from __future__ import annotations
 
+import heapq
 import io
 import json
 import math
 from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -37,22 +43,34 @@ TOP = 20
 """Adapters and rows listed."""
 CONFIDENCE_BINS = 20
 """Bins of the common confidence grid."""
+QUANTILE_BINS = 2000
+"""Bins of the finer grid the confidence quantiles are read from."""
+ID_BUCKET_ROWS = 1_000_000
+"""Rows of the larger run per bucket of the rows-by-id comparison."""
 
 
-def _summary(uri: str, storage_cfg: StorageConfig) -> tuple[dict, list[float] | None]:
-    """One run's counts (rows, errors, warnings, adapter selections) and its confidence values
-    (None without the column)."""
+def _confidence_files(uri: str, storage_cfg: StorageConfig):
+    """Each data file's finite confidence values (an Arrow array), or None for a file without the column."""
+    manifest = committed_manifest_at(uri, storage_cfg)
+    fs, root = storage.filesystem(uri, storage_cfg)
+    for entry in manifest["output"]["files"]:
+        if "confidence" not in pq.read_schema(f"{root}/{entry['path']}", filesystem=fs).names:
+            yield None
+            continue
+        values = _read_data_file(fs, root, uri, entry, ["confidence"]).column("confidence").drop_null()
+        values = values.cast(pa.float64())
+        yield values.filter(pc.is_finite(values))
+
+
+def _summary(uri: str, storage_cfg: StorageConfig) -> tuple[dict, dict | None]:
+    """One run's counts (rows, errors, warnings, adapter selections) and its confidence moments
+    (rows, sum, min, max; None without the column)."""
     manifest = committed_manifest_at(uri, storage_cfg)
     fs, root = storage.filesystem(uri, storage_cfg)
     rows = errors = warnings = routed = 0
     selections: Counter = Counter()
-    confidence: list[float] | None = []
     for entry in manifest["output"]["files"]:
-        schema = pq.read_schema(f"{root}/{entry['path']}", filesystem=fs)
-        columns = ["adapters", "error", "warning"] + (["confidence"] if "confidence" in schema.names else [])
-        if "confidence" not in schema.names:
-            confidence = None
-        table = _read_data_file(fs, root, uri, entry, columns)
+        table = _read_data_file(fs, root, uri, entry, ["adapters", "error", "warning"])
         rows += table.num_rows
         errors += table.num_rows - table.column("error").null_count
         warnings += table.num_rows - table.column("warning").null_count
@@ -61,9 +79,16 @@ def _summary(uri: str, storage_cfg: StorageConfig) -> tuple[dict, list[float] | 
         flat = pc.list_flatten(table.column("adapters"))
         for item in pc.value_counts(flat).to_pylist() if len(flat) else []:
             selections[item["values"]] += item["counts"]
-        if confidence is not None:
-            confidence += [float(v) for v in table.column("confidence").drop_null().to_pylist()
-                           if v is not None and math.isfinite(float(v))]
+    confidence: dict | None = {"rows": 0, "sum": 0.0, "min": math.inf, "max": -math.inf}
+    for values in _confidence_files(uri, storage_cfg):
+        if values is None:
+            confidence = None
+            break
+        if len(values):
+            bounds = pc.min_max(values)
+            confidence = {"rows": confidence["rows"] + len(values), "sum": confidence["sum"] + pc.sum(values).as_py(),
+                          "min": min(confidence["min"], bounds["min"].as_py()),
+                          "max": max(confidence["max"], bounds["max"].as_py())}
     timings = manifest.get("timings", {})
     return {"output_uri": uri, "config_hash": manifest.get("config_hash"), "rows": rows, "errors": errors,
             "warnings": warnings, "routed": routed,
@@ -73,48 +98,66 @@ def _summary(uri: str, storage_cfg: StorageConfig) -> tuple[dict, list[float] | 
             "selections": dict(selections)}, confidence
 
 
-def _quantile(values: list[float], q: float) -> float:
-    return values[min(len(values) - 1, int(q * (len(values) - 1) + 0.5))]
+def _histogram(uri: str, storage_cfg: StorageConfig, low: float, width: float, bins: int) -> list[int]:
+    """Counts of the run's confidence values in `bins` bins of `width` from `low` (the last bin closed)."""
+    counts = np.zeros(bins, dtype=np.int64)
+    for values in _confidence_files(uri, storage_cfg):
+        index = np.minimum(bins - 1, ((values.to_numpy(zero_copy_only=False) - low) / width).astype(np.int64))
+        counts += np.bincount(np.maximum(index, 0), minlength=bins)
+    return counts.tolist()
 
 
-def _confidence(a: list[float] | None, b: list[float] | None) -> dict:
+def _quantile(counts: list[int], low: float, width: float, q: float) -> float:
+    """The q-quantile read from a histogram: the middle of the bin holding the value of rank
+    round(q x (n - 1)) (0-based), as the sorted values would give it."""
+    target, seen = int(q * (sum(counts) - 1) + 0.5), 0
+    for i, c in enumerate(counts):
+        seen += c
+        if seen > target:
+            return low + (i + 0.5) * width
+    return low + (len(counts) - 0.5) * width
+
+
+def _confidence(a_uri: str, b_uri: str, storage_cfg: StorageConfig, a: dict | None, b: dict | None) -> dict:
     if a is None or b is None:
         missing = [name for name, v in (("A", a), ("B", b)) if v is None]
         return {"present": False, "missing_in": missing}
-    if not a or not b:
-        return {"present": True, "rows": [len(a), len(b)], "histogram": None}
-    a, b = sorted(a), sorted(b)
-    low, high = min(a[0], b[0]), max(a[-1], b[-1])
+    if not a["rows"] or not b["rows"]:
+        return {"present": True, "rows": [a["rows"], b["rows"]], "histogram": None}
+    low, high = min(a["min"], b["min"]), max(a["max"], b["max"])
     width = (high - low) / CONFIDENCE_BINS or 1.0
-
-    def hist(values: list[float]) -> list[int]:
-        counts = [0] * CONFIDENCE_BINS
-        for v in values:
-            counts[min(CONFIDENCE_BINS - 1, int((v - low) / width))] += 1
-        return counts
-
-    ha, hb = hist(a), hist(b)
+    fine = (high - low) / QUANTILE_BINS or 1.0
+    ha, hb = (_histogram(u, storage_cfg, low, width, CONFIDENCE_BINS) for u in (a_uri, b_uri))
     gap, ca, cb = 0.0, 0, 0
     for x, y in zip(ha, hb):  # the largest gap between the CDFs on the common grid
         ca, cb = ca + x, cb + y
-        gap = max(gap, abs(ca / len(a) - cb / len(b)))
+        gap = max(gap, abs(ca / a["rows"] - cb / b["rows"]))
 
-    def stats(values: list[float]) -> dict:
-        return {"rows": len(values), "mean": round(sum(values) / len(values), 6),
-                **{f"p{int(q * 100)}": round(_quantile(values, q), 6) for q in (0.1, 0.5, 0.9)}}
+    def stats(uri: str, moments: dict) -> dict:
+        counts = _histogram(uri, storage_cfg, low, fine, QUANTILE_BINS)
+        return {"rows": moments["rows"], "mean": round(moments["sum"] / moments["rows"], 6),
+                **{f"p{int(q * 100)}": round(_quantile(counts, low, fine, q), 6) for q in (0.1, 0.5, 0.9)}}
 
-    return {"present": True, "A": stats(a), "B": stats(b), "mean_shift": round(stats(b)["mean"] - stats(a)["mean"], 6),
+    sa, sb = stats(a_uri, a), stats(b_uri, b)
+    return {"present": True, "A": sa, "B": sb, "mean_shift": round(sb["mean"] - sa["mean"], 6),
             "max_cdf_gap": round(gap, 6), "edges": [round(low + i * width, 6) for i in range(CONFIDENCE_BINS + 1)],
             "histogram": {"A": ha, "B": hb}}
 
 
-def _by_id(uri: str, storage_cfg: StorageConfig) -> pa.Table:
+def _by_id(uri: str, storage_cfg: StorageConfig, bucket: int = 0, buckets: int = 1) -> pa.Table:
+    """The run's rows without an error whose id falls in `bucket` of `buckets`: (id, adapters, weights)."""
     manifest = committed_manifest_at(uri, storage_cfg)
     fs, root = storage.filesystem(uri, storage_cfg)
-    tables = [_read_data_file(fs, root, uri, entry, ["id", "adapters", "weights", "error"])
-              for entry in manifest["output"]["files"]]
-    table = pa.concat_tables(tables) if tables else pa.table({"id": [], "adapters": [], "weights": [], "error": []})
-    return table.filter(pc.is_null(table.column("error"))).drop_columns(["error"])
+    tables = []
+    for entry in manifest["output"]["files"]:
+        table = _read_data_file(fs, root, uri, entry, ["id", "adapters", "weights", "error"])
+        table = table.filter(pc.is_null(table.column("error"))).drop_columns(["error"])
+        if buckets > 1 and table.num_rows:
+            from pipeline.ids import hash64
+
+            table = table.filter(pa.array(hash64(table.column("id").cast(pa.string())) % buckets == bucket))
+        tables.append(table)
+    return pa.concat_tables(tables) if tables else pa.table({"id": [], "adapters": [], "weights": []})
 
 
 def distance(names_a: list[str], weights_a: list[float], names_b: list[str], weights_b: list[float]) -> float:
@@ -136,29 +179,34 @@ def comparable_ids(a_uri: str, b_uri: str, storage_cfg: StorageConfig) -> bool:
 def _routing(a_uri: str, b_uri: str, storage_cfg: StorageConfig) -> dict:
     if not comparable_ids(a_uri, b_uri, storage_cfg):
         return {"same_ids": 0, "why": "the runs have no id column and read different input files"}
-    a, b = _by_id(a_uri, storage_cfg), _by_id(b_uri, storage_cfg)
-    keys = [pa.table({"id": t.column("id").cast(pa.string()), f"_{side}": pa.array(range(t.num_rows), pa.int64())})
-            for side, t in (("a", a), ("b", b))]
-    pairs = keys[0].join(keys[1], "id", join_type="inner")  # Arrow joins no list columns: join row numbers
-    if not pairs.num_rows:
+    largest = max(sum(f["rows"] for f in committed_manifest_at(u, storage_cfg)["output"]["files"]) for u in (a_uri, b_uri))
+    buckets = max(1, math.ceil(largest / ID_BUCKET_ROWS))
+    moved: list = []  # the TOP rows that moved most so far
+    same = changed = 0
+    total = 0.0
+    for bucket in range(buckets):
+        a, b = _by_id(a_uri, storage_cfg, bucket, buckets), _by_id(b_uri, storage_cfg, bucket, buckets)
+        keys = [pa.table({"id": t.column("id").cast(pa.string()), f"_{side}": pa.array(range(t.num_rows), pa.int64())})
+                for side, t in (("a", a), ("b", b))]
+        pairs = keys[0].join(keys[1], "id", join_type="inner")  # Arrow joins no list columns: join row numbers
+        ia, ib = pairs.column("_a"), pairs.column("_b")
+        columns = (pairs.column("id"), a.column("adapters").take(ia), a.column("weights").take(ia),
+                   b.column("adapters").take(ib), b.column("weights").take(ib))
+        here = []
+        for row_id, na, wa, nb, wb in zip(*(c.to_pylist() for c in columns)):
+            d = distance(na, wa, nb, wb)
+            total += d
+            changed += sorted(na) != sorted(nb)
+            here.append((-d, str(row_id), na, wa, nb, wb))
+        same += pairs.num_rows
+        moved = heapq.nsmallest(TOP, moved + here, key=lambda r: (r[0], r[1]))
+    if not same:
         return {"same_ids": 0, "why": "no id is in both runs"}
-    ia, ib = pairs.column("_a"), pairs.column("_b")
-    joined = pa.table({"id": pairs.column("id"),
-                       "adapters_a": a.column("adapters").take(ia), "weights_a": a.column("weights").take(ia),
-                       "adapters_b": b.column("adapters").take(ib), "weights_b": b.column("weights").take(ib)})
-    moved, changed, total = [], 0, 0.0
-    for row_id, na, wa, nb, wb in zip(*(joined.column(c).to_pylist()
-                                        for c in ("id", "adapters_a", "weights_a", "adapters_b", "weights_b"))):
-        d = distance(na, wa, nb, wb)
-        total += d
-        if sorted(na) != sorted(nb):
-            changed += 1
-        moved.append((d, str(row_id), na, [round(w, 4) for w in wa], nb, [round(w, 4) for w in wb]))
-    moved.sort(key=lambda r: (-r[0], r[1]))
-    return {"same_ids": joined.num_rows, "changed_adapters": changed,
-            "mean_distance": round(total / joined.num_rows, 6),
-            "most_changed": [{"id": i, "distance": round(d, 6), "A": {"adapters": na, "weights": wa},
-                              "B": {"adapters": nb, "weights": wb}} for d, i, na, wa, nb, wb in moved[:TOP]]}
+    return {"same_ids": same, "changed_adapters": changed,
+            "mean_distance": round(total / same, 6),
+            "most_changed": [{"id": i, "distance": round(-d, 6), "A": {"adapters": na, "weights": [round(w, 4) for w in wa]},
+                              "B": {"adapters": nb, "weights": [round(w, 4) for w in wb]}}
+                             for d, i, na, wa, nb, wb in moved]}
 
 
 def compare_runs(a_uri: str, b_uri: str, storage_cfg: StorageConfig) -> dict:
@@ -181,7 +229,7 @@ def compare_runs(a_uri: str, b_uri: str, storage_cfg: StorageConfig) -> dict:
         "adapters": adapters,
         "stopped": sorted(n for n in names if a["selections"].get(n) and not b["selections"].get(n)),
         "started": sorted(n for n in names if b["selections"].get(n) and not a["selections"].get(n)),
-        "confidence": _confidence(conf_a, conf_b),
+        "confidence": _confidence(a_uri, b_uri, storage_cfg, conf_a, conf_b),
         "rates": {"error_rate_change": round(b["error_rate"] - a["error_rate"], 6),
                   "warning_rate_change": round(b["warning_rate"] - a["warning_rate"], 6),
                   "rows_per_second_ratio": ratio},

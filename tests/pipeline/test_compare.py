@@ -72,21 +72,24 @@ def test_compare_recomputes_from_the_parquet_files(runs, capsys):
                    key=lambda t: (-t[0], t[1]))
     assert [r["id"] for r in routing["most_changed"]] == [i for _, i in moved[:20]]
     assert routing["most_changed"][0]["distance"] == pytest.approx(moved[0][0], abs=1e-6) and moved[0][0] > 0
-    assert cmp["confidence"] == {"present": False, "missing_in": ["A", "B"]}
-    assert "no `confidence` column" in (b / COMPARE_MD).read_text() and "| error rows |" in printed
+    for key, rows in (("A", rows_a), ("B", rows_b)):  # the runs' own confidence column
+        values = [r["confidence"] for r in rows if r["confidence"] is not None]
+        assert cmp["confidence"][key]["rows"] == len(values)
+        assert cmp["confidence"][key]["mean"] == pytest.approx(sum(values) / len(values), abs=1e-5)
+    assert "| confidence |" in (b / COMPARE_MD).read_text() and "| error rows |" in printed
     assert (b / COMPARE_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_uses_the_confidence_column_when_the_runs_have_one(runs, tmp_path):
-    """Runs whose rows carry `confidence` (here added to copies of the data files): its distribution
-    in each, from the files."""
+    """Runs whose rows carry `confidence` (here each row's top weight, written into copies of the
+    data files): its distribution in each, from the files; a run without the column is named."""
     copies = []
     for out in runs:
         copy = tmp_path / out.name
         shutil.copytree(out, copy)
         manifest = json.loads((copy / "_manifest.json").read_text())
         for f in manifest["output"]["files"]:
-            table = pq.read_table(copy / f["path"])
+            table = pq.read_table(copy / f["path"]).drop_columns(["confidence"])
             top = [max(w) if w else None for w in table.column("weights").to_pylist()]
             pq.write_table(table.append_column("confidence", pa.array(top, pa.float64())), copy / f["path"])
         copies.append(copy)
@@ -99,8 +102,43 @@ def test_compare_uses_the_confidence_column_when_the_runs_have_one(runs, tmp_pat
         assert c[key]["mean"] == pytest.approx(sum(values) / len(values), abs=1e-5)
     assert c["mean_shift"] < 0, "k = 3 spreads the weight: lower top weights than k = 2"
     assert 0 < c["max_cdf_gap"] <= 1
+    older = tmp_path / "older"  # a run of a version before the column
+    shutil.copytree(copies[0], older)
+    for f in json.loads((older / "_manifest.json").read_text())["output"]["files"]:
+        pq.write_table(pq.read_table(older / f["path"]).drop_columns(["confidence"]), older / f["path"])
+    assert main(["report", "--compare", str(older), str(copies[1])]) == 0
+    assert json.loads((copies[1] / COMPARE_JSON).read_text())["confidence"] == {"present": False, "missing_in": ["A"]}
+    assert "no `confidence` column" in (copies[1] / COMPARE_MD).read_text()
 
 
 def test_compare_refuses_an_uncommitted_output(runs, tmp_path, capsys):
     assert main(["report", "--compare", str(runs[0]), str(tmp_path)]) == 2
     assert "no _SUCCESS marker" in capsys.readouterr().err
+
+
+def test_compare_in_id_buckets_gives_the_one_bucket_result(runs, tmp_path, monkeypatch):
+    """Nothing per row stays in the driver: the rows-by-id comparison runs bucket by bucket (a hash
+    of the id), the confidence quantiles come from a histogram; many buckets give what one gives."""
+    import pipeline.compare as compare
+    from pipeline.config import StorageConfig
+
+    copies = []
+    for out in runs:  # with a confidence column, so both passes over it run too
+        copy = tmp_path / out.name
+        shutil.copytree(out, copy)
+        for f in json.loads((copy / "_manifest.json").read_text())["output"]["files"]:
+            table = pq.read_table(copy / f["path"]).drop_columns(["confidence"])
+            top = [max(w) if w else None for w in table.column("weights").to_pylist()]
+            pq.write_table(table.append_column("confidence", pa.array(top, pa.float64())), copy / f["path"])
+        copies.append(str(copy))
+    one = compare.compare_runs(*copies, StorageConfig())
+    reads = []
+    by_id = compare._by_id
+    monkeypatch.setattr(compare, "_by_id", lambda *a: reads.append(a[2:]) or by_id(*a))
+    monkeypatch.setattr(compare, "ID_BUCKET_ROWS", 5)
+    many = compare.compare_runs(*copies, StorageConfig())
+    assert {bucket for bucket, _ in reads} == set(range(5)) and {n for _, n in reads} == {5}  # 24 rows / 5
+    assert many == one and one["routing"]["same_ids"] == ROWS - 1
+    values = sorted(max(r["weights"]) for r in _rows(runs[0]) if r["weights"])
+    width = (max(values) - min(values)) / compare.QUANTILE_BINS
+    assert one["confidence"]["A"]["p50"] == pytest.approx(values[len(values) // 2], abs=2 * width + 1e-6)
