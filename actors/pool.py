@@ -103,6 +103,18 @@ def _indexed(device: torch.device) -> torch.device:
     return device
 
 
+def _bound(max_resident: int | str | ResidencyBound | None, model: nn.Module, memory_headroom: float) -> ResidencyBound:
+    """The residency bound asked for, as the pool applies it: auto without a device budget (the
+    CPU) is the whole pool."""
+    if not 0 <= memory_headroom < 1:
+        raise ValueError(f"memory_headroom={memory_headroom!r}: give the share of device memory left free for "
+                         "activations and the allocator, >= 0 and < 1 (e.g. 0.1)")
+    bound = max_resident if isinstance(max_resident, ResidencyBound) else parse_max_resident(max_resident)
+    if bound.auto and any(device_budget(d, memory_headroom) is None for d in {p.device for p in model.parameters()}):
+        return ResidencyBound()
+    return bound
+
+
 def device_budget(device: torch.device, headroom: float, reserved: int = 0) -> DeviceBudget | None:
     """What `device` can give adapter slots now (CUDA), or None where memory is not the device's own
     to budget (the CPU: the whole pool)."""
@@ -135,15 +147,9 @@ class AdapterPool:
         if isinstance(adapters, (list, tuple)):
             adapters = sorted(adapters, key=lambda a: a.name)
         self.dtype, self.device = dtype, torch.device(device)
-        self.bound = max_resident if isinstance(max_resident, ResidencyBound) else parse_max_resident(max_resident)
-        if not 0 <= memory_headroom < 1:
-            raise ValueError(f"memory_headroom={memory_headroom!r}: give the share of device memory left free for "
-                             "activations and the allocator, >= 0 and < 1 (e.g. 0.1)")
+        self.bound = _bound(max_resident, model, memory_headroom)
         self.memory_headroom = memory_headroom
         self.kv_cache = {_indexed(torch.device(d)): n for d, n in (kv_cache or {}).items()}
-        if self.bound.auto and any(device_budget(d, memory_headroom) is None
-                                   for d in {p.device for p in model.parameters()}):
-            self.bound = ResidencyBound()  # auto without a device budget (the CPU): the whole pool
         self.routing_index = RoutingIndex(tuple(index_modules), index_with_B, self.device)
         self.entries: list[AdapterEntry] = []
         self._host: dict[str, Adapter] = {}
@@ -154,18 +160,21 @@ class AdapterPool:
         dims: dict[str, tuple[int, int]] = {}  # module path -> (d_in, d_out)
         itemsize = self.itemsize = torch.tensor([], dtype=dtype).element_size()
         for adapter in adapters:
+            if adapter.shapes is not None and (self.bound.unbounded or reread is None):
+                raise ValueError(f"adapter {adapter.name!r} was read without all its factors; a pool holding every "
+                                 "adapter resident, or with no reread, needs them all (read it with only=None)")
             validate_adapter(adapter, model)
             _check_range(adapter, dtype)
             if self.entries and adapter.name <= self.entries[-1].name:
                 raise AdapterError(f"adapters must come in name order; {adapter.name!r} follows "
                                    f"{self.entries[-1].name!r}")
             self.routing_index.add(adapter)
+            shapes = adapter.module_shapes()
             self.entries.append(AdapterEntry(
-                name=adapter.name, path=adapter.path,
-                ranks={m: f.rank for m, f in adapter.factors.items()},
-                nbytes=sum(f.A.numel() + f.B.numel() for f in adapter.factors.values()) * itemsize))
-            dims.update({m: (f.A.shape[1], f.B.shape[0]) for m, f in adapter.factors.items()})
-            for m in adapter.factors:
+                name=adapter.name, path=adapter.path, ranks={m: r for m, (r, _, _) in shapes.items()},
+                nbytes=sum(r * (d_in + d_out) for r, d_in, d_out in shapes.values()) * itemsize))
+            dims.update({m: (d_in, d_out) for m, (_, d_in, d_out) in shapes.items()})
+            for m in shapes:
                 if m not in self.module_device:
                     self.module_device[m] = model.get_submodule(m).weight.device
             if reread is None:
@@ -234,12 +243,15 @@ class AdapterPool:
         fingerprint (a job's `_job.json`), checked at every read of an adapter, at start-up and after
         an eviction, so that a file replaced mid-run stops the run instead of mixing two versions."""
         sources = resolve_sources(adapters)
+        # with a bounded residency only the routing index's tensors are read now; an adapter's full
+        # factors when it becomes resident (`_load`)
+        only = None if _bound(max_resident, model, memory_headroom).unbounded else tuple(index_modules)
 
-        def read(name: str, path: Path) -> Adapter:
+        def read(name: str, path: Path, only: tuple[str, ...] | None = None) -> Adapter:
             files = {f"{name}/{file}": Path(path) / file for file in (CONFIG_FILE, WEIGHTS_FILE)}
-            return read_pinned(files, pins, lambda: read_adapter(name, path, model), f"adapter {name!r}")
+            return read_pinned(files, pins, lambda: read_adapter(name, path, model, only), f"adapter {name!r}")
 
-        reading = (read(name, path) for name, path in sorted(sources.items()))
+        reading = (read(name, path, only) for name, path in sorted(sources.items()))
         return cls(reading, model, dtype, torch.device(device), index_modules, index_with_B, max_resident,
                    reread=lambda entry: read(entry.name, entry.path), memory_headroom=memory_headroom,
                    kv_cache=kv_cache)
@@ -296,6 +308,7 @@ class AdapterPool:
         if {m: f.rank for m, f in adapter.factors.items()} != entry.ranks:
             raise AdapterError(f"adapter {entry.name!r} at {entry.path} changed since the pool was read (its modules "
                                "or ranks differ); keep adapter files unchanged while a job runs")
+        _check_range(adapter, self.dtype)  # its modules outside the index are first read now
         factors = self._device_factors(adapter)
         for m in self.modules:
             if m in factors:

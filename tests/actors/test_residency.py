@@ -93,6 +93,75 @@ def test_adapters_are_read_one_at_a_time(tiny_dir, big_pool, monkeypatch):
     assert pool.nbytes == 0 and pool.routing_index.nbytes > 0
 
 
+class _CountingOpen:
+    """`safe_open` that counts the bytes of every tensor taken from a file, by file."""
+
+    def __init__(self, real):
+        self.real, self.read = real, {}
+
+    def __call__(self, filename, *args, **kwargs):
+        counter = self
+
+        class Handle:
+            def __enter__(self):
+                self.f = counter.real(filename, *args, **kwargs).__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return self.f.__exit__(*exc)
+
+            def get_tensor(self, key):
+                t = self.f.get_tensor(key)
+                counter.read[filename] = counter.read.get(filename, 0) + t.nbytes
+                return t
+
+            def __getattr__(self, attr):
+                return getattr(self.f, attr)
+
+        return Handle()
+
+
+def _tensor_bytes(root, names, only=None):
+    from safetensors import safe_open
+
+    total = 0
+    for name in names:
+        with safe_open(str(root / name / "adapter_model.safetensors"), "pt") as f:
+            for key in f.keys():
+                module = key.split(".lora_")[0]
+                if only is None or module.rsplit(".", 1)[-1] in only:
+                    total += f.get_tensor(key).nbytes
+    return total
+
+
+def test_a_bounded_pool_reads_only_the_index_tensors_at_start_up(tiny_dir, big_pool, monkeypatch):
+    import actors.adapters
+
+    model = load_base(tiny_dir, torch.float32, torch.device("cpu"))[0]
+    full = AdapterPool.load(big_pool, model)  # every adapter resident: every tensor read
+    counting = _CountingOpen(actors.adapters.safe_open)
+    monkeypatch.setattr(actors.adapters, "safe_open", counting)
+    pool = AdapterPool.load(big_pool, model, max_resident=4)
+    names = sorted(p.name for p in big_pool.iterdir())
+    index_bytes, all_bytes = _tensor_bytes(big_pool, names, actors.pool.INDEX_MODULES), _tensor_bytes(big_pool, names)
+    assert 0 < index_bytes < all_bytes
+    assert sum(counting.read.values()) == index_bytes  # start-up: the index's tensors, nothing else
+    assert len(counting.read) == N_ADAPTERS
+    # the same pool as a full read: entries (ranks, sizes), dims, slots and the index itself
+    assert pool.entries == full.entries and pool.dims == full.dims and pool.slot_ranks == full.slot_ranks
+    for path, f in full.routing_index.factors.items():
+        g = pool.routing_index.get(path)
+        assert torch.equal(f.A, g.A) and torch.equal(f.G, g.G) and torch.equal(f.present, g.present)
+    counting.read.clear()
+    got = pool.acquire([3, 10])  # becoming resident reads the full factors, of those two only
+    assert sum(counting.read.values()) == _tensor_bytes(big_pool, [names[3], names[10]])
+    want = full.acquire([3, 10])
+    for i in (3, 10):
+        assert got[i].keys() == want[i].keys()
+        assert all(torch.equal(got[i][m][0], want[i][m][0]) and torch.equal(got[i][m][1], want[i][m][1])
+                   for m in want[i])
+
+
 def test_an_adapter_changed_on_disk_is_refused_when_loaded_again(tiny_dir, tmp_path):
     root = tiny_pool(tiny_dir, tmp_path / "pool", 6, seed=3)
     model = load_base(tiny_dir, torch.float32, torch.device("cpu"))[0]
