@@ -186,6 +186,21 @@ def read_header(name: str, weights_file: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def header_shapes(path: Path) -> dict[str, tuple[int, int, int]] | None:
+    """Module path -> (rank, d_in, d_out) declared by an adapter directory's safetensors header (a
+    few KiB read), or None when the header cannot say (`read_adapter` then names what is wrong)."""
+    try:
+        declared: dict[str, dict[str, tuple[int, ...]]] = {}
+        for key, shape in read_header(path.name, Path(path) / WEIGHTS_FILE).items():
+            m = KEY_RE.match(key)
+            if m is None or len(shape) != 2:
+                return None
+            declared.setdefault(m["module"], {})[m["factor"]] = shape
+        return {module: (pair["A"][0], pair["A"][1], pair["B"][0]) for module, pair in declared.items()}
+    except (OSError, AdapterError, KeyError):
+        return None
+
+
 def read_adapter(name: str, path: str | Path, model: nn.Module | None = None,
                  only: tuple[str, ...] | None = None) -> Adapter:
     """Read one PEFT LoRA adapter directory (safetensors only) into CPU float32 factors.

@@ -19,10 +19,11 @@ adapter's full bfloat16 factors on all seven modules (84 MB).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
-from actors.adapters import Adapter
+from actors.adapters import Adapter, AdapterError
 
 SCORE_CHUNK = 1024  # adapters scored at once: bounds the (rows, chunk, d_out) tensor of the entropy signal
 
@@ -45,12 +46,24 @@ class RoutingIndex:
     """Float32 probe factors of every adapter at every module whose last name is in `modules`.
 
     Built one adapter at a time (`add`, in pool order, then `finish`), so that a pool is never
-    held in memory whole: only the index's share of each adapter stays."""
+    held in memory whole: only the index's share of each adapter stays. Given the pool's size and
+    every indexed path's shape (`n`, `shapes`: path -> (largest rank, d_in, d_out), from the files'
+    headers), the stacked tensors are allocated once on `device` and filled in place, never held
+    twice; without them the pieces are kept and stacked at `finish`."""
 
-    def __init__(self, modules: tuple[str, ...], with_B: bool, device: torch.device):
+    def __init__(self, modules: tuple[str, ...], with_B: bool, device: torch.device, n: int | None = None,
+                 shapes: Mapping[str, tuple[int, int, int]] | None = None):
         self.modules, self.with_B, self.device = tuple(modules), with_B, device
         self._held: list[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = []
         self.factors: dict[str, ProbeFactors] = {}
+        self._filled: dict[str, ProbeFactors] | None = None
+        self._added = 0
+        if n is not None and shapes is not None:
+            self._filled = {
+                p: ProbeFactors(A=torch.zeros(n, r, d_in, device=device), G=torch.zeros(n, r, r, device=device),
+                                B=torch.zeros(n, d_out, r, device=device) if with_B else None,
+                                present=torch.zeros(n, dtype=torch.bool, device=device))
+                for p, (r, d_in, d_out) in sorted(shapes.items()) if p.rsplit(".", 1)[-1] in self.modules}
 
     def add(self, adapter: Adapter) -> None:
         """Keep `adapter`'s probe factors (the next pool index)."""
@@ -59,12 +72,35 @@ class RoutingIndex:
             if path.rsplit(".", 1)[-1] not in self.modules:
                 continue
             cB = f.B.double() * f.scale  # (d_out, r)
-            held[path] = (f.A.float().clone(), (cB.T @ cB).float(),  # (r, d_in), (r, r) summed in float64
-                          cB.float() if self.with_B else None)
-        self._held.append(held)
+            A, G, B = f.A.float(), (cB.T @ cB).float(), cB.float() if self.with_B else None  # G summed in float64
+            if self._filled is None:
+                held[path] = (A.clone(), G, B)
+                continue
+            into, r = self._filled.get(path), f.rank
+            if into is None or r > into.A.shape[1] or tuple(A.shape[1:]) != tuple(into.A.shape[2:]):
+                raise AdapterError(f"adapter {adapter.name!r}: module {path!r} (rank {r}) differs from its file's "
+                                   "header read when the pool was listed; keep adapter files unchanged while a "
+                                   "job runs")
+            i = self._added
+            into.A[i, :r].copy_(A)
+            into.G[i, :r, :r].copy_(G)
+            if into.B is not None:
+                into.B[i, :, :r].copy_(B)
+            into.present[i] = True
+        if self._filled is None:
+            self._held.append(held)
+        self._added += 1
 
     def finish(self) -> "RoutingIndex":
-        """Stack what `add` kept, per module path, zero-padded to its largest rank."""
+        """Stack what `add` kept, per module path, zero-padded to its largest rank (or take the
+        tensors filled in place)."""
+        if self._filled is not None:
+            n = next(iter(self._filled.values())).A.shape[0] if self._filled else self._added
+            if self._added != n:
+                raise ValueError(f"the routing index was sized for {n} adapters, {self._added} were added")
+            self.factors = {p: f for p, f in self._filled.items() if bool(f.present.any())}
+            self._filled = None
+            return self
         paths = sorted({p for held in self._held for p in held})
         self.factors = {p: self._stack(p) for p in paths}
         self._held = []

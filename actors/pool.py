@@ -27,8 +27,8 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from actors.adapters import (CONFIG_FILE, WEIGHTS_FILE, Adapter, AdapterError, read_adapter, resolve_sources,
-                             validate_adapter)
+from actors.adapters import (CONFIG_FILE, WEIGHTS_FILE, Adapter, AdapterError, header_shapes, read_adapter,
+                             resolve_sources, validate_adapter)
 from actors.fingerprint import read_pinned
 from actors.index import RoutingIndex
 from actors.residency import (Residency, ResidencyBound, format_bytes, parse_max_resident, slot_nbytes,
@@ -103,6 +103,15 @@ def _indexed(device: torch.device) -> torch.device:
     return device
 
 
+def _largest(shapes: list[Mapping[str, tuple[int, int, int]]]) -> dict[str, tuple[int, int, int]]:
+    """Module path -> (largest rank, d_in, d_out) over adapters' module shapes."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for each in shapes:
+        for m, (r, d_in, d_out) in each.items():
+            out[m] = (max(r, out[m][0]), d_in, d_out) if m in out else (r, d_in, d_out)
+    return out
+
+
 def _bound(max_resident: int | str | ResidencyBound | None, model: nn.Module, memory_headroom: float) -> ResidencyBound:
     """The residency bound asked for, as the pool applies it: auto without a device budget (the
     CPU) is the whole pool."""
@@ -137,8 +146,11 @@ class AdapterPool:
                  index_modules: tuple[str, ...] = INDEX_MODULES, index_with_B: bool = False,
                  max_resident: int | str | ResidencyBound | None = None,
                  reread: Callable[[AdapterEntry], Adapter] | None = None, memory_headroom: float = MEMORY_HEADROOM,
-                 kv_cache: Mapping[torch.device, int] | None = None):
-        """`adapters`: in name order when an iterator (a list is sorted here). `reread`: reads an
+                 kv_cache: Mapping[torch.device, int] | None = None,
+                 index_shapes: tuple[int, Mapping[str, tuple[int, int, int]]] | None = None):
+        """`adapters`: in name order when an iterator (a list is sorted here). `index_shapes`: the
+        number of adapters and module path -> (largest rank, d_in, d_out) over them (from the files'
+        headers), so that the routing index is filled in place (a list gives them itself). `reread`: reads an
         adapter again for a later load; None keeps the given adapters' host copies for that.
         `memory_headroom`: with max_resident auto, the share of each device's memory left free;
         `kv_cache`: bytes to keep free on each device for the KV cache of a full batch (auto only).
@@ -150,7 +162,10 @@ class AdapterPool:
         self.bound = _bound(max_resident, model, memory_headroom)
         self.memory_headroom = memory_headroom
         self.kv_cache = {_indexed(torch.device(d)): n for d, n in (kv_cache or {}).items()}
-        self.routing_index = RoutingIndex(tuple(index_modules), index_with_B, self.device)
+        if index_shapes is None and isinstance(adapters, list):
+            index_shapes = (len(adapters), _largest([a.module_shapes() for a in adapters]))
+        n, shapes = index_shapes or (None, None)
+        self.routing_index = RoutingIndex(tuple(index_modules), index_with_B, self.device, n, shapes)
         self.entries: list[AdapterEntry] = []
         self._host: dict[str, Adapter] = {}
         self._reread = reread
@@ -252,9 +267,11 @@ class AdapterPool:
             return read_pinned(files, pins, lambda: read_adapter(name, path, model, only), f"adapter {name!r}")
 
         reading = (read(name, path, only) for name, path in sorted(sources.items()))
+        headers = [header_shapes(path) for path in sources.values()]  # a few KiB each: sizes the index
+        index_shapes = None if None in headers else (len(headers), _largest(headers))
         return cls(reading, model, dtype, torch.device(device), index_modules, index_with_B, max_resident,
                    reread=lambda entry: read(entry.name, entry.path), memory_headroom=memory_headroom,
-                   kv_cache=kv_cache)
+                   kv_cache=kv_cache, index_shapes=index_shapes)
 
     def __len__(self) -> int:
         return len(self.names)

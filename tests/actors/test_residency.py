@@ -289,3 +289,24 @@ def test_an_auto_budget_below_k_is_refused(tiny_dir, big_pool, monkeypatch):
                         lambda device, headroom, reserved=0: actors.pool.DeviceBudget(device, 1000, 1000, 0, 0))
     with pytest.raises(ValueError, match=r"max_resident=auto holds 0 adapter slots.*KV cache.*batch_size"):
         LoGoPredictor(tiny_dir, big_pool, max_resident="auto", **OPTIONS)
+
+
+def test_the_routing_index_is_filled_in_place(tiny_dir, big_pool, monkeypatch):
+    from actors.adapters import read_adapter
+    from actors.index import RoutingIndex
+
+    model = load_base(tiny_dir, torch.float32, torch.device("cpu"))[0]
+    names = sorted(p.name for p in big_pool.iterdir())
+    stacked = AdapterPool((read_adapter(n, big_pool / n) for n in names), model, torch.float32, torch.device("cpu"),
+                          index_with_B=True).routing_index  # an iterator, no sizes: pieces stacked at the end
+
+    def no_stack(self, path):
+        raise AssertionError("the index was stacked from pieces")
+
+    monkeypatch.setattr(RoutingIndex, "_stack", no_stack)
+    for bound in (None, 4):
+        index = AdapterPool.load(big_pool, model, index_with_B=True, max_resident=bound).routing_index
+        assert index.factors.keys() == stacked.factors.keys() and index._held == []
+        for path, f in stacked.factors.items():
+            g = index.get(path)
+            assert all(torch.equal(getattr(f, k), getattr(g, k)) for k in ("A", "G", "B", "present"))
