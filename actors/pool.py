@@ -2,8 +2,10 @@
 
 Adapters are read one at a time, in name order (index order is name order, which is what makes
 routing ties deterministic): each is validated against the base model, its probe factors go into
-the routing index (float32, small: see `actors.index`), and its full factors are dropped unless the
-residency keeps them. The full factors of resident adapters live in slots of stacked storage, per
+the routing index (float32, small: see `actors.index`, sized from the files' headers and filled in
+place), and its full factors are dropped unless the residency keeps them. With a bounded residency
+`load` reads only the index modules' tensors at start-up (the other modules' shapes from the
+header); the full factors are read, and checked, when an adapter becomes resident. The full factors of resident adapters live in slots of stacked storage, per
 adapted module
 
     A     (S, r_m, d_in)     slot s holds adapter A rows 0..r-1, zeros after them

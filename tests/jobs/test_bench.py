@@ -205,3 +205,18 @@ def test_the_gpu_check_runs_its_four_parts_on_the_cpu(capsys):
     if not torch.cuda.is_available():
         assert main(["bench", "--gpu"]) == 2
         assert "no CUDA device is visible" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_startup_benchmark_counts_the_index_read_against_the_full_read(tmp_path):
+    from jobs.benchmarks import startup
+
+    result = startup.run(12, log=lambda msg: None, work=tmp_path)
+    runs = result["runs"]
+    assert len(runs) == 6 and {(r["actors"], r["mode"]) for r in runs} == {(n, m) for n in (1, 2) for m in
+                                                                              ("before", "after")}
+    full = result["disk_bytes"]
+    for r in runs:  # before: every tensor of every file (float32 on disk); after: q_proj and v_proj only
+        assert (r["bytes_read"] < full) and (r["bytes_read"] > full * 0.99 if r["mode"] == "before"
+                                             else r["bytes_read"] < full * 0.6)
+    assert "| 2 |" in startup.table(result)
