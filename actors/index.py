@@ -18,13 +18,19 @@ adapter's full bfloat16 factors on all seven modules (84 MB).
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from actors.adapters import Adapter, AdapterError
 
+INDEX_FORMAT = "logo-routing-index-1"  # written in a shared index file's metadata
 SCORE_CHUNK = 1024  # adapters scored at once: bounds the (rows, chunk, d_out) tensor of the entropy signal
 
 
@@ -130,11 +136,70 @@ class RoutingIndex:
     def nbytes(self) -> int:
         return sum(f.nbytes for f in self.factors.values())
 
+    def save(self, path: Path, names: tuple[str, ...]) -> None:
+        """Write the finished index as one safetensors file (to a temporary name, then renamed, so a
+        reader sees the whole file or none); `names`: the pool's adapters, in index order."""
+        tensors = {}
+        for p, f in self.factors.items():
+            for k in ("A", "G", "B", "present"):
+                if getattr(f, k) is not None:  # all float32 (present as 0/1): every tensor 4-byte aligned
+                    tensors[f"{p}/{k}"] = getattr(f, k).float().contiguous().cpu()
+        meta = {"format": INDEX_FORMAT, "modules": json.dumps(self.modules), "with_B": json.dumps(self.with_B),
+                "names": json.dumps(list(names))}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+
+    @classmethod
+    def open(cls, path: Path, modules: tuple[str, ...], with_B: bool, device: torch.device,
+             names: tuple[str, ...]) -> "RoutingIndex | None":
+        """The index written by `save` (memory-mapped on the CPU), or None when the file is not
+        there or was built for other modules, signal or adapters."""
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except (OSError, SafetensorError):
+            return None
+        if (meta.get("format") != INDEX_FORMAT or meta.get("modules") != json.dumps(tuple(modules))
+                or meta.get("with_B") != json.dumps(with_B) or meta.get("names") != json.dumps(list(names))):
+            return None
+        try:
+            tensors = _mapped(path)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError):  # not a file `save` wrote: rebuilt
+            return None
+        tensors = {k: (t.bool() if k.endswith("/present") else t).to(device) for k, t in tensors.items()}
+        index = cls(modules, with_B, device)
+        paths = sorted({k.rsplit("/", 1)[0] for k in tensors})
+        index.factors = {p: ProbeFactors(A=tensors[f"{p}/A"], G=tensors[f"{p}/G"], B=tensors.get(f"{p}/B"),
+                                         present=tensors[f"{p}/present"]) for p in paths}
+        return index
+
     def get(self, path: str) -> ProbeFactors:
         if path not in self.factors:
             raise ValueError(f"the routing index holds modules named {list(self.modules)}, not {path!r}; build "
                              "the pool with index_modules that include it")
         return self.factors[path]
+
+
+def _mapped(path: Path) -> dict[str, torch.Tensor]:
+    """The float32 tensors of a safetensors file as views of one copy-on-write memory map of it
+    (pages shared with every process mapping the file, until written)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    flat = torch.tensor([], dtype=torch.float32).set_(storage, 0, (size // 4,))  # the file as float32 (8 + n: 8-aligned)
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        if info["dtype"] != "F32" or (8 + n + begin) % 4:
+            raise ValueError(f"{path}: tensor {key!r} is not an aligned float32 tensor; delete the file to rebuild it")
+        out[key] = flat[(8 + n + begin) // 4:(8 + n + end) // 4].view(info["shape"])
+    return out
 
 
 def pair_scores(h: torch.Tensor, f: ProbeFactors, signal: str) -> torch.Tensor:

@@ -22,6 +22,8 @@ resident, and where, never changes an output.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -32,7 +34,7 @@ from torch import nn
 from actors.adapters import (CONFIG_FILE, WEIGHTS_FILE, Adapter, AdapterError, header_shapes, read_adapter,
                              resolve_sources, validate_adapter)
 from actors.fingerprint import read_pinned
-from actors.index import RoutingIndex
+from actors.index import INDEX_FORMAT, RoutingIndex
 from actors.residency import (Residency, ResidencyBound, format_bytes, parse_max_resident, slot_nbytes,
                               slot_rank)
 
@@ -105,6 +107,26 @@ def _indexed(device: torch.device) -> torch.device:
     return device
 
 
+def pool_digest(sources: Mapping[str, Path], pins: Mapping[str, str] | None, index_modules: tuple[str, ...],
+                with_B: bool) -> str:
+    """The version of a pool's routing index: sha256 over every adapter file's pin (or its size,
+    mtime and inode without one) and the index's modules and signal."""
+    h = hashlib.sha256(json.dumps([INDEX_FORMAT, list(index_modules), with_B]).encode())
+    for name, path in sorted(sources.items()):
+        for file in (CONFIG_FILE, WEIGHTS_FILE):
+            key = f"{name}/{file}"
+            if pins is not None and key in pins:
+                stamp = pins[key]
+            else:
+                try:
+                    st = (Path(path) / file).stat()
+                    stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+                except OSError:
+                    stamp = "missing"
+            h.update(f"{key}={stamp}\n".encode())
+    return h.hexdigest()
+
+
 def _largest(shapes: list[Mapping[str, tuple[int, int, int]]]) -> dict[str, tuple[int, int, int]]:
     """Module path -> (largest rank, d_in, d_out) over adapters' module shapes."""
     out: dict[str, tuple[int, int, int]] = {}
@@ -149,10 +171,12 @@ class AdapterPool:
                  max_resident: int | str | ResidencyBound | None = None,
                  reread: Callable[[AdapterEntry], Adapter] | None = None, memory_headroom: float = MEMORY_HEADROOM,
                  kv_cache: Mapping[torch.device, int] | None = None,
-                 index_shapes: tuple[int, Mapping[str, tuple[int, int, int]]] | None = None):
+                 index_shapes: tuple[int, Mapping[str, tuple[int, int, int]]] | None = None,
+                 routing_index: RoutingIndex | None = None):
         """`adapters`: in name order when an iterator (a list is sorted here). `index_shapes`: the
         number of adapters and module path -> (largest rank, d_in, d_out) over them (from the files'
-        headers), so that the routing index is filled in place (a list gives them itself). `reread`: reads an
+        headers), so that the routing index is filled in place (a list gives them itself);
+        `routing_index`: one already built for these adapters (a shared index file), used as is. `reread`: reads an
         adapter again for a later load; None keeps the given adapters' host copies for that.
         `memory_headroom`: with max_resident auto, the share of each device's memory left free;
         `kv_cache`: bytes to keep free on each device for the KV cache of a full batch (auto only).
@@ -167,7 +191,8 @@ class AdapterPool:
         if index_shapes is None and isinstance(adapters, list):
             index_shapes = (len(adapters), _largest([a.module_shapes() for a in adapters]))
         n, shapes = index_shapes or (None, None)
-        self.routing_index = RoutingIndex(tuple(index_modules), index_with_B, self.device, n, shapes)
+        prebuilt = routing_index is not None
+        self.routing_index = routing_index or RoutingIndex(tuple(index_modules), index_with_B, self.device, n, shapes)
         self.entries: list[AdapterEntry] = []
         self._host: dict[str, Adapter] = {}
         self._reread = reread
@@ -185,7 +210,8 @@ class AdapterPool:
             if self.entries and adapter.name <= self.entries[-1].name:
                 raise AdapterError(f"adapters must come in name order; {adapter.name!r} follows "
                                    f"{self.entries[-1].name!r}")
-            self.routing_index.add(adapter)
+            if not prebuilt:
+                self.routing_index.add(adapter)
             shapes = adapter.module_shapes()
             self.entries.append(AdapterEntry(
                 name=adapter.name, path=adapter.path, ranks={m: r for m, (r, _, _) in shapes.items()},
@@ -200,7 +226,8 @@ class AdapterPool:
                 first.append(self._device_factors(adapter))
         if not self.entries:
             raise AdapterError("the adapter pool is empty; LoGo needs at least one adapter")
-        self.routing_index.finish()
+        if not prebuilt:
+            self.routing_index.finish()
         self.names: tuple[str, ...] = tuple(e.name for e in self.entries)
         self.paths: tuple[Path, ...] = tuple(e.path for e in self.entries)
         self._index = {name: i for i, name in enumerate(self.names)}
@@ -247,6 +274,7 @@ class AdapterPool:
         pins: Mapping[str, str] | None = None,
         memory_headroom: float = MEMORY_HEADROOM,
         kv_cache: Mapping[torch.device, int] | None = None,
+        index_cache: str | Path | None = None,
     ) -> "AdapterPool":
         """Read, validate and index a pool (a directory of adapter directories, or name -> path),
         one adapter at a time.
@@ -258,22 +286,40 @@ class AdapterPool:
         the CPU) and `kv_cache` (bytes per device) kept free, None for all of them (see
         `actors.residency`); `pins`: `<name>/<file>` ->
         fingerprint (a job's `_job.json`), checked at every read of an adapter, at start-up and after
-        an eviction, so that a file replaced mid-run stops the run instead of mixing two versions."""
+        an eviction, so that a file replaced mid-run stops the run instead of mixing two versions.
+        `index_cache`: a folder (the node's cache) where the routing index is kept as one safetensors
+        file per pool version (`routing-index/<digest>.safetensors`, the digest of the pins, or of
+        the files' size, mtime and inode without pins, and the index's modules): the first load
+        builds and writes it, later loads memory-map it and read no adapter tensor for it."""
         sources = resolve_sources(adapters)
-        # with a bounded residency only the routing index's tensors are read now; an adapter's full
-        # factors when it becomes resident (`_load`)
-        only = None if _bound(max_resident, model, memory_headroom).unbounded else tuple(index_modules)
+        names = tuple(sorted(sources))
+        shared = None if index_cache is None else (
+            Path(index_cache) / "routing-index" / f"{pool_digest(sources, pins, index_modules, index_with_B)}.safetensors")
+        prebuilt = None if shared is None else RoutingIndex.open(shared, tuple(index_modules), index_with_B,
+                                                                 torch.device(device), names)
+        # with a bounded residency only the routing index's tensors are read now (none with a shared
+        # index); an adapter's full factors when it becomes resident (`_load`)
+        bounded = not _bound(max_resident, model, memory_headroom).unbounded
+        only = None if not bounded else () if prebuilt is not None else tuple(index_modules)
 
         def read(name: str, path: Path, only: tuple[str, ...] | None = None) -> Adapter:
             files = {f"{name}/{file}": Path(path) / file for file in (CONFIG_FILE, WEIGHTS_FILE)}
             return read_pinned(files, pins, lambda: read_adapter(name, path, model, only), f"adapter {name!r}")
 
         reading = (read(name, path, only) for name, path in sorted(sources.items()))
-        headers = [header_shapes(path) for path in sources.values()]  # a few KiB each: sizes the index
-        index_shapes = None if None in headers else (len(headers), _largest(headers))
-        return cls(reading, model, dtype, torch.device(device), index_modules, index_with_B, max_resident,
+        index_shapes = None
+        if prebuilt is None:
+            headers = [header_shapes(path) for path in sources.values()]  # a few KiB each: sizes the index
+            index_shapes = None if None in headers else (len(headers), _largest(headers))
+        pool = cls(reading, model, dtype, torch.device(device), index_modules, index_with_B, max_resident,
                    reread=lambda entry: read(entry.name, entry.path), memory_headroom=memory_headroom,
-                   kv_cache=kv_cache, index_shapes=index_shapes)
+                   kv_cache=kv_cache, index_shapes=index_shapes, routing_index=prebuilt)
+        if shared is not None and prebuilt is None:
+            try:
+                pool.routing_index.save(shared, pool.names)
+            except OSError:  # a read-only cache: each load builds its own
+                pass
+        return pool
 
     def __len__(self) -> int:
         return len(self.names)

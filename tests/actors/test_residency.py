@@ -310,3 +310,41 @@ def test_the_routing_index_is_filled_in_place(tiny_dir, big_pool, monkeypatch):
         for path, f in stacked.factors.items():
             g = index.get(path)
             assert all(torch.equal(getattr(f, k), getattr(g, k)) for k in ("A", "G", "B", "present"))
+
+
+def test_the_routing_index_is_built_once_per_pool_version_and_shared(tiny_dir, tmp_path, monkeypatch):
+    import actors.adapters
+    from actors.fingerprint import ChangedFileError, fingerprint, tree_files
+
+    root = tiny_pool(tiny_dir, tmp_path / "pool", 6, seed=5)
+    model = load_base(tiny_dir, torch.float32, torch.device("cpu"))[0]
+    pins = {key: fingerprint(path) for key, path in tree_files(root).items()}
+    cache = tmp_path / "cache"
+    counting = _CountingOpen(actors.adapters.safe_open)
+    monkeypatch.setattr(actors.adapters, "safe_open", counting)
+    first = AdapterPool.load(root, model, max_resident=2, pins=pins, index_cache=cache)
+    files = sorted((cache / "routing-index").glob("*.safetensors"))
+    assert len(files) == 1 and sum(counting.read.values()) > 0
+    counting.read.clear()
+    second = AdapterPool.load(root, model, max_resident=2, pins=pins, index_cache=cache)
+    assert sum(counting.read.values()) == 0  # no adapter tensor read: the index comes from the file
+    assert second.entries == first.entries and second.dims == first.dims
+    for path, f in first.routing_index.factors.items():
+        g = second.routing_index.get(path)
+        assert torch.equal(f.A, g.A) and torch.equal(f.G, g.G) and torch.equal(f.present, g.present)
+    got, want = second.acquire([1, 4]), first.acquire([1, 4])  # full factors read when resident
+    assert all(torch.equal(got[i][m][0], want[i][m][0]) for i in want for m in want[i])
+    # an adapter replaced: under the old pins (the same index file) every adapter's pins are still checked
+    tiny_pool(tiny_dir, tmp_path / "other", 6, seed=9)
+    (root / "p003").rename(tmp_path / "old")
+    (tmp_path / "other" / "p003").rename(root / "p003")
+    with pytest.raises(ChangedFileError, match="'p003' file .* changed since the run started"):
+        AdapterPool.load(root, model, max_resident=2, pins=pins, index_cache=cache)
+    # the new pool version: a new file, built from its tensors
+    pins = {key: fingerprint(path) for key, path in tree_files(root).items()}
+    counting.read.clear()
+    third = AdapterPool.load(root, model, max_resident=2, pins=pins, index_cache=cache)
+    assert len(list((cache / "routing-index").glob("*.safetensors"))) == 2 and sum(counting.read.values()) > 0
+    fresh = AdapterPool.load(root, model, max_resident=2)
+    for path, f in fresh.routing_index.factors.items():
+        assert torch.equal(f.A, third.routing_index.get(path).A)
