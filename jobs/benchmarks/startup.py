@@ -9,7 +9,10 @@ random weights), N synthetic PEFT-format adapters are written to disk once; then
 
 - before: the full read (every adapter's every tensor read in float32, the routing index kept as
   per-adapter pieces and stacked at the end): the pool's code path before the index was read alone;
-- after: only the routing index's tensors read (q_proj and v_proj), the index filled in place.
+- after: only the routing index's tensors read (q_proj and v_proj), the index filled in place;
+- shared: the index memory-mapped from the node's cache file, written beforehand by one load (as a
+  job's calibration task does): no adapter tensor read (host peak counts the mapped index pages,
+  which the actors of a node share through the page cache).
 
 Per actor: bytes of tensors read at start-up (counted at `safe_open(...).get_tensor`), host peak
 RSS above the process's RSS with the model loaded, and seconds from the start of the load to the
@@ -29,6 +32,7 @@ import time
 from pathlib import Path
 
 SLOTS = 8
+MODES = ("before", "after", "shared")
 
 
 def write_pool(root: Path, n: int) -> None:
@@ -51,7 +55,7 @@ def _rss() -> int:
     return 0
 
 
-def actor(pool_dir: str, mode: str) -> dict:
+def actor(pool_dir: str, mode: str, cache: str | None = None) -> dict:
     """One actor's start-up (run in its own process): the figures as a dict."""
     import torch
 
@@ -89,7 +93,7 @@ def actor(pool_dir: str, mode: str) -> dict:
         actors.pool.header_shapes = lambda path: None
     base = _rss()
     start = time.perf_counter()
-    pool = AdapterPool.load(pool_dir, model, max_resident=SLOTS)
+    pool = AdapterPool.load(pool_dir, model, max_resident=SLOTS, index_cache=cache if mode == "shared" else None)
     loaded = time.perf_counter()
     router = Router(model, pool, RoutingConfig(k=4, calibration_score="raw"))
     ids = torch.randint(4, RATIO_8B.vocab, (1, 24))
@@ -110,9 +114,12 @@ def run(n: int, log, work: Path | None = None) -> dict:
         disk = sum(f.stat().st_size for f in pool_dir.rglob("*.safetensors"))
         log(f"wrote {n} adapters ({disk / 2**20:.0f} MiB) in {time.perf_counter() - t:.0f} s")
         results = []
+        cache = Path(tmp) / "cache"
         for actors_n in (1, 2):
-            for mode in ("before", "after"):
-                cmd = [sys.executable, "-m", "jobs.benchmarks.startup", str(pool_dir), mode]
+            for mode in MODES:
+                cmd = [sys.executable, "-m", "jobs.benchmarks.startup", str(pool_dir), mode, str(cache)]
+                if mode == "shared" and not cache.exists():  # the calibration task's load writes the file
+                    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                 procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(actors_n)]
                 outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
                 if any(p.returncode for p in procs):
@@ -127,18 +134,20 @@ def run(n: int, log, work: Path | None = None) -> dict:
 def table(result: dict) -> str:
     mib = 2**20
     lines = [f"{result['adapters']} adapters of the 8b-ratio shape ({result['disk_bytes'] / mib:.0f} MiB on disk), "
-             f"max_resident {result['slots']}; per actor (mean over the actors started together)", "",
-             "| actors | read before | read after | ratio | peak before | peak after | ratio | first row before "
-             "| first row after | ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"max_resident {result['slots']}; per actor (mean over the actors started together); ratios: "
+             "before / this", "",
+             "| actors | start-up | tensors read | ratio | host peak | ratio | first routed row | ratio |",
+             "|---|---|---|---|---|---|---|---|"]
     for n in (1, 2):
         def mean(mode, key):
             vals = [r[key] for r in result["runs"] if r["actors"] == n and r["mode"] == mode]
             return sum(vals) / len(vals)
-        rb, ra = mean("before", "bytes_read"), mean("after", "bytes_read")
-        pb, pa = mean("before", "peak_rss_above_model"), mean("after", "peak_rss_above_model")
-        tb, ta = mean("before", "first_row_s"), mean("after", "first_row_s")
-        lines.append(f"| {n} | {rb / mib:.0f} MiB | {ra / mib:.0f} MiB | {rb / ra:.2f}x | {pb / mib:.0f} MiB | "
-                     f"{pa / mib:.0f} MiB | {pb / max(pa, 1):.2f}x | {tb:.2f} s | {ta:.2f} s | {tb / ta:.2f}x |")
+        rb, pb, tb = (mean("before", k) for k in ("bytes_read", "peak_rss_above_model", "first_row_s"))
+        for mode in MODES:
+            r, p, t = (mean(mode, k) for k in ("bytes_read", "peak_rss_above_model", "first_row_s"))
+            lines.append(f"| {n} | {mode} | {r / mib:.0f} MiB | {rb / r:.2f}x | {p / mib:.0f} MiB | {pb / max(p, 1):.2f}x"
+                         f" | {t:.2f} s | {tb / t:.2f}x |" if r else
+                         f"| {n} | {mode} | 0 | - | {p / mib:.0f} MiB | {pb / max(p, 1):.2f}x | {t:.2f} s | {tb / t:.2f}x |")
     after = [r for r in result["runs"] if r["mode"] == "after"][0]
     lines += ["", f"routing index {after['index_bytes'] / mib:.1f} MiB, one adapter's full factors "
               f"{after['adapter_bytes'] / mib:.2f} MiB (float32); after: bytes read = the index's tensors "
@@ -147,4 +156,4 @@ def table(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    print(json.dumps(actor(sys.argv[1], sys.argv[2])))
+    print(json.dumps(actor(*sys.argv[1:4])))
