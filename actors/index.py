@@ -190,7 +190,7 @@ def _mapped(path: Path) -> dict[str, torch.Tensor]:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
-    flat = torch.tensor([], dtype=torch.float32).set_(storage, 0, (size // 4,))  # the file as float32 (8 + n: 8-aligned)
+    flat = torch.tensor([], dtype=torch.float32).set_(storage, 0, (size // 4,))  # as float32 (8 + n: 8-aligned)
     out = {}
     for key, info in header.items():
         if key == "__metadata__":

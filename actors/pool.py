@@ -5,7 +5,8 @@ routing ties deterministic): each is validated against the base model, its probe
 the routing index (float32, small: see `actors.index`, sized from the files' headers and filled in
 place), and its full factors are dropped unless the residency keeps them. With a bounded residency
 `load` reads only the index modules' tensors at start-up (the other modules' shapes from the
-header); the full factors are read, and checked, when an adapter becomes resident. The full factors of resident adapters live in slots of stacked storage, per
+header); the full factors are read, and checked, when an adapter becomes resident. The full
+factors of resident adapters live in slots of stacked storage, per
 adapted module
 
     A     (S, r_m, d_in)     slot s holds adapter A rows 0..r-1, zeros after them
@@ -293,8 +294,10 @@ class AdapterPool:
         builds and writes it, later loads memory-map it and read no adapter tensor for it."""
         sources = resolve_sources(adapters)
         names = tuple(sorted(sources))
-        shared = None if index_cache is None else (
-            Path(index_cache) / "routing-index" / f"{pool_digest(sources, pins, index_modules, index_with_B)}.safetensors")
+        shared = None
+        if index_cache is not None:
+            digest = pool_digest(sources, pins, index_modules, index_with_B)
+            shared = Path(index_cache) / "routing-index" / f"{digest}.safetensors"
         prebuilt = None if shared is None else RoutingIndex.open(shared, tuple(index_modules), index_with_B,
                                                                  torch.device(device), names)
         # with a bounded residency only the routing index's tensors are read now (none with a shared
