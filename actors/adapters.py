@@ -58,10 +58,19 @@ class Adapter:
     name: str
     path: Path
     factors: dict[str, LoraFactors]
+    shapes: dict[str, tuple[int, int, int]] | None = None
+    """Module path -> (rank, d_in, d_out) of every module the adapter adapts, from its file's header;
+    None when `factors` holds them all (a read of only some modules' tensors keeps the others' here)."""
 
     @property
     def nbytes(self) -> int:
         return sum(f.A.nbytes + f.B.nbytes for f in self.factors.values())
+
+    def module_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """Module path -> (rank, d_in, d_out) of every module the adapter adapts, read or not."""
+        if self.shapes is not None:
+            return self.shapes
+        return {m: (f.rank, int(f.A.shape[1]), int(f.B.shape[0])) for m, f in self.factors.items()}
 
 
 # safetensors dtype -> bytes per element; its own limit on the header size.
@@ -177,11 +186,30 @@ def read_header(name: str, weights_file: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def read_adapter(name: str, path: str | Path, model: nn.Module | None = None) -> Adapter:
+def header_shapes(path: Path) -> dict[str, tuple[int, int, int]] | None:
+    """Module path -> (rank, d_in, d_out) declared by an adapter directory's safetensors header (a
+    few KiB read), or None when the header cannot say (`read_adapter` then names what is wrong)."""
+    try:
+        declared: dict[str, dict[str, tuple[int, ...]]] = {}
+        for key, shape in read_header(path.name, Path(path) / WEIGHTS_FILE).items():
+            m = KEY_RE.match(key)
+            if m is None or len(shape) != 2:
+                return None
+            declared.setdefault(m["module"], {})[m["factor"]] = shape
+        return {module: (pair["A"][0], pair["A"][1], pair["B"][0]) for module, pair in declared.items()}
+    except (OSError, AdapterError, KeyError):
+        return None
+
+
+def read_adapter(name: str, path: str | Path, model: nn.Module | None = None,
+                 only: tuple[str, ...] | None = None) -> Adapter:
     """Read one PEFT LoRA adapter directory (safetensors only) into CPU float32 factors.
 
     The safetensors header is checked first (sizes against the file; with `model`, every factor's
     shape against its base module), so a file declaring huge tensors is refused before reading them.
+    `only`: read the tensors of just the modules whose last name is in it (the routing index's);
+    the others' shapes come from the header (`Adapter.shapes`), their tensors unread (so unchecked
+    for NaN until a full read).
     """
     path = Path(path)
     if not path.is_dir():
@@ -231,9 +259,12 @@ def read_adapter(name: str, path: str | Path, model: nn.Module | None = None) ->
         if model is not None:
             _check_shapes(name, module, A, B, model)
 
+    if not declared:
+        raise AdapterError(f"adapter {name!r}: {weights_file} holds no LoRA factors")
+    wanted = [m for m in sorted(declared) if only is None or m.rsplit(".", 1)[-1] in only]
     factors = {}
     with safe_open(str(weights_file), framework="pt") as f:
-        for module in sorted(declared):
+        for module in wanted:
             A = f.get_tensor(keys[module]["A"]).to(torch.float32)
             B = f.get_tensor(keys[module]["B"]).to(torch.float32)
             if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
@@ -243,9 +274,8 @@ def read_adapter(name: str, path: str | Path, model: nn.Module | None = None) ->
             a = float(_pattern_value(alpha_pattern, module, alpha))
             scale = a / math.sqrt(r) if use_rslora else a / r
             factors[module] = LoraFactors(A=A, B=B, scale=scale)
-    if not factors:
-        raise AdapterError(f"adapter {name!r}: {weights_file} holds no LoRA factors")
-    return Adapter(name=name, path=path, factors=factors)
+    shapes = None if only is None else {m: (pair["A"][0], pair["A"][1], pair["B"][0]) for m, pair in declared.items()}
+    return Adapter(name=name, path=path, factors=factors, shapes=shapes)
 
 
 def _check_shapes(name: str, module: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], model: nn.Module) -> None:
@@ -273,8 +303,8 @@ def _check_shapes(name: str, module: str, a_shape: tuple[int, ...], b_shape: tup
 
 def validate_adapter(adapter: Adapter, model: nn.Module) -> None:
     """Check that every adapted module exists in `model`, is a Linear layer, and matches the shapes."""
-    for module, f in adapter.factors.items():
-        _check_shapes(adapter.name, module, tuple(f.A.shape), tuple(f.B.shape), model)
+    for module, (r, d_in, d_out) in adapter.module_shapes().items():  # read or only declared
+        _check_shapes(adapter.name, module, (r, d_in), (d_out, r), model)
 
 
 def resolve_sources(adapters: str | Path | Mapping[str, str | Path]) -> dict[str, Path]:

@@ -2,8 +2,11 @@
 
 Adapters are read one at a time, in name order (index order is name order, which is what makes
 routing ties deterministic): each is validated against the base model, its probe factors go into
-the routing index (float32, small: see `actors.index`), and its full factors are dropped unless the
-residency keeps them. The full factors of resident adapters live in slots of stacked storage, per
+the routing index (float32, small: see `actors.index`, sized from the files' headers and filled in
+place), and its full factors are dropped unless the residency keeps them. With a bounded residency
+`load` reads only the index modules' tensors at start-up (the other modules' shapes from the
+header); the full factors are read, and checked, when an adapter becomes resident. The full
+factors of resident adapters live in slots of stacked storage, per
 adapted module
 
     A     (S, r_m, d_in)     slot s holds adapter A rows 0..r-1, zeros after them
@@ -20,6 +23,8 @@ resident, and where, never changes an output.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -27,10 +32,10 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from actors.adapters import (CONFIG_FILE, WEIGHTS_FILE, Adapter, AdapterError, read_adapter, resolve_sources,
-                             validate_adapter)
+from actors.adapters import (CONFIG_FILE, WEIGHTS_FILE, Adapter, AdapterError, header_shapes, read_adapter,
+                             resolve_sources, validate_adapter)
 from actors.fingerprint import read_pinned
-from actors.index import RoutingIndex
+from actors.index import INDEX_FORMAT, RoutingIndex
 from actors.residency import (Residency, ResidencyBound, format_bytes, parse_max_resident, slot_nbytes,
                               slot_rank)
 
@@ -103,6 +108,47 @@ def _indexed(device: torch.device) -> torch.device:
     return device
 
 
+def pool_digest(sources: Mapping[str, Path], pins: Mapping[str, str] | None, index_modules: tuple[str, ...],
+                with_B: bool) -> str:
+    """The version of a pool's routing index: sha256 over every adapter file's pin (or its size,
+    mtime and inode without one) and the index's modules and signal."""
+    h = hashlib.sha256(json.dumps([INDEX_FORMAT, list(index_modules), with_B]).encode())
+    for name, path in sorted(sources.items()):
+        for file in (CONFIG_FILE, WEIGHTS_FILE):
+            key = f"{name}/{file}"
+            if pins is not None and key in pins:
+                stamp = pins[key]
+            else:
+                try:
+                    st = (Path(path) / file).stat()
+                    stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+                except OSError:
+                    stamp = "missing"
+            h.update(f"{key}={stamp}\n".encode())
+    return h.hexdigest()
+
+
+def _largest(shapes: list[Mapping[str, tuple[int, int, int]]]) -> dict[str, tuple[int, int, int]]:
+    """Module path -> (largest rank, d_in, d_out) over adapters' module shapes."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for each in shapes:
+        for m, (r, d_in, d_out) in each.items():
+            out[m] = (max(r, out[m][0]), d_in, d_out) if m in out else (r, d_in, d_out)
+    return out
+
+
+def _bound(max_resident: int | str | ResidencyBound | None, model: nn.Module, memory_headroom: float) -> ResidencyBound:
+    """The residency bound asked for, as the pool applies it: auto without a device budget (the
+    CPU) is the whole pool."""
+    if not 0 <= memory_headroom < 1:
+        raise ValueError(f"memory_headroom={memory_headroom!r}: give the share of device memory left free for "
+                         "activations and the allocator, >= 0 and < 1 (e.g. 0.1)")
+    bound = max_resident if isinstance(max_resident, ResidencyBound) else parse_max_resident(max_resident)
+    if bound.auto and any(device_budget(d, memory_headroom) is None for d in {p.device for p in model.parameters()}):
+        return ResidencyBound()
+    return bound
+
+
 def device_budget(device: torch.device, headroom: float, reserved: int = 0) -> DeviceBudget | None:
     """What `device` can give adapter slots now (CUDA), or None where memory is not the device's own
     to budget (the CPU: the whole pool)."""
@@ -125,8 +171,13 @@ class AdapterPool:
                  index_modules: tuple[str, ...] = INDEX_MODULES, index_with_B: bool = False,
                  max_resident: int | str | ResidencyBound | None = None,
                  reread: Callable[[AdapterEntry], Adapter] | None = None, memory_headroom: float = MEMORY_HEADROOM,
-                 kv_cache: Mapping[torch.device, int] | None = None):
-        """`adapters`: in name order when an iterator (a list is sorted here). `reread`: reads an
+                 kv_cache: Mapping[torch.device, int] | None = None,
+                 index_shapes: tuple[int, Mapping[str, tuple[int, int, int]]] | None = None,
+                 routing_index: RoutingIndex | None = None):
+        """`adapters`: in name order when an iterator (a list is sorted here). `index_shapes`: the
+        number of adapters and module path -> (largest rank, d_in, d_out) over them (from the files'
+        headers), so that the routing index is filled in place (a list gives them itself);
+        `routing_index`: one already built for these adapters (a shared index file), used as is. `reread`: reads an
         adapter again for a later load; None keeps the given adapters' host copies for that.
         `memory_headroom`: with max_resident auto, the share of each device's memory left free;
         `kv_cache`: bytes to keep free on each device for the KV cache of a full batch (auto only).
@@ -135,16 +186,14 @@ class AdapterPool:
         if isinstance(adapters, (list, tuple)):
             adapters = sorted(adapters, key=lambda a: a.name)
         self.dtype, self.device = dtype, torch.device(device)
-        self.bound = max_resident if isinstance(max_resident, ResidencyBound) else parse_max_resident(max_resident)
-        if not 0 <= memory_headroom < 1:
-            raise ValueError(f"memory_headroom={memory_headroom!r}: give the share of device memory left free for "
-                             "activations and the allocator, >= 0 and < 1 (e.g. 0.1)")
+        self.bound = _bound(max_resident, model, memory_headroom)
         self.memory_headroom = memory_headroom
         self.kv_cache = {_indexed(torch.device(d)): n for d, n in (kv_cache or {}).items()}
-        if self.bound.auto and any(device_budget(d, memory_headroom) is None
-                                   for d in {p.device for p in model.parameters()}):
-            self.bound = ResidencyBound()  # auto without a device budget (the CPU): the whole pool
-        self.routing_index = RoutingIndex(tuple(index_modules), index_with_B, self.device)
+        if index_shapes is None and isinstance(adapters, list):
+            index_shapes = (len(adapters), _largest([a.module_shapes() for a in adapters]))
+        n, shapes = index_shapes or (None, None)
+        prebuilt = routing_index is not None
+        self.routing_index = routing_index or RoutingIndex(tuple(index_modules), index_with_B, self.device, n, shapes)
         self.entries: list[AdapterEntry] = []
         self._host: dict[str, Adapter] = {}
         self._reread = reread
@@ -154,18 +203,22 @@ class AdapterPool:
         dims: dict[str, tuple[int, int]] = {}  # module path -> (d_in, d_out)
         itemsize = self.itemsize = torch.tensor([], dtype=dtype).element_size()
         for adapter in adapters:
+            if adapter.shapes is not None and (self.bound.unbounded or reread is None):
+                raise ValueError(f"adapter {adapter.name!r} was read without all its factors; a pool holding every "
+                                 "adapter resident, or with no reread, needs them all (read it with only=None)")
             validate_adapter(adapter, model)
             _check_range(adapter, dtype)
             if self.entries and adapter.name <= self.entries[-1].name:
                 raise AdapterError(f"adapters must come in name order; {adapter.name!r} follows "
                                    f"{self.entries[-1].name!r}")
-            self.routing_index.add(adapter)
+            if not prebuilt:
+                self.routing_index.add(adapter)
+            shapes = adapter.module_shapes()
             self.entries.append(AdapterEntry(
-                name=adapter.name, path=adapter.path,
-                ranks={m: f.rank for m, f in adapter.factors.items()},
-                nbytes=sum(f.A.numel() + f.B.numel() for f in adapter.factors.values()) * itemsize))
-            dims.update({m: (f.A.shape[1], f.B.shape[0]) for m, f in adapter.factors.items()})
-            for m in adapter.factors:
+                name=adapter.name, path=adapter.path, ranks={m: r for m, (r, _, _) in shapes.items()},
+                nbytes=sum(r * (d_in + d_out) for r, d_in, d_out in shapes.values()) * itemsize))
+            dims.update({m: (d_in, d_out) for m, (_, d_in, d_out) in shapes.items()})
+            for m in shapes:
                 if m not in self.module_device:
                     self.module_device[m] = model.get_submodule(m).weight.device
             if reread is None:
@@ -174,7 +227,8 @@ class AdapterPool:
                 first.append(self._device_factors(adapter))
         if not self.entries:
             raise AdapterError("the adapter pool is empty; LoGo needs at least one adapter")
-        self.routing_index.finish()
+        if not prebuilt:
+            self.routing_index.finish()
         self.names: tuple[str, ...] = tuple(e.name for e in self.entries)
         self.paths: tuple[Path, ...] = tuple(e.path for e in self.entries)
         self._index = {name: i for i, name in enumerate(self.names)}
@@ -221,6 +275,7 @@ class AdapterPool:
         pins: Mapping[str, str] | None = None,
         memory_headroom: float = MEMORY_HEADROOM,
         kv_cache: Mapping[torch.device, int] | None = None,
+        index_cache: str | Path | None = None,
     ) -> "AdapterPool":
         """Read, validate and index a pool (a directory of adapter directories, or name -> path),
         one adapter at a time.
@@ -232,17 +287,42 @@ class AdapterPool:
         the CPU) and `kv_cache` (bytes per device) kept free, None for all of them (see
         `actors.residency`); `pins`: `<name>/<file>` ->
         fingerprint (a job's `_job.json`), checked at every read of an adapter, at start-up and after
-        an eviction, so that a file replaced mid-run stops the run instead of mixing two versions."""
+        an eviction, so that a file replaced mid-run stops the run instead of mixing two versions.
+        `index_cache`: a folder (the node's cache) where the routing index is kept as one safetensors
+        file per pool version (`routing-index/<digest>.safetensors`, the digest of the pins, or of
+        the files' size, mtime and inode without pins, and the index's modules): the first load
+        builds and writes it, later loads memory-map it and read no adapter tensor for it."""
         sources = resolve_sources(adapters)
+        names = tuple(sorted(sources))
+        shared = None
+        if index_cache is not None:
+            digest = pool_digest(sources, pins, index_modules, index_with_B)
+            shared = Path(index_cache) / "routing-index" / f"{digest}.safetensors"
+        prebuilt = None if shared is None else RoutingIndex.open(shared, tuple(index_modules), index_with_B,
+                                                                 torch.device(device), names)
+        # with a bounded residency only the routing index's tensors are read now (none with a shared
+        # index); an adapter's full factors when it becomes resident (`_load`)
+        bounded = not _bound(max_resident, model, memory_headroom).unbounded
+        only = None if not bounded else () if prebuilt is not None else tuple(index_modules)
 
-        def read(name: str, path: Path) -> Adapter:
+        def read(name: str, path: Path, only: tuple[str, ...] | None = None) -> Adapter:
             files = {f"{name}/{file}": Path(path) / file for file in (CONFIG_FILE, WEIGHTS_FILE)}
-            return read_pinned(files, pins, lambda: read_adapter(name, path, model), f"adapter {name!r}")
+            return read_pinned(files, pins, lambda: read_adapter(name, path, model, only), f"adapter {name!r}")
 
-        reading = (read(name, path) for name, path in sorted(sources.items()))
-        return cls(reading, model, dtype, torch.device(device), index_modules, index_with_B, max_resident,
+        reading = (read(name, path, only) for name, path in sorted(sources.items()))
+        index_shapes = None
+        if prebuilt is None:
+            headers = [header_shapes(path) for path in sources.values()]  # a few KiB each: sizes the index
+            index_shapes = None if None in headers else (len(headers), _largest(headers))
+        pool = cls(reading, model, dtype, torch.device(device), index_modules, index_with_B, max_resident,
                    reread=lambda entry: read(entry.name, entry.path), memory_headroom=memory_headroom,
-                   kv_cache=kv_cache)
+                   kv_cache=kv_cache, index_shapes=index_shapes, routing_index=prebuilt)
+        if shared is not None and prebuilt is None:
+            try:
+                pool.routing_index.save(shared, pool.names)
+            except OSError:  # a read-only cache: each load builds its own
+                pass
+        return pool
 
     def __len__(self) -> int:
         return len(self.names)
@@ -296,6 +376,7 @@ class AdapterPool:
         if {m: f.rank for m, f in adapter.factors.items()} != entry.ranks:
             raise AdapterError(f"adapter {entry.name!r} at {entry.path} changed since the pool was read (its modules "
                                "or ranks differ); keep adapter files unchanged while a job runs")
+        _check_range(adapter, self.dtype)  # its modules outside the index are first read now
         factors = self._device_factors(adapter)
         for m in self.modules:
             if m in factors:

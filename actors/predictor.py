@@ -92,6 +92,7 @@ class LoGoPredictor:
         device: str = "auto",
         prompt_column: str = "prompt",
         pins: Mapping[str, Mapping[str, str]] | None = None,
+        index_cache: str | Path | None = None,
         **shortcuts: Any,
     ):
         """`routing` and `generation` hold the options (actors.options); any of their fields may be
@@ -106,7 +107,8 @@ class LoGoPredictor:
         `generation.ordering`). `pins`: {"model": ..., "adapters": ...} (either may be left out),
         relative file name -> fingerprint (a job's `_job.json`): the model's and pool's files must be
         exactly these, each checked when it is read (`actors.fingerprint`); `ChangedFileError`
-        otherwise."""
+        otherwise. `index_cache`: a folder where the routing index is kept per pool version and
+        shared by the processes of a node (`AdapterPool.load`)."""
         routing, generation = build_options(routing, generation, shortcuts,
                                             ("model", "adapters", *LoGoPredictor.__init__.__kwdefaults__))
         calibration_score = routing.calibration_score
@@ -139,7 +141,8 @@ class LoGoPredictor:
         pool = AdapterPool.load(adapters, base, dtype=self.dtype, device=self.device,
                                 index_modules=routing.probe_modules, index_with_B=routing.signal == "entropy",
                                 max_resident=max_resident, memory_headroom=memory_headroom,
-                                kv_cache=self._kv_cache(base, batch_size, generation), pins=pins.get("adapters"))
+                                kv_cache=self._kv_cache(base, batch_size, generation), pins=pins.get("adapters"),
+                                index_cache=index_cache)
         raw = replace(routing, calibration_score="raw", min_confidence=None)  # until the statistics exist
         self.engine = LoGoEngine(base, self.tokenizer, pool, raw, generation)
         self.calibration = self._calibration(calibration, calibration_prompts)

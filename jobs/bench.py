@@ -20,6 +20,11 @@ the first output file, rows/s against the in-process predictor, rows decoded) an
 
     logo-batch bench --residency [--threads 1] [--out runs/bench-residency]
 
+    logo-batch bench --startup [--adapters 1000] [--out runs/bench-startup]
+
+Start-up of 1 and 2 actors on one node over a pool on disk: bytes read, host peak and seconds to
+the first routed row, the full read against the index-only read; see `jobs.benchmarks.startup`.
+
 Bounded residency and selection-aware ordering on 1,000 adapters, and one long prompt among short
 ones; see `jobs.benchmarks.residency`.
 """
@@ -61,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--residency", action="store_true",
                         help="only residency {8, 32, all} and selection-aware ordering on 1,000 adapters, and one "
                              "3,700-token prompt among 200 short ones")
+    parser.add_argument("--startup", action="store_true",
+                        help="only the pool's start-up: bytes read, host peak and seconds to the first routed row "
+                             "per actor (1 and 2 actors), the full read against the index-only read")
+    parser.add_argument("--adapters", type=int, default=1000, help="--startup: adapters in the pool on disk")
     parser.add_argument("--probe", action="store_true",
                         help="only the routing probe's cost per prompt, paper vs default, at N = 8, 256, 1000")
     pipe = parser.add_argument_group("--pipeline options")
@@ -164,6 +173,21 @@ def main(args: argparse.Namespace) -> int:
         print(f"residency and ordering ({machine()}, {torch.get_num_threads()} thread(s))")
         print(residency.tables(result))
         write_results(out / "results.md", "Residency and ordering benchmark", residency.tables(result))
+        return 0
+    if args.startup:
+        from jobs.benchmarks import startup
+
+        if args.adapters < 1:
+            print("logo-batch bench: --adapters must be >= 1", file=sys.stderr)
+            return 2
+        out = args.out if args.out != Path("runs/bench") else Path("runs/bench-startup")
+        result = startup.run(args.adapters, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        result["machine"] = machine()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench-startup.json").write_text(json.dumps(result, indent=1))
+        print(startup.table(result))
+        write_results(Path(__file__).parent / "benchmarks" / "results" / "startup.md", "Start-up benchmark",
+                      startup.table(result))
         return 0
     if args.probe:
         import torch

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from pipeline import inputs, storage
 from pipeline.config import CALIBRATION_SOURCES, ConfigError, InputConfig, JobConfig, StorageConfig
-from pipeline.fetch import local_copy, pinned_sources
+from pipeline.fetch import cache_root, local_copy, pinned_sources
 
 CONFIG_FILE = "adapter_config.json"
 """A PEFT adapter's configuration file (as `actors.adapters.CONFIG_FILE`, without importing torch:
@@ -47,6 +47,7 @@ def calibrate(model: str, adapters: str, prompts: list[str] | str, storage_cfg: 
     model, adapters, actor_pins = pinned_sources(model, adapters, storage_cfg, pins)
     if actor_pins is not None:
         routing["pins"] = actor_pins
+    routing.setdefault("index_cache", cache_root(storage_cfg))  # written for the actors of this node
     predictor = LoGoPredictor(model=model, adapters=adapters, calibration_prompts=prompts,
                               max_new_tokens=1, calibration_score="raw", **routing)
     return replace(predictor.calibration, source=source, seed=seed)

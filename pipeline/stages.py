@@ -42,6 +42,7 @@ def predictor_from_config(config: JobConfig, calibration: dict | None = None, pi
     model, adapters, actor_pins = fetch.pinned_sources(config.model.path, config.adapters.path, config.storage, pins)
     if actor_pins is not None:
         options["pins"] = actor_pins
+    options["index_cache"] = fetch.cache_root(config.storage)  # the routing index, built once per node
     return LoGoPredictor(model=model, adapters=adapters, **options)
 
 

@@ -93,6 +93,75 @@ def test_adapters_are_read_one_at_a_time(tiny_dir, big_pool, monkeypatch):
     assert pool.nbytes == 0 and pool.routing_index.nbytes > 0
 
 
+class _CountingOpen:
+    """`safe_open` that counts the bytes of every tensor taken from a file, by file."""
+
+    def __init__(self, real):
+        self.real, self.read = real, {}
+
+    def __call__(self, filename, *args, **kwargs):
+        counter = self
+
+        class Handle:
+            def __enter__(self):
+                self.f = counter.real(filename, *args, **kwargs).__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return self.f.__exit__(*exc)
+
+            def get_tensor(self, key):
+                t = self.f.get_tensor(key)
+                counter.read[filename] = counter.read.get(filename, 0) + t.nbytes
+                return t
+
+            def __getattr__(self, attr):
+                return getattr(self.f, attr)
+
+        return Handle()
+
+
+def _tensor_bytes(root, names, only=None):
+    from safetensors import safe_open
+
+    total = 0
+    for name in names:
+        with safe_open(str(root / name / "adapter_model.safetensors"), "pt") as f:
+            for key in f.keys():
+                module = key.split(".lora_")[0]
+                if only is None or module.rsplit(".", 1)[-1] in only:
+                    total += f.get_tensor(key).nbytes
+    return total
+
+
+def test_a_bounded_pool_reads_only_the_index_tensors_at_start_up(tiny_dir, big_pool, monkeypatch):
+    import actors.adapters
+
+    model = load_base(tiny_dir, torch.float32, torch.device("cpu"))[0]
+    full = AdapterPool.load(big_pool, model)  # every adapter resident: every tensor read
+    counting = _CountingOpen(actors.adapters.safe_open)
+    monkeypatch.setattr(actors.adapters, "safe_open", counting)
+    pool = AdapterPool.load(big_pool, model, max_resident=4)
+    names = sorted(p.name for p in big_pool.iterdir())
+    index_bytes, all_bytes = _tensor_bytes(big_pool, names, actors.pool.INDEX_MODULES), _tensor_bytes(big_pool, names)
+    assert 0 < index_bytes < all_bytes
+    assert sum(counting.read.values()) == index_bytes  # start-up: the index's tensors, nothing else
+    assert len(counting.read) == N_ADAPTERS
+    # the same pool as a full read: entries (ranks, sizes), dims, slots and the index itself
+    assert pool.entries == full.entries and pool.dims == full.dims and pool.slot_ranks == full.slot_ranks
+    for path, f in full.routing_index.factors.items():
+        g = pool.routing_index.get(path)
+        assert torch.equal(f.A, g.A) and torch.equal(f.G, g.G) and torch.equal(f.present, g.present)
+    counting.read.clear()
+    got = pool.acquire([3, 10])  # becoming resident reads the full factors, of those two only
+    assert sum(counting.read.values()) == _tensor_bytes(big_pool, [names[3], names[10]])
+    want = full.acquire([3, 10])
+    for i in (3, 10):
+        assert got[i].keys() == want[i].keys()
+        assert all(torch.equal(got[i][m][0], want[i][m][0]) and torch.equal(got[i][m][1], want[i][m][1])
+                   for m in want[i])
+
+
 def test_an_adapter_changed_on_disk_is_refused_when_loaded_again(tiny_dir, tmp_path):
     root = tiny_pool(tiny_dir, tmp_path / "pool", 6, seed=3)
     model = load_base(tiny_dir, torch.float32, torch.device("cpu"))[0]
@@ -220,3 +289,62 @@ def test_an_auto_budget_below_k_is_refused(tiny_dir, big_pool, monkeypatch):
                         lambda device, headroom, reserved=0: actors.pool.DeviceBudget(device, 1000, 1000, 0, 0))
     with pytest.raises(ValueError, match=r"max_resident=auto holds 0 adapter slots.*KV cache.*batch_size"):
         LoGoPredictor(tiny_dir, big_pool, max_resident="auto", **OPTIONS)
+
+
+def test_the_routing_index_is_filled_in_place(tiny_dir, big_pool, monkeypatch):
+    from actors.adapters import read_adapter
+    from actors.index import RoutingIndex
+
+    model = load_base(tiny_dir, torch.float32, torch.device("cpu"))[0]
+    names = sorted(p.name for p in big_pool.iterdir())
+    stacked = AdapterPool((read_adapter(n, big_pool / n) for n in names), model, torch.float32, torch.device("cpu"),
+                          index_with_B=True).routing_index  # an iterator, no sizes: pieces stacked at the end
+
+    def no_stack(self, path):
+        raise AssertionError("the index was stacked from pieces")
+
+    monkeypatch.setattr(RoutingIndex, "_stack", no_stack)
+    for bound in (None, 4):
+        index = AdapterPool.load(big_pool, model, index_with_B=True, max_resident=bound).routing_index
+        assert index.factors.keys() == stacked.factors.keys() and index._held == []
+        for path, f in stacked.factors.items():
+            g = index.get(path)
+            assert all(torch.equal(getattr(f, k), getattr(g, k)) for k in ("A", "G", "B", "present"))
+
+
+def test_the_routing_index_is_built_once_per_pool_version_and_shared(tiny_dir, tmp_path, monkeypatch):
+    import actors.adapters
+    from actors.fingerprint import ChangedFileError, fingerprint, tree_files
+
+    root = tiny_pool(tiny_dir, tmp_path / "pool", 6, seed=5)
+    model = load_base(tiny_dir, torch.float32, torch.device("cpu"))[0]
+    pins = {key: fingerprint(path) for key, path in tree_files(root).items()}
+    cache = tmp_path / "cache"
+    counting = _CountingOpen(actors.adapters.safe_open)
+    monkeypatch.setattr(actors.adapters, "safe_open", counting)
+    first = AdapterPool.load(root, model, max_resident=2, pins=pins, index_cache=cache)
+    files = sorted((cache / "routing-index").glob("*.safetensors"))
+    assert len(files) == 1 and sum(counting.read.values()) > 0
+    counting.read.clear()
+    second = AdapterPool.load(root, model, max_resident=2, pins=pins, index_cache=cache)
+    assert sum(counting.read.values()) == 0  # no adapter tensor read: the index comes from the file
+    assert second.entries == first.entries and second.dims == first.dims
+    for path, f in first.routing_index.factors.items():
+        g = second.routing_index.get(path)
+        assert torch.equal(f.A, g.A) and torch.equal(f.G, g.G) and torch.equal(f.present, g.present)
+    got, want = second.acquire([1, 4]), first.acquire([1, 4])  # full factors read when resident
+    assert all(torch.equal(got[i][m][0], want[i][m][0]) for i in want for m in want[i])
+    # an adapter replaced: under the old pins (the same index file) every adapter's pins are still checked
+    tiny_pool(tiny_dir, tmp_path / "other", 6, seed=9)
+    (root / "p003").rename(tmp_path / "old")
+    (tmp_path / "other" / "p003").rename(root / "p003")
+    with pytest.raises(ChangedFileError, match="'p003' file .* changed since the run started"):
+        AdapterPool.load(root, model, max_resident=2, pins=pins, index_cache=cache)
+    # the new pool version: a new file, built from its tensors
+    pins = {key: fingerprint(path) for key, path in tree_files(root).items()}
+    counting.read.clear()
+    third = AdapterPool.load(root, model, max_resident=2, pins=pins, index_cache=cache)
+    assert len(list((cache / "routing-index").glob("*.safetensors"))) == 2 and sum(counting.read.values()) > 0
+    fresh = AdapterPool.load(root, model, max_resident=2)
+    for path, f in fresh.routing_index.factors.items():
+        assert torch.equal(f.A, third.routing_index.get(path).A)

@@ -205,3 +205,22 @@ def test_the_gpu_check_runs_its_four_parts_on_the_cpu(capsys):
     if not torch.cuda.is_available():
         assert main(["bench", "--gpu"]) == 2
         assert "no CUDA device is visible" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_startup_benchmark_counts_the_index_read_against_the_full_read(tmp_path):
+    from jobs.benchmarks import startup
+
+    result = startup.run(12, log=lambda msg: None, work=tmp_path)
+    runs = result["runs"]
+    assert len(runs) == 9 and {(r["actors"], r["mode"]) for r in runs} == {(n, m) for n in (1, 2) for m in
+                                                                              ("before", "after", "shared")}
+    full = result["disk_bytes"]
+    for r in runs:  # before: every tensor of every file (float32 on disk); after: q_proj and v_proj only;
+        if r["mode"] == "before":  # shared: none (the index file was written by an earlier load)
+            assert full * 0.99 < r["bytes_read"] < full
+        elif r["mode"] == "after":
+            assert 0 < r["bytes_read"] < full * 0.6
+        else:
+            assert r["bytes_read"] == 0
+    assert "| 2 |" in startup.table(result)

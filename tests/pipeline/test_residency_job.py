@@ -41,6 +41,8 @@ def test_bounded_residency_job_on_s3_equals_all_resident(ray_runtime, tiny_asset
         else:
             assert 0 < batching["peak_resident"] <= 8 and batching["loads"] > 8 and batching["evictions"] > 0
     assert outputs["eight"] == outputs["all"]
+    # one routing index for the pool version, built by the first run's calibration task, read by every actor since
+    assert len(list((tmp_path / "cache").rglob("routing-index/*.safetensors"))) == 1
     assert len({a for _, adapters, _, _ in outputs["all"].values() for a in adapters}) > 8
 
     # and in process, the predictor with the same bound gives the same rows
