@@ -168,7 +168,9 @@ class RoutingIndex:
             tensors = _mapped(path)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError):  # not a file `save` wrote: rebuilt
             return None
-        tensors = {k: (t.bool() if k.endswith("/present") else t).to(device) for k, t in tensors.items()}
+        # copied out of the mapping: kernels on memory of another alignment round differently, and the
+        # scores must be bit for bit those of the index as built (routing a pure function of the row)
+        tensors = {k: (t.bool() if k.endswith("/present") else t.clone()).to(device) for k, t in tensors.items()}
         index = cls(modules, with_B, device)
         paths = sorted({k.rsplit("/", 1)[0] for k in tensors})
         index.factors = {p: ProbeFactors(A=tensors[f"{p}/A"], G=tensors[f"{p}/G"], B=tensors.get(f"{p}/B"),

@@ -128,6 +128,20 @@ def pool_digest(sources: Mapping[str, Path], pins: Mapping[str, str] | None, ind
     return h.hexdigest()
 
 
+def _fits(model: nn.Module, shapes: Mapping[str, tuple[int, int, int]]) -> bool:
+    """Every declared (rank, d_in, d_out) is that of a Linear of `model`, the rank at most its sides."""
+    for m, (r, d_in, d_out) in shapes.items():
+        try:
+            layer = model.get_submodule(m)
+        except AttributeError:
+            return False
+        layer = getattr(layer, "base_layer", layer)
+        sides = (getattr(layer, "in_features", None), getattr(layer, "out_features", None))
+        if sides != (d_in, d_out) or not 0 < r <= min(d_in, d_out):
+            return False
+    return True
+
+
 def _largest(shapes: list[Mapping[str, tuple[int, int, int]]]) -> dict[str, tuple[int, int, int]]:
     """Module path -> (largest rank, d_in, d_out) over adapters' module shapes."""
     out: dict[str, tuple[int, int, int]] = {}
@@ -313,7 +327,9 @@ class AdapterPool:
         index_shapes = None
         if prebuilt is None:
             headers = [header_shapes(path) for path in sources.values()]  # a few KiB each: sizes the index
-            index_shapes = None if None in headers else (len(headers), _largest(headers))
+            fits = None not in headers and all(_fits(model, h) for h in headers)
+            # a header the model refutes sizes nothing: reading that adapter names what is wrong first
+            index_shapes = (len(headers), _largest(headers)) if fits else None
         pool = cls(reading, model, dtype, torch.device(device), index_modules, index_with_B, max_resident,
                    reread=lambda entry: read(entry.name, entry.path), memory_headroom=memory_headroom,
                    kv_cache=kv_cache, index_shapes=index_shapes, routing_index=prebuilt)

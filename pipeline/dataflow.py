@@ -37,6 +37,7 @@ from pipeline import inputs, outputs, packs, resources, storage, watchdog
 from actors.fingerprint import ChangedFileError
 from pipeline.config import ConfigError, JobConfig
 from pipeline.errors import InjectedFault, OutputError, StageError
+from pipeline.errors import cause_in as _cause
 from pipeline.lease import Lease, LeaseLost
 from pipeline.stages import LoGoStage
 
@@ -86,6 +87,15 @@ def ensure_ray(config: JobConfig) -> None:
         if node is not None and getattr(node, "head", False):
             watchdog.watch(os.getpid(), watchdog.children() - before)
     quiet_ray_data()
+
+
+def remote(fn: Callable, **options):
+    """`fn` as a Ray task with these options: this module is the pipeline's one place for the Ray API
+    (`pipeline.ids` runs its tasks through it, then `get`s their results)."""
+    return ray.remote(fn).options(**options)
+
+
+get = ray.get
 
 
 def cluster_growth() -> resources.Growth | None:
@@ -237,29 +247,6 @@ def quiet_ray_data() -> None:
 
 STOPS = (LeaseLost, ChangedFileError)
 """What a task may raise that stops the run with its own one-line message (exit 2)."""
-
-
-def _cause(err: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
-    """The first exception of `kinds` in `err`'s chain. Ray wraps what a task or actor raised and
-    carries the original only as text through Ray Data's wrapper: then the last line naming one of
-    `kinds` gives its message."""
-    seen: set[int] = set()
-    todo = [err]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, kinds):
-            return e
-        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
-    text = str(err)
-    for kind in kinds:
-        found = [line.split(f"{kind.__name__}: ", 1)[1] for line in text.splitlines()
-                 if f"{kind.__name__}: " in line and not line.lstrip().startswith("File ")]
-        if found:
-            return kind(found[-1].strip())
-    return None
 
 
 def _one_line(err: BaseException) -> BaseException:

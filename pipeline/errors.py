@@ -26,3 +26,26 @@ def too_many(errors: int, total: int, max_error_fraction: float) -> bool:
     """More error rows than `run.max_error_fraction` allows: the run stops uncommitted (exit 3). The
     one comparison: the run makes it on the rows written, `validate` on the rows it knows will fail."""
     return bool(total) and errors / total > max_error_fraction
+
+
+def cause_in(err: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of `kinds` in `err`'s chain. Ray wraps what a task or actor raised and
+    carries the original only as text through Ray Data's wrapper: then the last line naming one of
+    `kinds` gives its message."""
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kinds):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    text = str(err)
+    for kind in kinds:
+        found = [line.split(f"{kind.__name__}: ", 1)[1] for line in text.splitlines()
+                 if f"{kind.__name__}: " in line and not line.lstrip().startswith("File ")]
+        if found:
+            return kind(found[-1].strip())
+    return None

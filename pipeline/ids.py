@@ -22,7 +22,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 
 from pipeline import storage
 from pipeline.config import JobConfig, StorageConfig
@@ -166,26 +165,26 @@ def duplicate_ids(config: JobConfig, files: list[InputFile], limit: int = 3, *, 
                   bucket_rows: int = BUCKET_ROWS) -> list[str]:
     """Up to `limit` id values that occur more than once across the input (sorted; from the first
     window of colliding hashes that has any), [] when every id is unique. See the module's docstring."""
-    from pipeline.dataflow import ensure_ray  # imports Ray Data
+    from pipeline import dataflow  # the Ray API's one place
 
-    ensure_ray(config)
+    dataflow.ensure_ray(config)
     column, storage_config = config.input.id_column, config.storage
     work = chunks(files, chunk_rows)
     total = sum(c.rows for c in work)
     buckets = max(1, -(-total // bucket_rows))
-    hash_task = ray.remote(_hash_task).options(num_cpus=TASK_CPUS, num_returns=buckets)
+    hash_task = dataflow.remote(_hash_task, num_cpus=TASK_CPUS, num_returns=buckets)
     by_chunk = [hash_task.remote(c, column, storage_config, buckets) for c in work]
     by_chunk = [refs if buckets > 1 else [refs] for refs in by_chunk]
-    collide = ray.remote(_collide_task).options(num_cpus=TASK_CPUS, num_returns=2)
+    collide = dataflow.remote(_collide_task, num_cpus=TASK_CPUS, num_returns=2)
     results = [collide.remote(*[refs[b] for refs in by_chunk]) for b in range(buckets)]
     del by_chunk
-    counts = ray.get([count for count, _ in results])
+    counts = dataflow.get([count for count, _ in results])
     repeated = [r for (_, r), n in zip(results, counts) if n]
     colliding = sum(counts)
-    confirm = ray.remote(_confirm_task).options(num_cpus=TASK_CPUS)
+    confirm = dataflow.remote(_confirm_task, num_cpus=TASK_CPUS)
     found: list[str] = []
     for start in range(0, colliding, WINDOW):  # usually one round: 64-bit hashes of distinct ids rarely meet
-        tables = ray.get([confirm.remote(c, column, storage_config, start, start + WINDOW, *repeated)
+        tables = dataflow.get([confirm.remote(c, column, storage_config, start, start + WINDOW, *repeated)
                           for c in work])
         counted = pa.concat_tables(tables).group_by("id").aggregate([("id_count", "sum")])
         found += counted.filter(pc.greater(counted.column("id_count_sum"), 1)).column("id").to_pylist()

@@ -14,7 +14,7 @@ from pipeline import run_job
 from pipeline.config import ConfigError
 from pipeline.config_io import config_hash, load_config
 from pipeline.outputs import read_output
-from pipeline.run_report import LOWEST, REPORT_JSON, REPORT_MD
+from pipeline.run_report import LOWEST, PLOT_DIR, REPORT_JSON, REPORT_MD
 from tests.pipeline.conftest import job, prompt, reference
 
 ROWS = 70
@@ -68,7 +68,7 @@ def test_job_rows_carry_confidence_and_the_fallback_is_counted(ray_runtime, tiny
     lowest = sorted(ok, key=lambda r: (r["confidence"], r["id"]))[:LOWEST]
     assert [r["id"] for r in conf["lowest"]] == [r["id"] for r in lowest]
     md = (out / REPORT_MD).read_text()
-    assert "## Confidence" in md and "report/confidence.png" in md and (out / "report" / "confidence.png").is_file()
+    assert "## Confidence" in md and "(confidence.png)" in md and (out / PLOT_DIR / "confidence.png").is_file()
     for r in lowest[:5]:
         assert f"| {r['id']} | {r['confidence']:.4f} |" in md
     highest = max(ok, key=lambda r: r["confidence"])["id"]

@@ -40,6 +40,7 @@ def test_s3_end_to_end_matches_in_process_predictor(ray_runtime, tiny_assets, s3
     assert {f"e2e/runs/one/{f['path']}" for f in manifest["output"]["files"]} == {
         k for k in keys if k.startswith("e2e/runs/one/data/")}
     # the actors used the node cache (one verified copy each of model and pool)
-    cached = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    cached = [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name != "routing-index"]
     assert len(cached) == 2 and all((p / ".logo-batch-listing.json").exists() for p in cached)
+    assert len(list((tmp_path / "cache" / "routing-index").glob("*.safetensors"))) == 1  # built once, shared
     assert np.isclose(sum(sum(w) for w in table.column("weights").to_pylist()), sum(SIZES))
