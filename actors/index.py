@@ -154,7 +154,7 @@ class RoutingIndex:
     @classmethod
     def open(cls, path: Path, modules: tuple[str, ...], with_B: bool, device: torch.device,
              names: tuple[str, ...]) -> "RoutingIndex | None":
-        """The index written by `save` (memory-mapped on the CPU), or None when the file is not
+        """The index written by `save` (memory-mapped, then copied: see below), or None when the file is not
         there or was built for other modules, signal or adapters."""
         try:
             with safe_open(str(path), "pt") as f:
