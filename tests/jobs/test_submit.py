@@ -25,6 +25,7 @@ import pytest
 
 from pipeline import StorageConfig, read_output
 from pipeline.fetch import DOWNLOADS
+from pipeline.run_report import REPORT_JSON
 from tests.conftest import _free_ports
 from tests.pipeline.conftest import prompt
 
@@ -126,7 +127,7 @@ def test_submit_wait_on_two_nodes_fetches_once_per_node(cluster, tiny_assets, s3
     table = read_output(f"{base}/out", storage)
     assert sorted(table.column("id").to_pylist()) == sorted(f"p.parquet:{i}" for i in range(ROWS))
     assert table.column("error").null_count == ROWS
-    report = s3_server.client().get_object(Bucket=s3_server.bucket, Key="submit/out/report.json")
+    report = s3_server.client().get_object(Bucket=s3_server.bucket, Key=f"submit/out/{REPORT_JSON}")  # under _report/
     assert json.loads(report["Body"].read())["rows"] == ROWS
     for node in ("cache-head", "cache-node"):
         logs = sorted((cluster["root"] / node).glob(f"*{DOWNLOADS}"))
