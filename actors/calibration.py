@@ -110,7 +110,7 @@ def _brief(probe: dict) -> str:
 
 
 def reference_prompts() -> list[str]:
-    """The shipped, task-neutral calibration prompts."""
+    """The shipped calibration prompts (BIG-bench prompts of tasks outside both shipped pools: jobs/demo/reference_set.py)."""
     return json.loads(REFERENCE_PROMPTS.read_text())
 
 
@@ -118,16 +118,25 @@ def compute_stats(router: Router, seqs: list[list[int]], source: str, seed: int 
     """Mean and standard deviation of each adapter's raw score over tokenised prompts."""
     if not seqs:
         raise ValueError("calibration needs at least one prompt")
-    rows = []
-    for seq in seqs:  # one at a time: no padding, so each row's score does not depend on the batch
-        ids = torch.tensor([seq], device=router.informative.device)
-        rows.append(router.raw_scores(router.probe(ids, torch.ones_like(ids)))[0].double().cpu())  # (P, N)
+    return stats_from_rows(router, [prompt_scores(router, seq) for seq in seqs], source, seed)
+
+
+def prompt_scores(router: Router, seq: list[int]) -> torch.Tensor:
+    """One prompt's raw scores (P, N), float64 on the CPU; alone, so no padding and no batch effect."""
+    ids = torch.tensor([seq], device=router.informative.device)
+    return router.raw_scores(router.probe(ids, torch.ones_like(ids)))[0].double().cpu()
+
+
+def stats_from_rows(router: Router, rows: list[torch.Tensor], source: str, seed: int | None = None) -> CalibrationStats:
+    """Statistics from per-prompt raw scores (`prompt_scores`), exactly summed: any order gives the same."""
+    if not rows:
+        raise ValueError("calibration needs at least one prompt")
     columns = torch.stack(rows).flatten(1).T.tolist()  # (P * N) lists of one value per prompt
-    means = [math.fsum(c) / len(seqs) for c in columns]
-    stds = [math.sqrt(math.fsum((v - m) ** 2 for v in c) / len(seqs)) for c, m in zip(columns, means)]
+    means = [math.fsum(c) / len(rows) for c in columns]
+    stds = [math.sqrt(math.fsum((v - m) ** 2 for v in c) / len(rows)) for c, m in zip(columns, means)]
     n_adapters = len(router.pool)
     mean = [means[j:j + n_adapters] for j in range(0, len(means), n_adapters)]  # (P, N)
     std = [stds[j:j + n_adapters] for j in range(0, len(stds), n_adapters)]
     return CalibrationStats(adapters=router.pool.names, probe=router.describe(),
                             mean=tuple(map(tuple, mean)), std=tuple(map(tuple, std)),
-                            count=len(seqs), source=source, seed=seed)
+                            count=len(rows), source=source, seed=seed)

@@ -128,14 +128,14 @@ def check_bound(pool: AdapterPool, routing: RoutingConfig) -> None:
     """Refuse a residency bound whose slots cannot hold one row's k adapters at once
     (`residency.check_bound`, the check the job's driver makes too)."""
     if pool.budgets:  # auto on a GPU: the slots the free memory gives, at start-up
-        k = min(routing.k, len(pool))
+        k = min(routing.max_k, len(pool))
         if pool.slots < k:
             raise ValueError(f"max_resident=auto holds {pool.slots} adapter slots, fewer than one prompt's k={k} "
                              f"adapters: {'; '.join(pool.budget_lines())}. Lower resources.batch_size or "
                              "generation.max_prompt_tokens (the KV cache reserved), resources.memory_headroom, "
                              "or give the actor a device with more memory")
         return
-    residency.check_bound(pool.bound, routing.k, pool.slot_nbytes, len(pool))
+    residency.check_bound(pool.bound, routing.max_k, pool.slot_nbytes, len(pool))
 
 
 class LoGoEngine:

@@ -143,7 +143,7 @@ class LoGoPredictor:
                                 max_resident=max_resident, memory_headroom=memory_headroom,
                                 kv_cache=self._kv_cache(base, batch_size, generation), pins=pins.get("adapters"),
                                 index_cache=index_cache)
-        raw = replace(routing, calibration_score="raw", min_confidence=None)  # until the statistics exist
+        raw = replace(routing, calibration_score="raw", min_confidence=None, uncertain_below=None)  # until the statistics exist
         self.engine = LoGoEngine(base, self.tokenizer, pool, raw, generation)
         self.calibration = self._calibration(calibration, calibration_prompts)
         if self.calibration is not None or calibration_score != "raw":

@@ -29,6 +29,7 @@ class Routing:
     uniform_fallback: bool = False  # every selected score was 0, so weights are uniform
     confidence: float | None = None  # Router.confidence; None with raw (uncalibrated) scores
     base_only: bool = False  # confidence below routing.min_confidence: no adapter, the base model alone
+    widened: bool = False  # confidence below routing.uncertain_below: uncertain_k adapters instead of k
 
 
 def confidence_of(scores: torch.Tensor, rankable: torch.Tensor, n_pairs: int) -> torch.Tensor:
@@ -107,6 +108,7 @@ class Router:
         self.informative = present  # (P, N)
         self.rankable = present.any(dim=0)  # (N,): informative at some pair
         self.k = min(config.k, len(pool))
+        self.max_k = min(config.max_k, len(pool))
 
     def describe(self) -> dict:
         """The probe settings that calibration statistics must have been computed with."""
@@ -198,7 +200,9 @@ class Router:
 
     def select(self, scores: torch.Tensor) -> list[Routing]:
         """LOGO_SPEC 1.5-1.6: top k by score (ties to the earlier name), weights s_i / sum_S s_j;
-        with `min_confidence`, a row whose confidence is below it gets no adapter (`base_only`).
+        with `min_confidence`, a row whose confidence is below it gets no adapter (`base_only`); with
+        `uncertain_below`, a row whose confidence is below that (and not below min_confidence) gets the
+        top `uncertain_k` instead of k (`widened`).
 
         Adapters informative at no pair rank after all others. Negative (z-)scores count as 0 in the
         weights; if every selected score is <= 0, weights are uniform; a selected score that is not
@@ -208,21 +212,25 @@ class Router:
         # Pool index order is name order and the sort is stable, so equal scores keep name order.
         scores = scores.double()
         key = torch.where(self.rankable.to(scores.device), scores, torch.full_like(scores, -math.inf))
-        order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, : self.k]  # (B, k)
-        top = torch.gather(scores, 1, order).clamp(min=0.0)  # (B, k); z-scores below the mean weigh 0
+        order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, : self.max_k]  # (B, max k)
+        top = torch.gather(scores, 1, order).clamp(min=0.0)  # (B, max k); z-scores below the mean weigh 0
         routings = []
-        threshold = self.config.min_confidence
+        threshold, wide = self.config.min_confidence, self.config.uncertain_below
         for idx, s, conf in zip(order.tolist(), top.tolist(), self.confidence(scores)):
             if threshold is not None and conf is not None and conf < threshold:
                 routings.append(Routing(indices=(), adapters=(), weights=(), confidence=conf, base_only=True))
                 continue
+            widened = wide is not None and conf is not None and conf < wide and self.max_k > self.k
+            k = self.max_k if widened else self.k
+            idx, s = idx[:k], s[:k]
             total = sum(s)
             fallback = total <= 0.0
             weights = [1.0 / len(s)] * len(s) if fallback else [v / total for v in s]
             if not math.isfinite(total):  # a score overflowed: only its own weight says so (NaN)
                 weights = [0.0 if math.isfinite(v) else math.nan for v in s]
             routings.append(Routing(indices=tuple(idx), adapters=tuple(self.pool.names[i] for i in idx),
-                                    weights=tuple(weights), uniform_fallback=fallback, confidence=conf))
+                                    weights=tuple(weights), uniform_fallback=fallback, confidence=conf,
+                                    widened=widened))
         return routings
 
     def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[Routing]:

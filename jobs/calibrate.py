@@ -3,7 +3,7 @@
     logo-batch calibrate --model M --adapters A --prompts URI --sample 256 --out stats.json
 
 `--prompts` is a Parquet file, directory or s3:// prefix (a seeded sample of `--sample` rows is
-used), or `reference` for the shipped task-neutral set. Statistics are per (block, module) pair of
+used), or `reference` for the shipped reference set (BIG-bench prompts of tasks in neither shipped pool). Statistics are per (block, module) pair of
 `--probe-layers` x `--probe-module` (default: every block, q_proj and v_proj, as the default
 routing); use the probe options of the job that will read them (`--calibration stats.json`).
 """

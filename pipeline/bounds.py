@@ -58,6 +58,6 @@ def check_residency(config: JobConfig) -> None:
     except (AdapterError, OSError):
         return
     try:
-        check_bound(bound, config.routing.k, slot, adapters)
+        check_bound(bound, config.routing.max_k, slot, adapters)
     except ValueError as err:
         raise ConfigError(f"adapters.{err}") from None

@@ -2,7 +2,7 @@
 
 Sources (`routing.calibration`): `input` (a seeded random sample of the job's own prompts; the
 reference set instead when the input has fewer than `routing.calibration_min_rows` usable prompts,
-and the statistics' `source` says so), `reference` (the task-neutral prompt set shipped in
+and the statistics' `source` says so), `reference` (the reference prompt set shipped in
 `actors/`), or the path / s3:// URI of a statistics file written by `logo-batch calibrate`. The statistics are handed to every actor as
 data, so all actors route with the same numbers, and are recorded in the run's manifest.
 """
@@ -118,7 +118,7 @@ def job_statistics(config: JobConfig, pins: dict | None = None) -> dict:
                 source = (f"reference (the input has {len(sample)} usable prompts, fewer than "
                           f"routing.calibration_min_rows={r.calibration_min_rows})")
         stats = calibrate(config.model.path, config.adapters.path, prompts, config.storage, source, seed, pins,
-                          routing=replace(config.routing.actor_options(), calibration_score="raw", min_confidence=None),
+                          routing=replace(config.routing.actor_options(), calibration_score="raw", min_confidence=None, uncertain_below=None),
                           dtype=config.model.dtype, device=config.model.device,
                           max_resident=config.adapters.max_resident)
     else:

@@ -108,8 +108,9 @@ class RoutingConfig(options.RoutingConfig):
     """Per-adapter, per-pair score statistics for `calibration_score`: `input` (computed from a seeded
     sample of this job's prompts; the reference set when the input has fewer than
     `calibration_min_rows` usable prompts, recorded in the manifest), `reference` (the shipped
-    task-neutral prompt set), a statistics file from `logo-batch calibrate` (local path or s3://
-    URI), or null (only with calibration_score raw). Ignored (null) with raw scores."""
+    reference set: BIG-bench prompts of tasks outside both shipped pools), a statistics file from
+    `logo-batch calibrate` (local path or s3:// URI), or null (only with calibration_score raw).
+    Ignored (null) with raw scores."""
     calibration_sample: int = 256
     """Prompts sampled from the input when `calibration` is `input`."""
     calibration_min_rows: int = 32
@@ -318,9 +319,12 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         bound = parse_max_resident(self.adapters.max_resident).adapters
-        _check(bound is None or bound >= self.routing.k, "adapters.max_resident",
-               f"{bound} adapters cannot hold one prompt's routing.k={self.routing.k} selected adapters at once; "
-               f"set it to at least {self.routing.k} (or null for the whole pool)")
+        most = self.routing.max_k
+        what = (f"routing.k={self.routing.k}" if most == self.routing.k
+                else f"routing.uncertain_k={self.routing.uncertain_k}")
+        _check(bound is None or bound >= most, "adapters.max_resident",
+               f"{bound} adapters cannot hold one prompt's {what} selected adapters at once; "
+               f"set it to at least {most} (or null for the whole pool)")
 
     def predictor_options(self) -> dict:
         """Keyword arguments for `actors.LoGoPredictor`, less `model`, `adapters` and the calibration

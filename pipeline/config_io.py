@@ -31,6 +31,7 @@ HASHED_KEYS = (
     "routing.k", "routing.signal", "routing.probe_layers", "routing.probe_module", "routing.probe_input",
     "routing.calibration_score", "routing.calibration", "routing.calibration_sample",
     "routing.calibration_min_rows", "routing.calibration_seed", "routing.min_confidence",
+    "routing.uncertain_below", "routing.uncertain_k",
     "generation.max_new_tokens", "generation.stop_at_newline", "generation.stop_strings", "generation.overlong",
     "generation.max_prompt_tokens",
     "input.uri", "input.prompt_column", "input.id_column", "input.passthrough",

@@ -59,7 +59,7 @@ def run(pools: tuple[int, ...] = POOLS, n_prompts: int = 16, batch: int = 8, rou
         del adapters
         paper = Router(model, pool, RoutingConfig(**PAPER_ROUTING))
         default = RoutingConfig(k=min(20, n))
-        raw = Router(model, pool, replace(default, calibration_score="raw", min_confidence=None))
+        raw = Router(model, pool, replace(default, calibration_score="raw", min_confidence=None, uncertain_below=None))
         stats = compute_stats(raw, seqs[:8], "bench sample")
         ours = Router(model, pool, default, stats)
         row = {"pool": n, "pairs_paper": len(paper.pairs), "pairs_default": len(ours.pairs),

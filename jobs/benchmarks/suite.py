@@ -72,7 +72,7 @@ def engine(s: Setup, k: int, new_tokens: int, pool: AdapterPool | None = None) -
     routing = RoutingConfig(k=k)
     rng = random.Random(11)
     sample = [[rng.randrange(4, s.shape.vocab) for _ in range(32)] for _ in range(16)]
-    stats = compute_stats(Router(s.ours, pool, replace(routing, calibration_score="raw", min_confidence=None)), sample, "bench sample")
+    stats = compute_stats(Router(s.ours, pool, replace(routing, calibration_score="raw", min_confidence=None, uncertain_below=None)), sample, "bench sample")
     e = LoGoEngine(s.ours, s.tokenizer, pool, routing, GenerationConfig(max_new_tokens=new_tokens),
                    calibration=stats)
     e.hf_config = M.fixed_length(s.tokenizer, new_tokens)

@@ -60,7 +60,7 @@ class StudyConfig:
 
     def settings(self) -> dict[str, RoutingConfig]:
         """Label -> routing configuration (raw scores, k = 1) of every compared probe setting."""
-        return {f"{m} [{b}]": RoutingConfig(k=1, probe_layers=BLOCKS[b], probe_module=MODULES[m],
+        return {f"{m} [{b}]": RoutingConfig(k=1, uncertain_below=None, probe_layers=BLOCKS[b], probe_module=MODULES[m],
                                             calibration_score="raw")
                 for b in self.blocks for m in self.modules}
 
@@ -94,7 +94,7 @@ def run_study(engine: LoGoEngine, mixes: dict[str, tuple[list[dict], list[list[i
     """
     pool, n = engine.pool, len(engine.pool)
     modules = tuple(dict.fromkeys(m for key in cfg.modules for m in RoutingConfig(probe_module=MODULES[key]).probe_modules))
-    widest = Router(engine.model, pool, RoutingConfig(k=n, probe_layers="all", probe_module=modules,
+    widest = Router(engine.model, pool, RoutingConfig(k=n, uncertain_below=None, probe_layers="all", probe_module=modules,
                                                       calibration_score="raw"))
     all_pairs = widest.describe()["pairs"]
     reference = [tokenizer(p)["input_ids"] for p in reference_prompts()[: cfg.reference_prompts]]

@@ -33,7 +33,9 @@ from actors.calibration import compute_stats, reference_prompts
 from actors.router import confidence_of
 
 THRESHOLDS = (None, -1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
-"""Values of min_confidence swept (None: no fallback)."""
+"""Values of min_confidence and uncertain_below swept (None: off)."""
+UNCERTAIN_KS = (3, 5)
+"""Values of uncertain_k swept: rows below the threshold mix this many adapters instead of 1."""
 
 
 def _routing(pool, i: int) -> Routing:
@@ -55,7 +57,7 @@ def study(model, tokenizer, rows: list[dict], check, adapters: Path, sources: tu
     pool = AdapterPool.load(adapters, engine_model)
     engine = LoGoEngine(engine_model, tokenizer, pool, RoutingConfig(calibration_score="raw"),
                         GenerationConfig(max_new_tokens=max_new_tokens, stop_at_newline=True))
-    config = RoutingConfig(k=len(pool))
+    config = RoutingConfig(k=len(pool), uncertain_below=None)  # top-1 and the full order; widening swept below
     router = Router(engine_model, pool, replace(config, calibration_score="raw"))
     seqs = [tokenizer(r["prompt"])["input_ids"] for r in rows]
     own = [pool.index(r["task"]) if r["task"] in pool.names else None for r in rows]
@@ -95,7 +97,9 @@ def study(model, tokenizer, rows: list[dict], check, adapters: Path, sources: tu
             top = calibrated.select(s)
             conf = confidence_of(s, calibrated.rankable, len(calibrated.pairs))  # (rows, 2): top, margin
             routed = correct([_routing(pool, r.indices[0]) for r in top])
-            entry[setting] = {"top1": [r.indices[0] for r in top], "routed": routed,
+            wide = {str(w): correct(Router(engine_model, pool, RoutingConfig(k=w, uncertain_below=None), stats).select(s))
+                    for w in UNCERTAIN_KS if w < len(pool)}  # top w, as routing.uncertain_k=w mixes them
+            entry[setting] = {"top1": [r.indices[0] for r in top], "routed": routed, "wide": wide,
                               "routing": sum(r.indices[0] == o for r, o in zip(top, own)) / len(own),
                               "em": sum(routed) / len(routed),
                               "confidence": [round(v, 5) for v in conf[:, 0].tolist()],
@@ -112,7 +116,7 @@ def study(model, tokenizer, rows: list[dict], check, adapters: Path, sources: tu
 
 def em_with_threshold(setting: dict, base: list[bool], key: str, t: float | None, rows: list[int]) -> tuple[float, float]:
     """(exact match, share of rows falling back) over `rows` when those with `key` below t take the
-    base model's answer."""
+    answer in `base` (the base model's, or a wider mixture's)."""
     fell = [t is not None and setting[key][i] < t for i in rows]
     picks = [base[i] if f else setting["routed"][i] for i, f in zip(rows, fell)]
     return sum(picks) / len(picks), sum(fell) / len(fell)
@@ -134,6 +138,14 @@ def sweep(entry: dict, base: list[bool], oracle: list[bool], own: list) -> dict:
                     em, fell = em_with_threshold(entry[setting], base, key, t, rows)
                     line[f"{name}_em"], line[f"{name}_fallback"] = round(em, 4), round(fell, 4)
             out[f"{key} {t}"] = line
+    for w in entry["pool"].get("wide", {}):  # per-row k: rows below t mix w adapters instead of 1
+        for t in THRESHOLDS[1:]:
+            line = {}
+            for name, (setting, rows) in groups.items():
+                if rows:
+                    em, fell = em_with_threshold(entry[setting], entry[setting]["wide"][w], "confidence", t, rows)
+                    line[f"{name}_em"], line[f"{name}_widened"] = round(em, 4), round(fell, 4)
+            out[f"uncertain_k={w} {t}"] = line
     for name, rows in (("pool", inside), ("held_out", outside)):
         if rows:
             out[f"base_em_{name}"] = round(sum(base[i] for i in rows) / len(rows), 4)

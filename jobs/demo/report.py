@@ -63,6 +63,8 @@ def bigbench_report(results: dict, command: str = "") -> str:
         mean = m.get("mean_selected")
         lines.append(f"| {name} | {_pct(m['exact_match']['pool'])} | {_pct(m['exact_match']['held_out'])} | "
                      f"{_pct(m.get('own_selected'))} | {'' if mean is None else f'{mean:.1f}'} |")
+    lines += fallback_table(results)
+    lines += uncertain_table(results)
     lines += ["", "Routing top-1 on the pool's tasks (%): share of prompts whose top-scored adapter is their own.", "",
               "| routing | " + " | ".join(results["routing_top1"]) + " |", "|---|" + "---|" * len(results["routing_top1"]),
               "| all pool tasks | " + " | ".join(_pct(r["overall"]) for r in results["routing_top1"].values()) + " |"]
@@ -80,12 +82,59 @@ def bigbench_report(results: dict, command: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def fallback_table(results: dict) -> list[str]:
+    """The base-model fallback swept: EM on both blocks and the share of rows sent to the base model."""
+    fallback = results.get("fallback")
+    if not fallback:
+        return []
+    names = list(fallback)
+    lines = ["", "Base-model fallback (`routing.min_confidence`) swept on the rows above: EM pool / EM held-out "
+             "(%), and the share of pool / held-out rows sent to the base model (%). Chosen by the rule (pool EM "
+             ">= 0.97x without it, held-out EM >= the base model's): "
+             + "; ".join(f"{n}: {'none qualifies' if fallback[n]['choice'] is None else fallback[n]['choice']}"
+                         for n in names) + ".", "",
+             "| min_confidence | " + " | ".join(f"{n}: EM | sent to base" for n in names) + " |",
+             "|---|" + "---|---|" * len(names)]
+    for i, line in enumerate(fallback[names[0]]["sweep"]):
+        t = line["min_confidence"]
+        cells = []
+        for n in names:
+            s = fallback[n]["sweep"][i]
+            cells += [f"{_pct(s['pool_em'])} / {_pct(s['held_out_em'])}",
+                      f"{_pct(s['pool_fallback'])} / {_pct(s['held_out_fallback'])}"]
+        lines.append(f"| {'off' if t is None else t} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def uncertain_table(results: dict) -> list[str]:
+    """Per-row k swept: rows whose confidence is below t mix uncertain_k adapters instead of 1."""
+    sweeps = results.get("uncertain")
+    if not sweeps:
+        return []
+    names = list(sweeps)
+    choice = results.get("uncertain_choice", {})
+    lines = ["", "Per-row k (`routing.uncertain_below`, `routing.uncertain_k`) swept on the rows above: EM pool / "
+             "EM held-out (%) when rows whose confidence is below t mix uncertain_k adapters instead of 1, and the "
+             "share of rows widened (%). Chosen (pool EM >= 0.97x k = 1's, held-out EM above it, the best "
+             "held-out EM): " + "; ".join(f"{n}: {'none qualifies' if c is None else f'uncertain_below={c[0]:g}, uncertain_k={c[1]}'}"
+                                         for n, c in choice.items()) + ".", "",
+             "| uncertain_below | " + " | ".join(f"{n}: EM | widened" for n in names) + " |",
+             "|---|" + "---|---|" * len(names)]
+    for i, line in enumerate(sweeps[names[0]]):
+        cells = []
+        for n in names:
+            x = sweeps[n][i]
+            cells += [f"{_pct(x['pool_em'])} / {_pct(x['held_out_em'])}", _pct(x["widened"])]
+        lines.append(f"| {line['uncertain_below']:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def calibration_table(study: dict) -> list[str]:
     """Routing accuracy (and exact match where measured) per mix, probe and score variant."""
     cfg = study["config"]
     lines = [f"Calibrated routing: routing accuracy (%) and exact match (%) where measured. `input`: statistics "
              f"from a seeded sample of {cfg['input_sample']} of the evaluated prompts; `reference`: the "
-             f"{cfg['reference_prompts']} shipped task-neutral prompts. Skewed mix: {cfg['skew_rows']} prompts, "
+             f"{cfg['reference_prompts']} shipped reference prompts. Skewed mix: {cfg['skew_rows']} prompts, "
              f"{100 * cfg['skew_share']:.0f}% {cfg['skew_task']} (routing on majority / minority prompts).", "",
              "| mix | probe | scores | routing | majority / minority | EM k=1 | EM k=3 |", "|---|---|---|---|---|---|---|"]
     for mix, probes in study["results"].items():

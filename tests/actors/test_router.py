@@ -54,7 +54,9 @@ def direct_scores(model, pool_dir, ids, config: RoutingConfig, pool=POOL):
 def direct_routing(model, pool_dir, ids, config: RoutingConfig, stats=None, pool=POOL):
     """LOGO_SPEC sections 1 and 5 written out: per-pair (calibrated) scores, an adapter absent at a pair
     gets the pair's floor min(0, min of the present), summed; top k with absent-everywhere adapters
-    last and ties by name; weights s_i / sum_S s_j over scores clamped at 0."""
+    last and ties by name; weights s_i / sum_S s_j over scores clamped at 0. Per-row k: a row whose
+    confidence (top calibrated score per pair) is below `uncertain_below` takes the top
+    `uncertain_k` instead (the pool here holds every adapter resident)."""
     pairs, raw = direct_scores(model, pool_dir, ids, config, pool)
     names = sorted(raw)
     cal = {n: [] for n in names}
@@ -72,7 +74,14 @@ def direct_routing(model, pool_dir, ids, config: RoutingConfig, stats=None, pool
                 cal[name][p] = ("absent", floor)
     total = {n: sum(v[1] if isinstance(v, tuple) else v for v in cal[n]) for n in names}
     rankable = {n: any(not isinstance(v, tuple) for v in cal[n]) for n in names}
-    chosen = sorted(names, key=lambda n: (not rankable[n], -total[n], n))[: min(config.k, len(names))]
+    k = config.k
+    threshold = config.uncertain_below
+    if threshold is not None and stats is not None:
+        confidence = max(total[n] for n in names if rankable[n]) / len(pairs)
+        confidence -= 1.0 if config.calibration_score == "ratio" else 0.0
+        if confidence < threshold:
+            k = max(k, config.uncertain_k)
+    chosen = sorted(names, key=lambda n: (not rankable[n], -total[n], n))[: min(k, len(names))]
     kept = [max(total[n], 0.0) for n in chosen]
     if sum(kept) <= 0:  # every selected score <= 0: uniform weights
         return chosen, [1.0 / len(chosen)] * len(chosen)

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from jobs.demo.bigbench import ARCHIVE_NAME, adapter_name
-from jobs.demo.evaluate_bigbench import BigbenchEvalConfig, run_bigbench
+from jobs.demo.confidence_study import THRESHOLDS
+from jobs.demo.evaluate_bigbench import BigbenchEvalConfig, fallback_choice, run_bigbench, uncertain_choice
 from jobs.demo.report import bigbench_report, plot_heatmap
 from tests.demo.test_bigbench import CHOICE, FREE, SUB_ONE, SUB_TWO, _write_archive
 from tests.tiny import tiny_adapter, tiny_model_dir
@@ -38,7 +39,7 @@ def results(tmp_path_factory):
 
 @pytest.mark.slow
 def test_every_method_runs_on_both_blocks(results):
-    methods = results["methods"]
+    methods = {n: m for n, m in results["methods"].items() if m["group"] not in ("fallback", "uncertain")}
     assert set(methods) == {"base", "oracle (own adapter)", "uniform (all 3)", "random k=2", "paper preset k=1",
                             "paper preset k=3", "job default k=1", "job default k=2", "in-process default k=1",
                             "PEFT Arrow top-3 (peer)"}
@@ -55,6 +56,66 @@ def test_every_method_runs_on_both_blocks(results):
                                             "in-process default (reference)"}
     for r in results["routing_top1"].values():
         assert set(r["per_task"]) == set(POOL) and 0.0 <= r["overall"] <= 1.0
+
+
+@pytest.mark.slow
+def test_the_fallback_is_swept_from_the_rows_generated(results):
+    methods = results["methods"]
+    for name in ("job default k=1", "in-process default k=1"):
+        entry = results["fallback"][name]
+        assert [s["min_confidence"] for s in entry["sweep"]] == list(THRESHOLDS)
+        off = entry["sweep"][0]  # no fallback: the method itself
+        assert off["pool_em"] == methods[name]["exact_match"]["pool"] and off["pool_fallback"] == 0.0
+        assert off["held_out_em"] == methods[name]["exact_match"]["held_out"]
+        shares = [s["pool_fallback"] for s in entry["sweep"][1:]]
+        assert shares == sorted(shares)  # a higher threshold sends at least as many rows to the base model
+        extra = [n for n in methods if n.startswith(f"{name}, min_confidence=")]
+        assert extra == ([] if entry["choice"] is None else [f"{name}, min_confidence={entry['choice']:g}"])
+        if extra:
+            sent = next(s for s in entry["sweep"] if s["min_confidence"] == entry["choice"])
+            assert methods[extra[0]]["exact_match"]["pool"] == sent["pool_em"]
+    assert "Base-model fallback" in bigbench_report(results)
+
+
+@pytest.mark.slow
+def test_the_per_row_k_is_swept_and_its_rows_recorded(results):
+    cfg_ks, n = (3, 5), results["n_prompts"]
+    for label in ("job default", "in-process default"):
+        for wide in cfg_ks:
+            lines = results["uncertain"][f"{label}, uncertain_k={wide}"]
+            assert [x["uncertain_below"] for x in lines] == list(THRESHOLDS[1:])
+            shares = [x["widened"] for x in lines]
+            assert shares == sorted(shares) and all(0.0 <= x <= 1.0 for x in shares)
+    rows = results["rows"]
+    assert len(rows["task"]) == len(rows["in_pool"]) == n
+    assert all(len(c) == n for c in rows["correct"].values()) and set(rows["confidence"]) == {
+        "job default k=1", "in-process default k=1"}
+    assert "Per-row k" in bigbench_report(results)
+
+
+def test_the_fallback_threshold_follows_the_rule():
+    def line(t, pool, held):
+        return {"min_confidence": t, "pool_em": pool, "held_out_em": held, "pool_fallback": 0.0,
+                "held_out_fallback": 0.0}
+    sweep = [line(None, 0.80, 0.10), line(0.0, 0.79, 0.15), line(0.5, 0.78, 0.30), line(1.0, 0.70, 0.40)]
+    assert fallback_choice(sweep, base_held_out=0.20) == 0.5  # 1.0 costs the pool's tasks more than 3%
+    assert fallback_choice(sweep, base_held_out=0.35) is None  # none reaches the base model's held-out EM
+    assert fallback_choice(sweep, base_held_out=0.12) == 0.5  # the best held-out EM among those allowed
+    assert fallback_choice([line(None, 0.80, None), line(0.0, 0.80, None)], base_held_out=0.1) is None
+    # held-out rows already above the base model without it: on only where it raises them further
+    assert fallback_choice(sweep, base_held_out=0.05, off_held_out=0.20) == 0.5
+    assert fallback_choice(sweep, base_held_out=0.05, off_held_out=0.30) is None  # only 1.0 helps, at a cost
+    assert fallback_choice(sweep[:2], base_held_out=0.05, off_held_out=0.15) is None
+
+
+def test_the_per_row_k_follows_the_rule():
+    def line(t, pool, held, widened=0.5):
+        return {"uncertain_below": t, "pool_em": pool, "held_out_em": held, "widened": widened}
+    k1 = {"pool": 0.80, "held_out": 0.30}
+    sweeps = {3: [line(0.5, 0.79, 0.35), line(1.0, 0.70, 0.50)], 5: [line(0.5, 0.78, 0.40), line(1.0, 0.79, 0.40)]}
+    assert uncertain_choice(sweeps, k1) == (1.0, 5)  # 1.0 with 3 costs the pool more than 3%; then the pool EM
+    assert uncertain_choice({3: [line(0.5, 0.80, 0.30)]}, k1) is None  # held-out no better than k = 1
+    assert uncertain_choice(sweeps, {"pool": 0.80, "held_out": None}) is None
 
 
 @pytest.mark.slow

@@ -124,7 +124,8 @@ def test_every_engine_option_is_a_job_key_and_reaches_the_predictor():
               "ordering": "input"}
     assert set(values) == set(options.field_names(options.GenerationConfig)), "a new option needs a case here"
     routing = {"k": 4, "signal": "entropy", "probe_layers": [0, -1], "probe_module": "v_proj",
-               "probe_input": "module_input", "calibration_score": "ratio", "min_confidence": 0.5}
+               "probe_input": "module_input", "calibration_score": "ratio", "min_confidence": 0.5,
+               "uncertain_below": 1.5, "uncertain_k": 6}
     assert set(routing) == set(options.field_names(options.RoutingConfig))
     config = config_from_dict({**BASE, "adapters": {"path": "a", "max_resident": "20GiB"},
                                "generation": values, "routing": routing})
