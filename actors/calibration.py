@@ -109,6 +109,17 @@ def _brief(probe: dict) -> str:
     return str(brief)
 
 
+REFERENCE_TOKENS = 512
+"""The most tokens of a reference prompt that calibration reads (its end: the answer cue stays)."""
+
+
+def reference_tokens(context: int) -> int:
+    """Tokens kept of each reference prompt: at most `REFERENCE_TOKENS` and half the model's context.
+    Independent of max_new_tokens, so a job's driver and its actors calibrate on the same tokens; no
+    reference prompt is ever left out (a model of a short context reads the end of each)."""
+    return max(1, min(REFERENCE_TOKENS, context // 2))
+
+
 def reference_prompts() -> list[str]:
     """The shipped calibration prompts (BIG-bench prompts of tasks outside both shipped pools: jobs/demo/reference_set.py)."""
     return json.loads(REFERENCE_PROMPTS.read_text())

@@ -24,7 +24,7 @@ import torch
 
 from actors.base import block_devices, context_length, load_base, resolve_device, resolve_dtype
 from actors.batching import generation_batches
-from actors.calibration import CalibrationStats, compute_stats, reference_prompts
+from actors.calibration import CalibrationStats, compute_stats, reference_prompts, reference_tokens
 from actors.engine import BatchStats, LoGoEngine
 from actors.fingerprint import ChangedFileError, check_names, read_pinned, tree_files
 from actors.options import OUTPUT_COLUMNS, GenerationConfig, RoutingConfig, build_options
@@ -180,15 +180,16 @@ class LoGoPredictor:
             return CalibrationStats.load(calibration)
         if prompts is None:
             return None
-        source = "given prompts"
         if isinstance(prompts, str):
             if prompts != "reference":
                 raise ValueError(f"calibration_prompts={prompts!r}: pass a list of prompts or 'reference'")
-            prompts, source = reference_prompts(), "reference"
+            limit = reference_tokens(context_length(self.engine.model))
+            seqs = [self.tokenizer(p)["input_ids"][-limit:] for p in reference_prompts()]
+            return compute_stats(self.engine.router, seqs, "reference")
         seqs = [ids for ids, error, _ in map(self.encode, prompts) if error is None]
         if not seqs:
             raise ValueError("calibration_prompts holds no usable prompt (all null, empty or not strings)")
-        return compute_stats(self.engine.router, seqs, source)
+        return compute_stats(self.engine.router, seqs, "given prompts")
 
     @property
     def pool(self) -> AdapterPool:

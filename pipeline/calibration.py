@@ -118,7 +118,8 @@ def job_statistics(config: JobConfig, pins: dict | None = None) -> dict:
                 source = (f"reference (the input has {len(sample)} usable prompts, fewer than "
                           f"routing.calibration_min_rows={r.calibration_min_rows})")
         stats = calibrate(config.model.path, config.adapters.path, prompts, config.storage, source, seed, pins,
-                          routing=replace(config.routing.actor_options(), calibration_score="raw", min_confidence=None, uncertain_below=None),
+                          routing=replace(config.routing.actor_options(), calibration_score="raw",
+                                          min_confidence=None, uncertain_below=None),
                           dtype=config.model.dtype, device=config.model.device,
                           max_resident=config.adapters.max_resident)
     else:
