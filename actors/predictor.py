@@ -28,7 +28,8 @@ from actors.calibration import CalibrationStats, compute_stats, reference_prompt
 from actors.engine import BatchStats, LoGoEngine
 from actors.fingerprint import ChangedFileError, check_names, read_pinned, tree_files
 from actors.options import OUTPUT_COLUMNS, GenerationConfig, RoutingConfig, build_options
-from actors.pool import MEMORY_HEADROOM, AdapterPool, kv_cache_nbytes
+from actors.budget import MEMORY_HEADROOM, kv_cache_nbytes
+from actors.pool import AdapterPool
 from actors.router import Routing
 
 log = logging.getLogger(__name__)

@@ -105,11 +105,7 @@ def run_to_exit(command: str, build, retry_errors: bool = False, replace: bool =
         print(f"logo-batch {command}: {err}", file=sys.stderr)
         return 1
     except Exception as err:
-        message = storage_problem(err)
-        if message is None:
-            raise
-        print(f"logo-batch {command}: {message}", file=sys.stderr)
-        return 2
+        return storage_exit(command, err)
     print(report.format())
     return 0
 
@@ -117,6 +113,16 @@ def run_to_exit(command: str, build, retry_errors: bool = False, replace: bool =
 CREDENTIALS_FIX = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or run where an instance or "
                    "pod role provides them) in the environment of this command, and storage.endpoint (or "
                    "AWS_ENDPOINT_URL) for an S3 server other than AWS")
+
+
+def storage_exit(command: str, err: Exception) -> int:
+    """Exit 2 with `storage_problem`'s line for an object-storage failure a user fixes; anything
+    else is raised again (called from an `except` block, so the traceback is the original's)."""
+    message = storage_problem(err)
+    if message is None:
+        raise err
+    print(f"logo-batch {command}: {message}", file=sys.stderr)
+    return 2
 
 
 def storage_problem(err: BaseException) -> str | None:

@@ -31,15 +31,11 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"logo-batch validate: 1 problem(s):\n  - {err}", file=sys.stderr)
         return 2
-    from jobs.run import storage_problem
+    from jobs.run import storage_exit
 
     try:
         result = validate_job(config, sample_rows=max(1, args.sample))
     except Exception as err:
-        message = storage_problem(err)
-        if message is None:
-            raise
-        print(f"logo-batch validate: {message}", file=sys.stderr)
-        return 2
+        return storage_exit("validate", err)
     print(result.format())
     return 2 if result.problems else 0

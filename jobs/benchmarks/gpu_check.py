@@ -28,7 +28,8 @@ import torch
 
 from actors.mixture import mixture_add_, mixture_reference
 from actors.options import GenerationConfig, RoutingConfig
-from actors.pool import AdapterPool, kv_cache_nbytes
+from actors.budget import kv_cache_nbytes
+from actors.pool import AdapterPool
 from actors.residency import format_bytes
 from actors.router import Routing
 from jobs.benchmarks.config import WIDTH_8B, Shape

@@ -7,6 +7,7 @@ import weakref
 import pytest
 import torch
 
+import actors.budget
 import actors.pool
 import actors.predictor
 from actors import AdapterPool, LoGoPredictor
@@ -222,22 +223,22 @@ def test_auto_is_the_whole_pool_on_the_cpu_and_the_free_memory_less_headroom_on_
     assert pool.bound.unbounded and pool.slots == N_ADAPTERS and pool.nbytes == pool.full_nbytes
     assert pool.budget_lines() == []  # nothing to budget on the CPU
     assert LoGoPredictor.__init__.__kwdefaults__["max_resident"] == "auto"
-    assert actors.pool.MEMORY_HEADROOM == 0.1
+    assert actors.budget.MEMORY_HEADROOM == 0.1
 
     gib = 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (50 * gib, 140 * gib))
     gpu = torch.device("cuda:0")
-    assert actors.pool.device_budget(gpu, 0.25).nbytes == 15 * gib
-    assert actors.pool.device_budget(gpu, 0.25, reserved=5 * gib).nbytes == 10 * gib  # the KV cache kept free
-    assert actors.pool.device_budget(gpu, 0.5).nbytes == 0
-    assert actors.pool.device_budget(torch.device("cpu"), 0.25) is None
+    assert actors.budget.device_budget(gpu, 0.25).nbytes == 15 * gib
+    assert actors.budget.device_budget(gpu, 0.25, reserved=5 * gib).nbytes == 10 * gib  # the KV cache kept free
+    assert actors.budget.device_budget(gpu, 0.5).nbytes == 0
+    assert actors.budget.device_budget(torch.device("cpu"), 0.25) is None
 
     slot = pool.slot_nbytes
     seen = []
 
     def budget(device, headroom, reserved=0):
         seen.append((device, headroom, reserved))
-        return actors.pool.DeviceBudget(device, int(10.5 * slot) + reserved + int(headroom * 100 * slot),
+        return actors.budget.DeviceBudget(device, int(10.5 * slot) + reserved + int(headroom * 100 * slot),
                                         100 * slot, headroom, reserved)
 
     monkeypatch.setattr(actors.pool, "device_budget", budget)
@@ -256,18 +257,18 @@ def test_slots_are_what_every_device_holds_its_share_of():
     """With a device map each device holds the slots of its own modules: the slot count is the
     smallest that every device's budget allows."""
     a, b = torch.device("cuda:0"), torch.device("cuda:1")
-    budgets = {a: actors.pool.DeviceBudget(a, 1000, 1000, 0.0, 0), b: actors.pool.DeviceBudget(b, 900, 1000, 0.1, 300)}
+    budgets = {a: actors.budget.DeviceBudget(a, 1000, 1000, 0.0, 0), b: actors.budget.DeviceBudget(b, 900, 1000, 0.1, 300)}
     assert budgets[b].nbytes == 500
-    assert actors.pool.slots_within(budgets, {a: 100, b: 20}) == 10  # device a limits
-    assert actors.pool.slots_within(budgets, {a: 10, b: 100}) == 5  # device b limits
-    assert actors.pool.slots_within(budgets, {a: 10, b: 0}) == 100  # b holds none of the adapted modules
+    assert actors.budget.slots_within(budgets, {a: 100, b: 20}) == 10  # device a limits
+    assert actors.budget.slots_within(budgets, {a: 10, b: 100}) == 5  # device b limits
+    assert actors.budget.slots_within(budgets, {a: 10, b: 0}) == 100  # b holds none of the adapted modules
 
 
 def test_the_kv_cache_reserved_is_a_full_batch_of_the_longest_prompt(tiny_dir, big_pool, monkeypatch):
     model = load_base(tiny_dir, torch.float32, torch.device("cpu"))[0]
     c = model.config
     per_token = 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
-    assert actors.pool.kv_cache_nbytes(c, 16, 100, 4) == 16 * 100 * per_token
+    assert actors.budget.kv_cache_nbytes(c, 16, 100, 4) == 16 * 100 * per_token
     reserved = {}
     real = actors.pool.AdapterPool.__init__
 
@@ -278,15 +279,15 @@ def test_the_kv_cache_reserved_is_a_full_batch_of_the_longest_prompt(tiny_dir, b
     monkeypatch.setattr(actors.pool.AdapterPool, "__init__", record)
     LoGoPredictor(tiny_dir, big_pool, batch_size=5, max_prompt_tokens=40, **OPTIONS)
     blocks = c.num_hidden_layers
-    assert reserved == {torch.device("cpu"): blocks * actors.pool.kv_cache_nbytes(c, 5, 40 + 4, 4)}
+    assert reserved == {torch.device("cpu"): blocks * actors.budget.kv_cache_nbytes(c, 5, 40 + 4, 4)}
     monkeypatch.setattr(actors.predictor, "KV_PROMPT_TOKENS", 30)  # no max_prompt_tokens: the assumed longest
     LoGoPredictor(tiny_dir, big_pool, batch_size=5, **OPTIONS)
-    assert reserved == {torch.device("cpu"): blocks * actors.pool.kv_cache_nbytes(c, 5, 30 + 4, 4)}
+    assert reserved == {torch.device("cpu"): blocks * actors.budget.kv_cache_nbytes(c, 5, 30 + 4, 4)}
 
 
 def test_an_auto_budget_below_k_is_refused(tiny_dir, big_pool, monkeypatch):
     monkeypatch.setattr(actors.pool, "device_budget",
-                        lambda device, headroom, reserved=0: actors.pool.DeviceBudget(device, 1000, 1000, 0, 0))
+                        lambda device, headroom, reserved=0: actors.budget.DeviceBudget(device, 1000, 1000, 0, 0))
     with pytest.raises(ValueError, match=r"max_resident=auto holds 0 adapter slots.*KV cache.*batch_size"):
         LoGoPredictor(tiny_dir, big_pool, max_resident="auto", **OPTIONS)
 
